@@ -1,0 +1,41 @@
+# The two commands a newcomer needs: `make up` and `make test`. Everything heavy is cached outside
+# the repo (TIGHTWAD_CACHE, default ~/.cache/tightwad), so a warm machine skips straight to work.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TIGHTWAD := $(VENV)/bin/tightwad
+MANIFEST ?= examples/local.yaml
+
+.PHONY: up test lint bench toolchain models venv system clean
+
+up: venv toolchain models ## bring the local appliance up (foreground; Ctrl-C stops it)
+	$(TIGHTWAD) up $(MANIFEST)
+
+test: venv toolchain models lint ## install what the tests need and run them all
+	$(PY) -m pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	@if command -v shellcheck >/dev/null; then shellcheck scripts/*.sh .ci/run; fi
+
+bench: venv toolchain models
+	@for b in bench/*.py; do [[ -e "$$b" ]] || continue; echo "== $$b"; $(PY) "$$b" || exit 1; done
+
+system:
+	scripts/install-system-deps.sh
+
+toolchain: system
+	scripts/build-llama.sh >/dev/null
+
+$(VENV)/.installed: pyproject.toml scripts/install-python.sh | toolchain
+	scripts/install-python.sh $(VENV)
+	touch $@
+
+venv: toolchain $(VENV)/.installed
+
+models: venv
+	$(TIGHTWAD) models fetch
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,1 @@
+"""tightwad.proxy: the front door on :8088 (OpenAI API, speculation loop, drafters, modes)."""

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Create the project's virtual environment and install Tightwad into it (editable) with its test
+# tools. llama-cpp-python is installed WITHOUT its own llama.cpp (-DLLAMA_BUILD=OFF): it loads the
+# one pinned build from scripts/build-llama.sh, whose sdist it is built from.
+set -euo pipefail
+
+venv="${1:-.venv}"
+version="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
+cache="${TIGHTWAD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tightwad}"
+sdist="$cache/llama.cpp/src-$version/llama_cpp_python-$version.tar.gz"
+wheels="$cache/wheels"
+
+[[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
+pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+
+# The bindings-only wheel, built once from the same sdist as the libraries and cached.
+wheel=$(ls "$wheels"/llama_cpp_python-"$version"-*.whl 2>/dev/null | head -n 1 || true)
+if [[ -z "$wheel" ]]; then
+  [[ -f "$sdist" ]] || { echo "error: $sdist is missing; run scripts/build-llama.sh first" >&2; exit 1; }
+  echo "building the llama-cpp-python $version bindings (no bundled llama.cpp)..." >&2
+  CMAKE_ARGS="-DLLAMA_BUILD=OFF" "${pip[@]}" wheel --no-deps -w "$wheels" "$sdist" >&2
+  wheel=$(ls "$wheels"/llama_cpp_python-"$version"-*.whl | head -n 1)
+fi
+"${pip[@]}" install "$wheel" >&2
+"${pip[@]}" install -e ".[test]" >&2
+echo "python environment ready in $venv" >&2

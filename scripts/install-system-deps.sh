@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Install the Debian packages the build and the tests need, only those that are missing.
+# Safe to re-run; does nothing on a machine that already has them.
+set -euo pipefail
+
+need=()
+command -v cmake >/dev/null || need+=(cmake)
+command -v g++ >/dev/null || need+=(g++ build-essential)
+command -v ninja >/dev/null || need+=(ninja-build)
+command -v git >/dev/null || need+=(git)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+
+if ((${#need[@]} == 0)); then
+  exit 0
+fi
+if [[ $(id -u) -ne 0 ]]; then
+  echo "error: missing packages: ${need[*]}; install them with: sudo apt-get install ${need[*]}" >&2
+  exit 1
+fi
+echo "installing system packages: ${need[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq >&2
+apt-get install -y -qq --no-install-recommends "${need[@]}" >&2

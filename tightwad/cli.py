@@ -1,0 +1,95 @@
+"""The `tightwad` command line: one entry point, each subcommand a thin call into its module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from rich.console import Console
+
+from tightwad import __version__
+
+err = Console(stderr=True, highlight=False)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from tightwad.validate import validate_files
+
+    return validate_files(args.files)
+
+
+def _toolchain(args: argparse.Namespace) -> int:
+    from tightwad import toolchain
+
+    if args.action == "build":
+        print(toolchain.build().prefix)
+        return 0
+    tc = toolchain.find()
+    if args.action == "path":
+        print(tc.prefix)
+    else:  # env: for `eval "$(tightwad toolchain env)"`
+        for name, value in tc.env().items():
+            print(f"export {name}={value}")
+        print(f"export PATH={tc.prefix / 'bin'}:$PATH")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from tightwad import models
+
+    if args.action == "fetch":
+        return models.fetch_command()
+    return models.list_command()
+
+
+def _up(args: argparse.Namespace) -> int:
+    from tightwad.up import up
+
+    return up(args.manifest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tightwad",
+        description="Pool mismatched GPUs and CPUs into one OpenAI-compatible endpoint.",
+    )
+    parser.add_argument("--version", action="version", version=f"tightwad {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="check cluster manifests and print every error with its place")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.set_defaults(handler=_validate)
+
+    p = sub.add_parser("toolchain", help="build or locate the pinned llama.cpp build")
+    p.add_argument("action", choices=["build", "path", "env"])
+    p.set_defaults(handler=_toolchain)
+
+    p = sub.add_parser("models", help="fetch the tiny real models used by examples and tests")
+    p.add_argument("action", choices=["fetch", "list"])
+    p.set_defaults(handler=_models)
+
+    p = sub.add_parser("up", help="bring a cluster manifest up on this machine (foreground)")
+    p.add_argument("manifest", metavar="FILE")
+    p.set_defaults(handler=_up)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a clear one-line error, never a traceback, for anything we raise
+        from tightwad.errors import TightwadError
+
+        if isinstance(exc, TightwadError | RuntimeError | OSError):
+            err.print(f"[bold red]error:[/] {exc}")
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
