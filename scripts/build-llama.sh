@@ -7,7 +7,8 @@
 # bindings match that commit exactly. The result is cached outside the repo, keyed by version and
 # flags; a warm cache makes this a no-op. Prints the install prefix on stdout as its last line.
 #
-#   scripts/build-llama.sh            # build (or reuse) and print the prefix
+#   scripts/build-llama.sh                 # build (or reuse) and print the prefix
+#   scripts/build-llama.sh --print-prefix  # only print where the build lives (or would)
 #   TIGHTWAD_CACHE=/somewhere scripts/build-llama.sh
 set -euo pipefail
 
@@ -34,6 +35,10 @@ prefix="$cache/llama.cpp/$version-$key"
 
 # Bump when the layout of the installed prefix changes; an older prefix is rebuilt incrementally.
 layout=2
+if [[ "${1:-}" == "--print-prefix" ]]; then
+  echo "$prefix"
+  exit 0
+fi
 if [[ "$(cat "$prefix/.complete" 2>/dev/null)" == "layout=$layout" ]]; then
   echo "llama.cpp $version is already built (cache hit)" >&2
   echo "$prefix"

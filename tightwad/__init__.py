@@ -16,4 +16,4 @@ _operator_dir = _Path(__file__).resolve().parent.parent / "operator"
 if not (_Path(__file__).parent / "operator").exists() and (_operator_dir / "README.md").exists():
     _spec = _machinery.ModuleSpec(f"{__name__}.operator", None, is_package=True)
     _spec.submodule_search_locations = [str(_operator_dir)]
-    _sys.modules[_spec.name] = _util.module_from_spec(_spec)
+    _sys.modules[_spec.name] = operator = _util.module_from_spec(_spec)

@@ -49,6 +49,12 @@ def _up(args: argparse.Namespace) -> int:
     return up(args.manifest)
 
 
+def _engine(args: argparse.Namespace) -> int:
+    from tightwad.engine.cli import main as engine_main
+
+    return engine_main(args.engine_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tightwad",
@@ -69,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["fetch", "list"])
     p.set_defaults(handler=_models)
 
+    p = sub.add_parser(
+        "engine", help="run the coordinator on libllama (see `tightwad engine --help`)", add_help=False
+    )
+    p.add_argument("engine_args", nargs=argparse.REMAINDER)
+    p.set_defaults(handler=_engine)
+
     p = sub.add_parser("up", help="bring a cluster manifest up on this machine (foreground)")
     p.add_argument("manifest", metavar="FILE")
     p.set_defaults(handler=_up)
@@ -86,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tightwad.errors import TightwadError
 
         if isinstance(exc, TightwadError | RuntimeError | OSError):
-            err.print(f"[bold red]error:[/] {exc}")
+            err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
             return 1
         raise
 
