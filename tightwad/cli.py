@@ -39,7 +39,7 @@ def _models(args: argparse.Namespace) -> int:
     from tightwad import models
 
     if args.action == "fetch":
-        return models.fetch_command()
+        return models.fetch_command(args.names or None, verify=args.verify)
     return models.list_command()
 
 
@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="fetch the tiny real models used by examples and tests")
     p.add_argument("action", choices=["fetch", "list"])
+    p.add_argument("names", nargs="*", metavar="NAME", help="catalog models to fetch (default: all)")
+    p.add_argument("--verify", action="store_true", help="re-hash every file instead of trusting size+mtime")
     p.set_defaults(handler=_models)
 
     p = sub.add_parser(
