@@ -49,10 +49,18 @@ def _up(args: argparse.Namespace) -> int:
     return up(args.manifest)
 
 
-def _engine(args: argparse.Namespace) -> int:
-    from tightwad.engine.cli import main as engine_main
+COMPONENTS = {
+    "engine": "run the coordinator on libllama across the rpc pool",
+    "proxy": "run or query the speculative front door (start, status)",
+    "swarm": "distribute model files peer to peer (seed, pull, status, sidecar)",
+}
 
-    return engine_main(args.engine_args)
+
+def _component(name: str, argv: list[str]) -> int:
+    """Each component owns its argument parsing (and --help); this only hands the rest of argv over."""
+    import importlib
+
+    return int(importlib.import_module(f"tightwad.{name}.cli").main(argv))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,11 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="re-hash every file instead of trusting size+mtime")
     p.set_defaults(handler=_models)
 
-    p = sub.add_parser(
-        "engine", help="run the coordinator on libllama (see `tightwad engine --help`)", add_help=False
-    )
-    p.add_argument("engine_args", nargs=argparse.REMAINDER)
-    p.set_defaults(handler=_engine)
+    for name, help_text in COMPONENTS.items():
+        sub.add_parser(name, help=help_text, add_help=False)  # listed in --help; dispatched in main()
 
     p = sub.add_parser("up", help="bring a cluster manifest up on this machine (foreground)")
     p.add_argument("manifest", metavar="FILE")
@@ -90,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMPONENTS:
+        return _component(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
