@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from engine_client import INVARIANT_ENGINE, EngineProcess, LocalDrafter, start_engine
 from procs import Processes
 
 from tightwad import toolchain as toolchain_module
@@ -31,3 +32,36 @@ def module_processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proce
     procs = Processes(tmp_path_factory.mktemp("procs"))
     yield procs
     procs.stop_all()
+
+
+@pytest.fixture(scope="session")
+def session_processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Processes]:
+    procs = Processes(tmp_path_factory.mktemp("session-procs"))
+    yield procs
+    procs.stop_all()
+
+
+@pytest.fixture(scope="session")
+def local_engine(toolchain: Toolchain, session_processes: Processes) -> EngineProcess:
+    """One real engine process on the F32 SmolLM2 target (local CPU), shared by the engine tests."""
+    from tightwad import models
+
+    # n_batch 128: long prompts take several chunks without costing long prompts' time.
+    return start_engine(
+        session_processes,
+        models.resolve("smollm2-135m-f32"),
+        parallel=8,
+        ctx=4096,
+        extra=["--batch", "128", *INVARIANT_ENGINE],
+        name="local-engine",
+    )
+
+
+@pytest.fixture(scope="session")
+def drafter(toolchain: Toolchain) -> Iterator[LocalDrafter]:
+    """The Q4_1 SmolLM2 draft model, in this process."""
+    from tightwad import models
+
+    d = LocalDrafter(models.resolve("smollm2-135m-q4_1"))
+    yield d
+    d.close()

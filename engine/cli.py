@@ -1,0 +1,196 @@
+"""`tightwad engine`: load a model across the pool's rpc workers and serve it.
+
+    tightwad engine --model PATH [--rpc host:port,...] [--tensor-split auto|a,b,c] [--ctx N]
+                    [--port P] [--host 127.0.0.1] [--threads N] [--parallel N] [--token T]
+
+It refuses to start, with one clear line, when a worker is unreachable or runs another llama.cpp
+build (libllama.rpc_devices probes each first), and when asked to listen beyond loopback without a
+token (`--token` or TIGHTWAD_TOKEN). Once the model is loaded it prints one line:
+`tightwad engine ready: http://HOST:PORT ...`.
+
+Exit codes: 0 after a clean shutdown, 1 when it could not start, 3 when it stopped after losing an
+rpc worker (it keeps serving 503s until told to stop; restart it once the worker is back).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from tightwad.engine import libllama
+from tightwad.engine.api import create_app
+from tightwad.engine.chat import ChatFormatter
+from tightwad.engine.core import Engine
+from tightwad.engine.workers import PoolMonitor
+
+from tightwad.errors import TightwadError
+
+EXIT_WORKER_LOST = 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tightwad engine",
+        description="Serve a model loaded across rpc workers: OpenAI API + the verify API.",
+    )
+    p.add_argument("--model", required=True, help="path to a GGUF file")
+    p.add_argument("--rpc", default="", help="comma-separated rpc workers, host:port,...")
+    p.add_argument(
+        "--tensor-split",
+        default="auto",
+        help="'auto' (proportional to each device's free memory) or one weight per device, a,b,c",
+    )
+    p.add_argument("--ctx", type=int, default=4096, help="KV cache cells shared by all conversations")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--host", default="127.0.0.1", help="listen address (beyond loopback needs a token)")
+    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    p.add_argument("--parallel", type=int, default=4, help="conversations kept in the KV cache at once")
+    p.add_argument("--batch", type=int, default=512, help="tokens per decode (n_batch)")
+    p.add_argument("--max-drafts", type=int, default=4, help="candidate drafts per verify call")
+    p.add_argument(
+        "--flash-attn",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="flash attention (as llama-server's -fa); 'off' with --cache-type f32 makes a batched "
+        "evaluation agree with a one-token one to ~1e-5, so speculation ties break like plain decoding",
+    )
+    p.add_argument("--cache-type", choices=["f16", "f32", "q8_0"], default="f16", help="KV cache type")
+    p.add_argument("--alias", default=None, help="model name in the API (default: the file name)")
+    p.add_argument("--token", default=None, help="bearer token required by the API (or TIGHTWAD_TOKEN)")
+    p.add_argument("--verbose", action="store_true", help="show llama.cpp's info log")
+    return p
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_endpoints(value: str) -> list[str]:
+    endpoints = [e.strip() for e in value.split(",") if e.strip()]
+    for endpoint in endpoints:
+        host, _, port = endpoint.rpartition(":")
+        if not host or not port.isdigit():
+            raise TightwadError(f"--rpc entry {endpoint!r} is not host:port")
+    return endpoints
+
+
+def tensor_split(value: str, devices: Sequence[libllama.Device]) -> list[float] | None:
+    """None for auto (llama.cpp then splits by each device's free memory, as llama-server does)."""
+    if value == "auto" or not devices:
+        return None
+    try:
+        weights = [float(v) for v in value.split(",")]
+    except ValueError:
+        raise TightwadError(f"--tensor-split {value!r} must be 'auto' or numbers like 3,1") from None
+    if len(weights) != len(devices) or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise TightwadError(
+            f"--tensor-split needs {len(devices)} non-negative weights (one per device), got {value!r}"
+        )
+    return weights
+
+
+def describe_split(devices: Sequence[libllama.Device], split: Sequence[float] | None) -> str:
+    weights = list(split) if split else [float(d.free_bytes) for d in devices]
+    total = sum(weights) or 1.0
+    return ", ".join(
+        f"{d.endpoint}/{d.name} {w / total:.0%} ({d.free_bytes / 2**30:.1f} GiB free)"
+        for d, w in zip(devices, weights, strict=True)
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    token = args.token or os.environ.get("TIGHTWAD_TOKEN") or None
+    if not is_loopback(args.host) and not token:
+        print(
+            f"error: refusing to listen on {args.host} without a token: pass --token or set TIGHTWAD_TOKEN "
+            "(or listen on 127.0.0.1)",
+            file=sys.stderr,
+        )
+        return 1
+    libllama.set_verbose(args.verbose)
+    try:
+        if not Path(args.model).is_file():
+            raise TightwadError(f"model file {args.model} does not exist")
+        endpoints = parse_endpoints(args.rpc)
+        devices = libllama.local_gpu_devices()
+        if endpoints:
+            devices += libllama.rpc_devices(endpoints)
+        split = tensor_split(args.tensor_split, devices)
+        model = libllama.Model(args.model, devices, split)
+        monitor = None
+        if endpoints:
+            monitor = PoolMonitor(endpoints)
+            monitor.attach()
+        engine = Engine(
+            model,
+            n_ctx=args.ctx,
+            parallel=args.parallel,
+            n_batch=args.batch,
+            threads=args.threads,
+            max_drafts=args.max_drafts,
+            pool=monitor,
+            flash_attn=args.flash_attn,
+            kv_type=args.cache_type,
+        )
+        # From here on a fatal libggml error (a worker lost mid-decode) parks the failing thread
+        # and turns into 503s instead of killing the process.
+        libllama.install_abort_trap(engine.on_fatal_ggml_error)
+        engine.start()
+        name = args.alias or Path(args.model).name
+        app = create_app(engine, name, monitor=monitor, token=token, formatter=ChatFormatter(model))
+    except (TightwadError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+    import uvicorn
+
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    )
+    where = f"{len(devices)} device(s): {describe_split(devices, split)}" if devices else "local CPU"
+    url_host = f"[{args.host}]" if ":" in args.host else args.host
+
+    def announce() -> None:
+        while not server.started and not server.should_exit:
+            time.sleep(0.05)
+        if server.started:
+            print(
+                f"tightwad engine ready: http://{url_host}:{args.port} model={name} ctx={engine.n_ctx} "
+                f"parallel={args.parallel} on {where}",
+                flush=True,
+            )
+
+    threading.Thread(target=announce, daemon=True).start()
+    # uvicorn handles SIGINT/SIGTERM, then re-raises the signal once it has shut down; with these
+    # handlers in place that re-raise lands here instead of killing the process before the cleanup.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: None)
+    try:
+        server.run()
+    finally:
+        if engine.failure is not None:
+            print(f"tightwad engine: stopped after a failure: {engine.failure}", file=sys.stderr, flush=True)
+            # Freeing memory held on a dead rpc worker would abort; the OS reclaims everything.
+            os._exit(EXIT_WORKER_LOST)
+        engine.stop()
+        model.close()
+        if monitor is not None:
+            monitor.close()
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

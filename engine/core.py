@@ -1,0 +1,737 @@
+"""The Engine: one model, one llama context, and one thread that makes every libllama call.
+
+libllama is not thread-safe, so requests arrive through a queue and a single worker thread runs a
+loop of steps. Each step packs the work of every active request into ONE decode batch (up to
+n_batch tokens): prompt chunks (no logits), verify blocks (logits at every draft position) and
+one-token generation steps, from several conversations at once. After the decode each request reads
+its own rows by batch index, decides what it accepts, and rolls its KV back past the first rejection.
+
+Layout of the KV cache (one unified pool of n_ctx cells, `kv_unified`):
+  sequences 0 .. parallel-1            one per conversation (see sessions.py)
+  sequences parallel .. n_seq_max-1    scratch, for verifying several drafts in one pass: the
+                                        conversation's prefix is shared into a scratch sequence
+                                        (seq_cp shares cells, it copies nothing), each draft is
+                                        evaluated in its own sequence, the winner's accepted cells
+                                        are shared back and the scratch sequences emptied.
+
+A verify block for a conversation whose KV holds positions [0, P) is the conversation's next
+unevaluated token at P (the "head": the token returned last time, or the last new prompt token)
+followed by the K draft tokens at P+1..P+K. Row i of the block is the target's distribution of draft
+token i; row K gives the bonus.
+
+Failure: an rpc worker that dies makes libggml abort the process on the next operation that touches
+it. The engine checks the pool before every step (workers.PoolMonitor, which reads the state of our
+own connections) and, once one is gone, refuses everything with PoolFailure (HTTP 503) without
+calling libllama again. If a worker dies DURING a decode, libggml's abort callback (installed by
+`install_abort_trap`) reports it here and parks the failing thread, so the process stays up and
+answers 503 instead of vanishing. Either way the state is final: the weights on that worker are
+gone, so the engine must be restarted (with the worker back) by its supervisor; /health says so.
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+import traceback
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from tightwad.engine import libllama
+from tightwad.engine.errors import (
+    BadRequest,
+    ContextLengthExceeded,
+    ConversationEvicted,
+    EngineError,
+    EngineStopped,
+    Overloaded,
+    PoolFailure,
+)
+from tightwad.engine.sessions import ANONYMOUS_PREFIX, SessionTable, Slot, common_prefix
+from tightwad.engine.verify import (
+    SamplingParams,
+    Verdict,
+    accept_greedy,
+    accept_sampled,
+    accept_tree,
+    sample,
+    target_distribution,
+)
+from tightwad.engine.workers import PoolMonitor, describe_loss
+
+
+@dataclass(frozen=True)
+class Draft:
+    """One candidate continuation: token ids, and the drafter's probabilities if it has them
+    (shape (len(tokens), n_vocab); None for greedy, text or n-gram drafters)."""
+
+    tokens: tuple[int, ...]
+    probs: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    tokens: list[int]  # the accepted draft tokens, then the next token (correction or bonus)
+    n_accepted: int
+    accepted_per_draft: list[int]  # for each draft: how many of its tokens the output starts with
+    draft_index: int  # the draft whose tokens were accepted
+    n_past: int  # tokens of the conversation now in the KV (all of it but the last returned token)
+    eog: bool  # the last returned token ends generation
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token: int
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    reason: str  # "stop" (end of generation), "length" (max_tokens or context), "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    error: EngineError
+
+
+GenerationEvent = TokenEvent | FinishEvent | ErrorEvent
+
+
+@dataclass
+class EngineStats:
+    decodes: int = 0
+    tokens_evaluated: int = 0
+    max_requests_per_decode: int = 0
+    shared_decodes: int = 0  # decodes that served two or more requests at once
+    verify_calls: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    generated_tokens: int = 0
+    evictions: int = 0
+
+
+class _Rows(Sequence[np.ndarray]):
+    """Target rows computed on first use (a row costs a softmax over the vocabulary)."""
+
+    def __init__(self, n: int, make: Callable[[int], np.ndarray]) -> None:
+        self._n, self._make, self._cache = n, make, {}
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):  # type: ignore[no-untyped-def, override]
+        if i not in self._cache:
+            self._cache[i] = self._make(i)
+        return self._cache[i]
+
+
+class _Job:
+    """A request inside the worker thread. `pending` is the part of its conversation not in the KV
+    yet; its last token is the head of the next block."""
+
+    def __init__(self, conversation: str, sampling: SamplingParams) -> None:
+        self.conversation = conversation
+        self.sampling = sampling
+        self.slot: Slot | None = None
+        self.pending: list[int] = []
+        self.seqs: list[int] = []  # this step's block: one sequence per draft
+        self.indices: list[list[int]] = []  # this step's block: batch indices of each draft's rows
+        self.n_fed = 0  # this step: pending tokens evaluated before the block
+        self._over = False
+        self._lock = threading.Lock()
+
+    def claim_end(self) -> bool:
+        """True exactly once: whoever gets it delivers the job's outcome."""
+        with self._lock:
+            if self._over:
+                return False
+            self._over = True
+            return True
+
+    @property
+    def over(self) -> bool:
+        return self._over
+
+    def full_tokens(self, slot: Slot | None, sessions: SessionTable) -> list[int]:
+        raise NotImplementedError
+
+    def block_drafts(self) -> list[tuple[int, ...]]:
+        raise NotImplementedError
+
+    def fail(self, error: EngineError) -> None:
+        raise NotImplementedError
+
+
+class _VerifyJob(_Job):
+    def __init__(
+        self,
+        conversation: str,
+        tokens: list[int],
+        drafts: list[Draft],
+        sampling: SamplingParams,
+        reset: bool,
+    ) -> None:
+        super().__init__(conversation, sampling)
+        self.tokens = tokens
+        self.drafts = drafts or [Draft(())]
+        self.reset = reset
+        self.future: Future[VerifyResult] = Future()
+
+    def full_tokens(self, slot: Slot | None, sessions: SessionTable) -> list[int]:
+        if slot is None and not self.reset and sessions.was_evicted(self.conversation):
+            raise ConversationEvicted(
+                f"conversation {self.conversation!r} was evicted to make room for others; "
+                "send it again with reset: true and its whole token list"
+            )
+        full = list(self.tokens) if self.reset or slot is None else slot.history + list(self.tokens)
+        if not full:
+            raise BadRequest("the conversation has no tokens yet: send its prompt in `tokens`")
+        return full
+
+    def block_drafts(self) -> list[tuple[int, ...]]:
+        return [d.tokens for d in self.drafts]
+
+    def fail(self, error: EngineError) -> None:
+        if self.claim_end():
+            self.future.set_exception(error)
+
+
+class _GenerateJob(_Job):
+    def __init__(
+        self,
+        prompt: list[int],
+        sampling: SamplingParams,
+        max_tokens: int,
+        on_event: Callable[[GenerationEvent], None],
+        ignore_eos: bool,
+    ) -> None:
+        super().__init__(f"{ANONYMOUS_PREFIX}{uuid.uuid4().hex}", sampling)
+        self.prompt = prompt
+        self.max_tokens = max_tokens
+        self.on_event = on_event
+        self.ignore_eos = ignore_eos
+        self.generated = 0
+        self.cancelled = threading.Event()
+        self.rng = np.random.default_rng(sampling.seed)
+
+    def full_tokens(self, slot: Slot | None, sessions: SessionTable) -> list[int]:
+        if not self.prompt:
+            raise BadRequest("the prompt is empty")
+        return list(self.prompt)
+
+    def block_drafts(self) -> list[tuple[int, ...]]:
+        return [()]
+
+    def emit(self, event: GenerationEvent) -> None:
+        try:
+            self.on_event(event)
+        except Exception as exc:  # a broken listener must not take the engine down
+            print(f"tightwad engine: dropping a generation event: {exc!r}", file=sys.stderr)
+
+    def finish(self, reason: str) -> None:
+        if self.claim_end():
+            self.emit(FinishEvent(reason, len(self.prompt), self.generated))
+
+    def fail(self, error: EngineError) -> None:
+        if self.claim_end():
+            self.emit(ErrorEvent(error))
+
+
+class Generation:
+    """Handle on a running generation: cancel it (client went away, stop sequence found)."""
+
+    def __init__(self, job: _GenerateJob) -> None:
+        self._job = job
+
+    def cancel(self) -> None:
+        self._job.cancelled.set()
+
+
+_STOP = object()
+
+
+class Engine:
+    """Serves one model from one context; see the module docstring."""
+
+    def __init__(
+        self,
+        model: libllama.Model,
+        n_ctx: int = 4096,
+        parallel: int = 4,
+        n_batch: int = 512,
+        threads: int = 1,
+        max_drafts: int = 4,
+        pool: PoolMonitor | None = None,
+        flash_attn: str = "auto",
+        kv_type: str = "f16",
+    ) -> None:
+        if parallel < 1 or max_drafts < 1:
+            raise ValueError("parallel and max_drafts must be >= 1")
+        self.model = model
+        self.parallel = parallel
+        self.max_drafts = max_drafts
+        n_scratch = parallel * (max_drafts - 1)
+        if parallel + n_scratch > 256:
+            raise ValueError("parallel * max_drafts must be at most 256 (llama.cpp's sequence limit)")
+        self.ctx = libllama.Context(
+            model,
+            n_ctx=n_ctx,
+            n_seq_max=parallel + n_scratch,
+            n_batch=n_batch,
+            n_threads=threads,
+            flash_attn=flash_attn,
+            kv_type=kv_type,
+        )
+        self.n_ctx = self.ctx.n_ctx
+        self.n_batch = self.ctx.n_batch
+        self.sessions = SessionTable(parallel)
+        self._scratch = list(range(parallel, parallel + n_scratch))
+        self.pool = pool
+        self.eog_tokens = np.array(
+            [t for t in range(model.n_vocab) if model.is_end_of_generation(t)], dtype=np.int64
+        )
+        self.stats = EngineStats()
+        self._batch = libllama.Batch(self.n_batch, max(1, parallel + n_scratch))
+        self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._waiting: list[_Job] = []
+        self._active: list[_Job] = []
+        self._jobs: set[_Job] = set()
+        self._jobs_lock = threading.Lock()
+        self.failure: EngineError | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="tightwad-engine", daemon=True)
+
+    # public API (any thread) ------------------------------------------------------------------
+    def start(self) -> Engine:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the worker thread and free the context and model (not after a failure: freeing
+        memory on a dead rpc worker would abort the process)."""
+        self._stopping = True
+        self._inbox.put(_STOP)
+        if self._thread.is_alive() and self.failure is None:
+            self._thread.join(timeout)
+        self._fail_everything(EngineStopped("the engine is shutting down"))
+        if self.failure is None and not self._thread.is_alive():
+            self._batch.close()
+            self.ctx.close()
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    def fail(self, error: EngineError) -> None:
+        """Enter the failed state (final) and fail every request; safe from any thread."""
+        if self.failure is None:
+            self.failure = error
+        self._fail_everything(self.failure)
+        self._inbox.put(None)  # wake the worker thread so it stops touching libllama
+
+    def on_fatal_ggml_error(self, message: str) -> bool:
+        """The abort trap: libggml hit a fatal error. Report it and park the failing thread."""
+        lost = [s.detail for s in self.pool.check(max_age=0) if not s.alive] if self.pool else []
+        detail = "; ".join(lost) if lost else "no rpc worker reports a closed connection"
+        self.fail(
+            PoolFailure(
+                f"the model can no longer be computed: libggml reported a fatal error ({message}); "
+                f"{detail}. Restart the engine once every rpc worker is back"
+            )
+        )
+        return True
+
+    def verify(
+        self,
+        conversation: str,
+        tokens: Sequence[int],
+        drafts: Sequence[Draft],
+        sampling: SamplingParams,
+        reset: bool = False,
+    ) -> Future[VerifyResult]:
+        """Evaluate the conversation's new tokens and score every draft in ONE decode."""
+        if not conversation:
+            raise BadRequest("`conversation` must be a non-empty string")
+        if conversation.startswith(ANONYMOUS_PREFIX):
+            raise BadRequest(f"conversation ids may not start with {ANONYMOUS_PREFIX!r}")
+        self.check_tokens(tokens, "tokens")
+        if len(drafts) > self.max_drafts:
+            raise BadRequest(f"at most {self.max_drafts} drafts per call (engine --max-drafts)")
+        block = sum(1 + len(d.tokens) for d in drafts) if drafts else 1
+        if block > self.n_batch:
+            raise BadRequest(
+                f"the drafts need {block} batch slots but n_batch is {self.n_batch}: send shorter drafts"
+            )
+        for i, draft in enumerate(drafts):
+            self.check_tokens(draft.tokens, f"drafts[{i}].tokens")
+            if draft.probs is not None:
+                expected = (len(draft.tokens), self.model.n_vocab)
+                if draft.probs.shape != expected:
+                    raise BadRequest(f"drafts[{i}].probs has shape {draft.probs.shape}, expected {expected}")
+                if not (np.isfinite(draft.probs).all() and (draft.probs >= 0).all()):
+                    raise BadRequest(f"drafts[{i}].probs must be finite and non-negative")
+        job = _VerifyJob(conversation, list(tokens), list(drafts), sampling, reset)
+        self._submit(job)
+        return job.future
+
+    def generate(
+        self,
+        prompt: Sequence[int],
+        sampling: SamplingParams,
+        max_tokens: int,
+        on_event: Callable[[GenerationEvent], None],
+        ignore_eos: bool = False,
+    ) -> Generation:
+        """The engine's own decoding, one token per step; events arrive on the worker thread."""
+        self.check_tokens(prompt, "prompt")
+        if not prompt:
+            raise BadRequest("the prompt is empty")
+        if len(prompt) + 1 > self.n_ctx:
+            raise ContextLengthExceeded(
+                f"the prompt has {len(prompt)} tokens but the context holds {self.n_ctx}"
+            )
+        if max_tokens < 1:
+            raise BadRequest("max_tokens must be >= 1")
+        job = _GenerateJob(list(prompt), sampling, max_tokens, on_event, ignore_eos)
+        self._submit(job)
+        return Generation(job)
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            **asdict(self.stats),
+            "active": len(self._active),
+            "waiting": len(self._waiting),
+            "held_tokens": self.sessions.held_tokens(),
+            "n_ctx": self.n_ctx,
+            "n_batch": self.n_batch,
+            "parallel": self.parallel,
+        }
+
+    # internals: submission and failure ----------------------------------------------------------
+    def check_tokens(self, tokens: Sequence[int], what: str) -> None:
+        n_vocab = self.model.n_vocab
+        for t in tokens:
+            if not isinstance(t, int | np.integer) or isinstance(t, bool) or not 0 <= int(t) < n_vocab:
+                raise BadRequest(f"{what} holds {t!r}, which is not a token id in [0, {n_vocab})")
+
+    def _submit(self, job: _Job) -> None:
+        if self.failure is not None:
+            raise self.failure
+        if self._stopping or not self._thread.is_alive():
+            raise EngineStopped("the engine is not running")
+        with self._jobs_lock:
+            self._jobs.add(job)
+        self._inbox.put(job)
+
+    def _fail_everything(self, error: EngineError) -> None:
+        with self._jobs_lock:
+            jobs = list(self._jobs)
+            self._jobs.clear()
+        for job in jobs:
+            job.fail(error)
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Job):
+                item.fail(error)
+
+    def _done(self, job: _Job) -> None:
+        with self._jobs_lock:
+            self._jobs.discard(job)
+        if job in self._active:
+            self._active.remove(job)
+
+    # the worker thread --------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopping:
+            self._collect(block=not self._active and not self._waiting)
+            if self._stopping:
+                break
+            if self.failure is not None:
+                self._active.clear()
+                self._waiting.clear()
+                self._fail_everything(self.failure)
+                continue
+            if self.pool is not None:
+                dead = self.pool.dead(max_age=0)
+                if dead:
+                    self.fail(PoolFailure(describe_loss(dead)))
+                    continue
+            try:
+                self._admit()
+                if self._active:
+                    self._step()
+            except Exception as exc:  # a refusal or bug we did not foresee: fail them, keep serving
+                traceback.print_exc()
+                self._abandon_all(EngineError(f"the engine could not run a step: {exc}"))
+
+    def _collect(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if item is _STOP:
+                self._stopping = True
+            elif isinstance(item, _Job) and not item.over:
+                self._waiting.append(item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _admit(self) -> None:
+        for job in list(self._waiting):
+            if job.over:
+                self._waiting.remove(job)
+                continue
+            slot = self.sessions.find(job.conversation)
+            if slot is not None and slot.busy:
+                continue  # the conversation's previous request is still running
+            try:
+                full = job.full_tokens(slot, self.sessions)
+                longest = max(len(d) for d in job.block_drafts())
+                if len(full) + longest > self.n_ctx:
+                    raise ContextLengthExceeded(
+                        f"the conversation would reach {len(full) + longest} tokens but the context "
+                        f"holds {self.n_ctx}: start a new conversation or raise --ctx"
+                    )
+            except EngineError as exc:
+                self._waiting.remove(job)
+                job.fail(exc)
+                self._done(job)
+                continue
+            plan = self.sessions.acquire(job.conversation, full, min_pending=1)
+            if plan is None:
+                continue  # every sequence is busy: wait for one
+            if plan.evicted:
+                self.stats.evictions += 1
+            self.ctx.remove(plan.slot.seq, plan.keep, -1)
+            if isinstance(job, _VerifyJob) and (job.reset or plan.slot.state is None):
+                plan.slot.state = np.random.default_rng(job.sampling.seed)
+            job.slot = plan.slot
+            job.pending = full[plan.keep :]
+            self._waiting.remove(job)
+            self._active.append(job)
+
+    def _free_cells(self) -> int:
+        return self.n_ctx - self.sessions.held_tokens()
+
+    def _evict_idle(self, need: int, used_now: int) -> bool:
+        """Evict idle conversations, least recently used first, until `need` more cells are free."""
+        while self._free_cells() - used_now < need:
+            idle = self.sessions.idle_by_age()
+            if not idle:
+                return False
+            self.ctx.remove(idle[0].seq, 0, -1)
+            self.sessions.forget(idle[0], evicted=True)
+            self.stats.evictions += 1
+        return True
+
+    def _step(self) -> None:
+        for job in list(self._active):
+            if isinstance(job, _GenerateJob) and job.cancelled.is_set():
+                self._release(job, tail=job.pending)
+                job.finish("cancelled")
+                self._done(job)
+        if not self._active:
+            return
+        batch = self._batch
+        batch.clear()
+        budget = self.n_batch
+        used = 0  # KV cells this batch adds
+        scratch = list(self._scratch)
+        fed: list[_Job] = []
+        blocks: list[_Job] = []
+        # Requests ready to score a block go first (they are waiting on one decode), then prompts.
+        for job in sorted(self._active, key=lambda j: len(j.pending) > 1):
+            slot = job.slot
+            assert slot is not None
+            drafts = job.block_drafts()
+            block = sum(1 + len(d) for d in drafts)
+            before = len(job.pending) - 1  # tokens to evaluate ahead of the block's head
+            # Several drafts share the prefix through seq_cp, so the prefix must be in the KV first.
+            block_now = len(drafts) == 1 or before == 0
+            self._evict_idle(min(before + block if block_now else before, budget), used)
+            room = min(budget, self._free_cells() - used)
+            with_block = block_now and before + block <= room and len(drafts) - 1 <= len(scratch)
+            n_feed = before if with_block else max(0, min(before, room))
+            job.n_fed, job.seqs, job.indices = n_feed, [], []
+            pos = len(slot.tokens)
+            for j in range(n_feed):
+                batch.add(job.pending[j], pos + j, (slot.seq,), False)
+            budget -= n_feed
+            used += n_feed
+            if with_block:
+                head, at = job.pending[-1], pos + before
+                for d, draft in enumerate(drafts):
+                    seq = slot.seq if d == 0 else scratch.pop()
+                    if d > 0:
+                        self.ctx.copy(slot.seq, seq, -1, -1)
+                    rows = [batch.add(head, at, (seq,), True)]
+                    rows += [batch.add(t, at + 1 + k, (seq,), True) for k, t in enumerate(draft)]
+                    job.seqs.append(seq)
+                    job.indices.append(rows)
+                budget -= block
+                used += block
+                blocks.append(job)
+            if n_feed or with_block:
+                fed.append(job)
+        if not len(batch):
+            self._relieve_deadlock()
+            return
+        try:
+            self.ctx.decode(batch)
+        except libllama.KvCacheFull as exc:
+            for job in fed:
+                self._roll_back(job)
+            evicted = self.stats.evictions
+            self._evict_idle(self.n_ctx, 0)  # as many idle conversations as there are
+            if self.stats.evictions == evicted and fed:  # nothing left to evict: give up one request
+                self._abandon(fed[-1], Overloaded(f"{exc}; too many long conversations at once"))
+            return
+        self.stats.decodes += 1
+        self.stats.tokens_evaluated += len(batch)
+        self.stats.max_requests_per_decode = max(self.stats.max_requests_per_decode, len(fed))
+        if len(fed) > 1:
+            self.stats.shared_decodes += 1
+        for job in fed:
+            assert job.slot is not None
+            job.slot.tokens.extend(job.pending[: job.n_fed])
+            job.pending = job.pending[job.n_fed :]
+            job.n_fed = 0
+        for job in blocks:
+            if isinstance(job, _VerifyJob):
+                self._finish_verify(job)
+            elif isinstance(job, _GenerateJob):
+                self._finish_generate_step(job)
+
+    def _relieve_deadlock(self) -> None:
+        """Nothing fit in the KV cache even after evicting every idle conversation."""
+        victim = max(self._active, key=lambda j: len(j.slot.tokens) if j.slot else 0)
+        self._abandon(
+            victim,
+            Overloaded(
+                f"the KV cache ({self.n_ctx} cells) is full with {len(self._active)} requests "
+                "running: retry later, or raise --ctx"
+            ),
+        )
+
+    def _roll_back(self, job: _Job) -> None:
+        """Undo this step's KV writes for a job whose decode did not happen."""
+        assert job.slot is not None
+        self.ctx.remove(job.slot.seq, len(job.slot.tokens), -1)
+        for seq in job.seqs[1:]:
+            self.ctx.remove(seq, 0, -1)
+        job.seqs, job.indices, job.n_fed = [], [], 0
+
+    def _abandon(self, job: _Job, error: EngineError) -> None:
+        if job.slot is not None:
+            self._roll_back(job)
+            self.ctx.remove(job.slot.seq, 0, -1)
+            self.sessions.forget(job.slot)
+        job.fail(error)
+        self._done(job)
+
+    def _abandon_all(self, error: EngineError) -> None:
+        for job in list(self._active):
+            try:
+                self._abandon(job, error)
+            except Exception:
+                job.fail(error)
+                self._done(job)
+
+    def _release(self, job: _Job, tail: Sequence[int]) -> None:
+        assert job.slot is not None
+        self.sessions.release(job.slot, job.slot.tokens, tail)
+
+    # outcomes -----------------------------------------------------------------------------------
+    def _row(self, job: _Job, d: int, i: int) -> np.ndarray:
+        return target_distribution(self.ctx.logits_view(job.indices[d][i]), job.sampling)
+
+    def _finish_verify(self, job: _VerifyJob) -> None:
+        slot = job.slot
+        assert slot is not None
+        drafts = job.block_drafts()
+        head = job.pending[0]
+        start = len(slot.tokens)  # the head's position
+        if job.sampling.greedy:
+            verdicts = [
+                accept_greedy(draft, [self.ctx.argmax(i) for i in rows])
+                for draft, rows in zip(drafts, job.indices, strict=True)
+            ]
+            winner = max(range(len(drafts)), key=lambda d: (verdicts[d].n_accepted, -d))
+            verdict: Verdict = verdicts[winner]
+        else:
+            rng = slot.state
+            assert isinstance(rng, np.random.Generator)
+            if len(drafts) == 1:
+                probs = job.drafts[0].probs
+                rows = _Rows(len(drafts[0]) + 1, lambda i: self._row(job, 0, i))
+                verdict, winner = accept_sampled(drafts[0], probs, rows, rng), 0
+            else:
+                verdict, winner = accept_tree(drafts, lambda d, i: self._row(job, d, i), rng)
+        n = verdict.n_accepted
+        out = [*drafts[winner][:n], verdict.next_token]
+        for j, token in enumerate(out):
+            if self.model.is_end_of_generation(token):
+                out, n = out[: j + 1], j
+                break
+        keep_to = start + 1 + n
+        conv = slot.seq
+        if job.seqs[winner] == conv:
+            self.ctx.remove(conv, keep_to, -1)
+        else:
+            self.ctx.remove(conv, start, -1)
+            self.ctx.copy(job.seqs[winner], conv, start, keep_to)
+        for seq in job.seqs[1:]:
+            self.ctx.remove(seq, 0, -1)
+        slot.tokens.extend([head, *out[:n]])
+        self.sessions.release(slot, slot.tokens, out[-1:])
+        self.stats.verify_calls += 1
+        self.stats.draft_tokens += sum(len(d) for d in drafts)
+        self.stats.accepted_tokens += n
+        result = VerifyResult(
+            tokens=out,
+            n_accepted=n,
+            accepted_per_draft=[min(common_prefix(d, out[:n]), len(d)) for d in drafts],
+            draft_index=winner,
+            n_past=len(slot.tokens),
+            eog=self.model.is_end_of_generation(out[-1]),
+        )
+        self._done(job)
+        if job.claim_end():
+            job.future.set_result(result)
+
+    def _finish_generate_step(self, job: _GenerateJob) -> None:
+        slot = job.slot
+        assert slot is not None
+        slot.tokens.append(job.pending[0])
+        logits = self.ctx.logits_view(job.indices[0][0])
+        if job.ignore_eos and self.eog_tokens.size:
+            logits = logits.copy()
+            logits[self.eog_tokens] = -np.inf
+        if job.sampling.greedy:
+            token = int(np.argmax(logits))
+        else:
+            token = sample(target_distribution(logits, job.sampling), job.rng)
+        job.pending = [token]
+        job.generated += 1
+        self.stats.generated_tokens += 1
+        job.emit(TokenEvent(token))
+        reason = None
+        if not job.ignore_eos and self.model.is_end_of_generation(token):
+            reason = "stop"
+        elif job.generated >= job.max_tokens or len(slot.tokens) + 1 >= self.n_ctx:
+            reason = "length"
+        if reason is not None:
+            self._release(job, tail=[token])
+            self._done(job)
+            job.finish(reason)
