@@ -66,6 +66,7 @@ mkdir -p "$build"
 
 echo "configuring llama.cpp $version (${flags[*]})" >&2
 # Every artefact finds its siblings through $ORIGIN, so lib/ and bin/ can be copied anywhere.
+# shellcheck disable=SC2016 # $ORIGIN is for the dynamic loader, not the shell
 cmake -S "$src" -B "$build" "${generator[@]}" "${flags[@]}" \
   -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON '-DCMAKE_INSTALL_RPATH=$ORIGIN:$ORIGIN/../lib' \
   >"$prefix/configure.log" 2>&1 || { tail -n 40 "$prefix/configure.log" >&2; exit 1; }

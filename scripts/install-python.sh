@@ -14,12 +14,13 @@ wheels="$cache/wheels"
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 
 # The bindings-only wheel, built once from the same sdist as the libraries and cached.
-wheel=$(ls "$wheels"/llama_cpp_python-"$version"-*.whl 2>/dev/null | head -n 1 || true)
+find_wheel() { find "$wheels" -maxdepth 1 -name "llama_cpp_python-$version-*.whl" 2>/dev/null | head -n 1; }
+wheel=$(find_wheel)
 if [[ -z "$wheel" ]]; then
   [[ -f "$sdist" ]] || { echo "error: $sdist is missing; run scripts/build-llama.sh first" >&2; exit 1; }
   echo "building the llama-cpp-python $version bindings (no bundled llama.cpp)..." >&2
   CMAKE_ARGS="-DLLAMA_BUILD=OFF" "${pip[@]}" wheel --no-deps -w "$wheels" "$sdist" >&2
-  wheel=$(ls "$wheels"/llama_cpp_python-"$version"-*.whl | head -n 1)
+  wheel=$(find_wheel)
 fi
 "${pip[@]}" install "$wheel" >&2
 "${pip[@]}" install -e ".[test]" >&2
