@@ -9,6 +9,12 @@ command -v g++ >/dev/null || need+=(g++ build-essential)
 command -v ninja >/dev/null || need+=(ninja-build)
 command -v git >/dev/null || need+=(git)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+# Linting scripts, and evaluating the Nix flake (nixpkgs itself is stubbed in tests).
+command -v shellcheck >/dev/null || need+=(shellcheck)
+command -v nix >/dev/null || need+=(nix-bin)
+# The Kubernetes tests: etcd under the CRD API server, openssl for its certificates.
+command -v etcd >/dev/null || need+=(etcd-server)
+command -v openssl >/dev/null || need+=(openssl)
 
 if ((${#need[@]} == 0)); then
   exit 0
