@@ -14,10 +14,11 @@ up: venv toolchain models ## bring the local appliance up (foreground; Ctrl-C st
 test: venv toolchain models lint ## install what the tests need and run them all
 	$(PY) -m pytest -q
 
-lint: venv
+lint: venv system
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	@if command -v shellcheck >/dev/null; then shellcheck scripts/*.sh .ci/run; fi
+	shellcheck scripts/*.sh docker/*.sh .ci/run
+	$(VENV)/bin/hadolint Dockerfile.*
 
 bench: venv toolchain models
 	@for b in bench/*.py; do [[ -e "$$b" ]] || continue; echo "== $$b"; $(PY) "$$b" || exit 1; done
