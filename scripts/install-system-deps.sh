@@ -9,9 +9,16 @@ command -v g++ >/dev/null || need+=(g++ build-essential)
 command -v ninja >/dev/null || need+=(ninja-build)
 command -v git >/dev/null || need+=(git)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+# The operator's docker driver is tested against a real daemon (scripts/start-dockerd.sh), with
+# images imported from a local root filesystem that busybox fills.
+command -v dockerd >/dev/null || need+=(docker.io)
+command -v busybox >/dev/null || need+=(busybox-static)
 # Linting scripts, and evaluating the Nix flake (nixpkgs itself is stubbed in tests).
 command -v shellcheck >/dev/null || need+=(shellcheck)
 command -v nix >/dev/null || need+=(nix-bin)
+# The swarm's test hosts: network namespaces, tc uplink caps, and plain-HTTP baselines.
+command -v ip >/dev/null || need+=(iproute2)
+command -v curl >/dev/null || need+=(curl)
 # The Kubernetes tests: etcd under the CRD API server, openssl for its certificates.
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v openssl >/dev/null || need+=(openssl)

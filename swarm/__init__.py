@@ -1,1 +1,19 @@
-"""tightwad.swarm: peer-to-peer GGUF distribution in SHA-256-verified pieces."""
+"""tightwad.swarm: peer-to-peer GGUF distribution in SHA-256-verified pieces.
+
+Pure core (unit-tested without I/O):
+    pieces.py       the piece manifest: file SHA-256, per-piece SHA-256, content segments (GGUF tensors)
+    gguf_layout.py  where a GGUF's header and tensors are (the `gguf` package's constants, a fast walk)
+    delta.py        which bytes of a wanted file already exist locally, found by content
+    selection.py    which piece next: random first, rarest first, endgame
+    scoring.py      peer throughput, backoff after failures, bans after corrupt pieces
+    seeding.py      initial seeding: the origin offers each piece once before offering it twice
+    bitfield.py, tracker.py, httprange.py, ratelimit.py, hashing.py
+
+Thin adapters:
+    server.py (starlette peer server + tracker), hosting.py (uvicorn in our loop), client.py (httpx),
+    storage.py (partial file, persisted have-map, atomic rename), library.py (what a node serves),
+    puller.py (one download), node.py (a running node), sidecar.py (the per-host loop),
+    progress.py (rich bar, log lines, JSON events), cli.py (`tightwad swarm ...`)
+
+For tests and benchmarks: synth.py (files and GGUF edits), testnet.py (hosts as network namespaces).
+"""

@@ -1,0 +1,626 @@
+"""The puller: one file, fetched piece by piece from every peer that holds pieces of it.
+
+The decisions are pure functions elsewhere (selection.py: which piece; scoring.py: which peer is
+trusted and how fast; delta.py: which bytes already exist locally). This module does the I/O:
+have-map refresh, parallel range requests, verification, commits, endgame races, and the final
+atomic rename. Every piece's SHA-256 is checked before it is recorded or served to anyone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tightwad.swarm.bitfield import Bitfield
+from tightwad.swarm.client import NotHeld, PeerError, SwarmClient, Unauthorized
+from tightwad.swarm.delta import Fetch, Step, is_fetch_only, plan_all
+from tightwad.swarm.library import Entry, Library, store_manifest
+from tightwad.swarm.pieces import PieceManifest
+from tightwad.swarm.progress import EventLog, NoProgress, ProgressView
+from tightwad.swarm.reuse import assemble_local, content_index, existing_copy, feed_local
+from tightwad.swarm.scoring import PeerScore
+from tightwad.swarm.selection import availability, pick_endgame, pick_piece
+from tightwad.swarm.storage import DownloadCorrupt, PartialDownload, saved_manifest
+from tightwad.swarm.tracker import normalise_peer_url
+
+from tightwad.errors import TightwadError
+
+FLUSH = 1 << 20  # hash and write received bytes in 1 MiB batches, in a worker thread
+ANNOUNCE_EVERY = 30.0
+
+
+class PullError(TightwadError):
+    """The download cannot finish; the message says what is missing and what to check."""
+
+
+class _Corrupt(Exception):
+    pass
+
+
+@dataclass
+class PullOptions:
+    peers: list[str] = field(default_factory=list)
+    trackers: list[str] = field(default_factory=list)
+    token: str | None = None
+    slots_per_peer: int = 2  # parallel requests to one peer: more only slow each piece down (see bench)
+    refresh: float = 1.0  # seconds between have-map refreshes
+    tracker_refresh: float = 5.0
+    stall_timeout: float = 120.0  # give up after this long without a byte of progress
+    corrupt_limit: int = 2  # corrupt pieces before a peer is banned
+    endgame_memory: int = 256 << 20  # endgame duplicates are buffered in memory, up to this much
+    reuse: list[Path] = field(default_factory=list)  # more folders whose files' bytes may be reused
+    advertise: str | None = None  # our own server's URL, announced to trackers
+    rng_seed: int | None = None
+
+
+@dataclass
+class PeerState:
+    url: str
+    score: PeerScore
+    have: Bitfield | None = None  # None: unknown (not yet asked, or unreachable)
+    active: dict[int, asyncio.Task[None]] = field(default_factory=dict)
+    reason: str = ""  # why it was banned
+
+
+@dataclass
+class PullResult:
+    path: Path
+    manifest: PieceManifest
+    seconds: float
+    bytes_fetched: int  # bytes received from peers, including failed and duplicate requests
+    bytes_local: int  # bytes rebuilt from local files (delta) instead of fetched
+    pieces_fetched: int
+    pieces_local: int
+    pieces_resumed: int
+    peers: dict[str, dict[str, Any]]
+
+    def summary(self) -> str:
+        mb = 1e6
+        used = sum(1 for p in self.peers.values() if p["pieces"])
+        return (
+            f"{self.manifest.name}: {self.manifest.size / mb:.1f} MB in {self.seconds:.1f}s, "
+            f"{self.bytes_fetched / mb:.1f} MB fetched from {used} "
+            f"peers, {self.bytes_local / mb:.1f} MB reused locally, {self.pieces_resumed} pieces resumed"
+        )
+
+
+class Puller:
+    def __init__(
+        self,
+        folder: Path,
+        options: PullOptions,
+        *,
+        sha256: str | None = None,
+        name: str | None = None,
+        manifest: PieceManifest | None = None,
+        library: Library | None = None,
+        events: EventLog | None = None,
+        progress: ProgressView | None = None,
+        on_state: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        if not (sha256 or name or manifest):
+            raise ValueError("say which file: a sha256, a name or a manifest")
+        self.folder = folder
+        self.options = options
+        self.want_sha256 = sha256 or (manifest.sha256 if manifest else None)
+        self.want_name = name
+        self.manifest = manifest
+        self.library = library
+        self.events = events or EventLog(None)
+        self.progress = progress or NoProgress()
+        self.on_state = on_state
+        self.rng = random.Random(options.rng_seed)
+        self.me = normalise_peer_url(options.advertise) if options.advertise else None
+        self.peers: dict[str, PeerState] = {}
+        for url in options.peers:
+            self._add_peer(url)
+        self.trackers = [u for u in (normalise_peer_url(t) for t in options.trackers) if u]
+        self.client: SwarmClient | None = None
+        self.download: PartialDownload | None = None
+        self.plans: dict[int, tuple[Step, ...]] = {}
+        self.wanted: set[int] = set()
+        self.in_flight: dict[int, dict[str, asyncio.Task[None]]] = {}
+        self.started: dict[int, float] = {}
+        self.receiving: dict[asyncio.Task[None], int] = {}
+        self.committing: set[int] = set()
+        self.local_pending: set[int] = set()
+        self.wake = asyncio.Event()
+        self.fatal: BaseException | None = None
+        self.endgame_bytes = 0
+        self.bytes_fetched = 0
+        self.bytes_local = 0
+        self.pieces_fetched = 0
+        self.pieces_local = 0
+        self.pieces_resumed = 0
+        self.last_progress = time.monotonic()
+        self.piece_seconds = 0.0  # moving average of one successful piece request
+        self._counts: list[int] | None = None
+        self._digest_running = False
+        self._digest_task: asyncio.Future[None] | None = None
+        self._next_announce = 0.0
+
+    # -- peers
+
+    def _add_peer(self, url: str) -> None:
+        normal = normalise_peer_url(url)
+        if normal and normal != self.me and normal not in self.peers:
+            self.peers[normal] = PeerState(normal, PeerScore(corrupt_limit=self.options.corrupt_limit))
+            self._counts = None
+
+    async def _discover(self, sha256: str) -> None:
+        assert self.client is not None
+        for tracker in self.trackers:
+            try:
+                for url in await self.client.tracked_peers(tracker, sha256):
+                    self._add_peer(url)
+            except PeerError as exc:
+                self.events.emit("tracker-error", tracker=tracker, error=str(exc))
+
+    async def _announce(self, sha256: str) -> None:
+        assert self.client is not None
+        if not self.me:
+            return
+        self._next_announce = time.monotonic() + ANNOUNCE_EVERY
+        for tracker in self.trackers:
+            with contextlib.suppress(PeerError):
+                await self.client.announce(tracker, sha256, self.me)
+
+    def _ban(self, peer: PeerState, reason: str) -> None:
+        if not peer.score.banned or not peer.reason:
+            peer.score.banned = True
+            peer.reason = reason
+            peer.have = None
+            self._counts = None
+            self.events.emit("peer-banned", peer=peer.url, reason=reason)
+
+    async def _refresh_have(self, peer: PeerState, manifest: PieceManifest) -> None:
+        assert self.client is not None
+        try:
+            peer.have = await self.client.have(peer.url, manifest.sha256, manifest.count)
+        except Unauthorized as exc:
+            self._ban(peer, str(exc))
+        except NotHeld:
+            peer.have = Bitfield(manifest.count)  # it does not have the file (yet)
+        except PeerError as exc:
+            if peer.have is not None or peer.score.failures == 0:
+                self.events.emit("peer-unreachable", peer=peer.url, error=str(exc))
+            peer.score.on_failure(time.monotonic())
+            peer.have = None
+        self._counts = None
+
+    async def _refresh_loop(self, manifest: PieceManifest) -> None:
+        # Peers that start together announce together: ask the trackers again soon, then less often.
+        interval = self.options.refresh
+        next_tracker = time.monotonic() + interval
+        while True:
+            await asyncio.sleep(self.options.refresh)
+            now = time.monotonic()
+            if self.trackers and now >= next_tracker:
+                interval = min(2 * interval, self.options.tracker_refresh)
+                next_tracker = now + interval
+                await self._discover(manifest.sha256)
+            if now >= self._next_announce:
+                await self._announce(manifest.sha256)
+            due = [p for p in self.peers.values() if p.score.usable(now)]
+            await asyncio.gather(*(self._refresh_have(p, manifest) for p in due))
+            self.wake.set()
+
+    # -- finding the manifest
+
+    async def _resolve_manifest(self) -> PieceManifest:
+        assert self.client is not None
+        if self.manifest is not None:
+            return self.manifest
+        if self.want_sha256:
+            saved = saved_manifest(self.folder, self.want_sha256)
+            if saved is not None:
+                return saved  # resuming: no peer needed to know what we are fetching
+            await self._discover(self.want_sha256)
+        errors = []
+        for peer in list(self.peers.values()):
+            try:
+                sha256 = self.want_sha256 or await self._sha_for_name(peer.url)
+                if sha256 is None:
+                    continue
+                return await self.client.manifest(peer.url, sha256)
+            except PeerError as exc:
+                errors.append(str(exc))
+        what = self.want_sha256 or f"a complete file named {self.want_name!r}"
+        detail = "; ".join(errors) if errors else "no peers were given (--peer URL or --tracker URL)"
+        raise PullError(f"no peer could serve the manifest of {what}: {detail}")
+
+    async def _sha_for_name(self, peer: str) -> str | None:
+        assert self.client is not None
+        for item in await self.client.files(peer):
+            if item.get("name") == self.want_name and item.get("complete"):
+                return str(item.get("sha256"))
+        return None
+
+    # -- local bytes (delta)
+
+    async def _local_worker(self, pieces: list[int]) -> None:
+        assert self.download is not None
+        for piece in pieces:
+            steps = self.plans[piece]
+            ok = await asyncio.to_thread(assemble_local, self.download, piece, steps)
+            self.local_pending.discard(piece)
+            if ok:
+                self.download.mark_have(piece)
+                length = self.download.manifest.piece_length(piece)
+                self.bytes_local += length
+                self.pieces_local += 1
+                self.last_progress = time.monotonic()
+                self.events.emit("piece-local", piece=piece)
+                self._advance_digest()
+            else:  # a local file changed since its manifest was taken: fetch the piece instead
+                self.plans.pop(piece, None)
+                self.wanted.add(piece)
+                self.events.emit("piece-local-failed", piece=piece)
+            self.wake.set()
+
+    # -- fetching one piece
+
+    async def _transfer(self, peer: PeerState, piece: int, duplicate: bool) -> tuple[int, bool]:
+        """Fetch, verify and commit one piece from `peer`: (bytes received, whether this request won)."""
+        assert self.client is not None and self.download is not None
+        download = self.download
+        manifest = download.manifest
+        start, end = manifest.span(piece)
+        steps = self.plans.get(piece) or (Fetch(start, end - start),)
+        writer = object()
+        buffer = bytearray(end - start) if duplicate else None
+        if buffer is None:
+            download.claim(piece, writer)
+        digest = hashlib.sha256()
+        lost = False
+        received = 0
+        task = asyncio.current_task()
+        assert task is not None
+
+        def absorb(offset: int, data: bytes | memoryview) -> None:
+            nonlocal lost
+            digest.update(data)
+            if buffer is not None:
+                buffer[offset - start : offset - start + len(data)] = data
+            elif not download.write(piece, writer, offset, data):
+                lost = True
+
+        for step in steps:
+            if not isinstance(step, Fetch):
+                await asyncio.to_thread(feed_local, step, absorb)
+                continue
+            position = step.offset
+            pending = bytearray()
+            async with self.client.byte_range(
+                peer.url, manifest.sha256, step.offset, step.offset + step.length
+            ) as chunks:
+                async for chunk in chunks:
+                    pending += chunk
+                    received += len(chunk)
+                    self.bytes_fetched += len(chunk)
+                    self.receiving[task] = received
+                    if len(pending) >= FLUSH:
+                        await asyncio.to_thread(absorb, position, pending)
+                        position += len(pending)
+                        pending = bytearray()
+            if pending:
+                await asyncio.to_thread(absorb, position, pending)
+        if digest.hexdigest() != manifest.pieces[piece]:
+            if not is_fetch_only(steps):
+                self.plans.pop(piece, None)  # maybe the local part was stale: next time fetch it all
+                raise PeerError(f"piece {piece} rebuilt from local bytes did not verify; fetching it whole")
+            raise _Corrupt(f"piece {piece} from {peer.url} does not match its SHA-256")
+        if lost or piece in download.have or piece in self.committing:
+            return received, False  # another request for this piece won the race
+        self.committing.add(piece)
+        try:
+            for url, other in list(self.in_flight.get(piece, {}).items()):
+                if other is not task:
+                    other.cancel()
+                    self.events.emit("fetch-cancel", piece=piece, peer=url)
+            if buffer is not None:
+                download.claim(piece, writer)
+                await asyncio.to_thread(download.write, piece, writer, start, buffer)
+            await asyncio.to_thread(download.commit, piece)
+        finally:
+            self.committing.discard(piece)
+        download.mark_have(piece)
+        self.bytes_local += sum(step.length for step in steps if not isinstance(step, Fetch))
+        self.pieces_fetched += 1
+        self.last_progress = time.monotonic()
+        self._advance_digest()
+        return received, True
+
+    async def _fetch(self, peer: PeerState, piece: int, duplicate: bool) -> None:
+        """One request, with its outcome recorded in the peer's score. Never raises but CancelledError."""
+        began = time.monotonic()
+        length = self.download.manifest.piece_length(piece) if self.download else 0
+        self.events.emit("fetch", piece=piece, peer=peer.url, duplicate=duplicate)
+        try:
+            received, committed = await self._transfer(peer, piece, duplicate)
+        except asyncio.CancelledError:
+            raise
+        except _Corrupt as exc:
+            peer.score.on_corrupt(piece, time.monotonic())
+            self.events.emit("piece-corrupt", piece=piece, peer=peer.url, error=str(exc))
+            if peer.score.banned:
+                self._ban(peer, f"served {peer.score.corrupt} corrupt pieces")
+        except Unauthorized as exc:
+            self._ban(peer, str(exc))
+        except NotHeld:
+            if peer.have is not None:
+                peer.have.discard(piece)
+                self._counts = None
+            self.events.emit("fetch-not-held", piece=piece, peer=peer.url)
+        except PeerError as exc:
+            peer.score.on_failure(time.monotonic())
+            peer.have = None
+            self._counts = None
+            self.events.emit("fetch-error", piece=piece, peer=peer.url, error=str(exc))
+        except Exception as exc:  # a local failure (disk full, ...): stop the whole pull
+            self.fatal = exc
+        else:
+            seconds = time.monotonic() - began
+            if committed:
+                peer.score.on_success(received, seconds)
+                self.piece_seconds = (
+                    seconds if not self.piece_seconds else 0.8 * self.piece_seconds + 0.2 * seconds
+                )
+                self.events.emit("piece-ok", piece=piece, peer=peer.url, bytes=received, duplicate=duplicate)
+            else:
+                self.events.emit("piece-lost-race", piece=piece, peer=peer.url, bytes=received)
+        finally:
+            task = asyncio.current_task()
+            fetchers = self.in_flight.get(piece, {})
+            fetchers.pop(peer.url, None)
+            if not fetchers:
+                self.in_flight.pop(piece, None)
+                self.started.pop(piece, None)
+            peer.active.pop(piece, None)
+            if task is not None:
+                self.receiving.pop(task, None)
+            if duplicate:
+                self.endgame_bytes -= length
+            if self.download and piece not in self.download.have and piece not in self.in_flight:
+                self.wanted.add(piece)
+            self.wake.set()
+
+    def _start(self, peer: PeerState, piece: int, duplicate: bool) -> None:
+        task = asyncio.ensure_future(self._fetch(peer, piece, duplicate))
+        self.in_flight.setdefault(piece, {})[peer.url] = task
+        self.started.setdefault(piece, time.monotonic())
+        peer.active[piece] = task
+        self.wanted.discard(piece)
+        if duplicate and self.download:
+            self.endgame_bytes += self.download.manifest.piece_length(piece)
+
+    def _assign(self) -> None:
+        assert self.download is not None
+        manifest = self.download.manifest
+        now = time.monotonic()
+        live = [p for p in self.peers.values() if p.have is not None and p.score.usable(now)]
+        if self._counts is None:
+            self._counts = availability(manifest.count, (p.have for p in live if p.have is not None))
+        self.rng.shuffle(live)  # equal ranks in random order
+        live.sort(key=lambda p: p.score.rank(), reverse=True)
+        random_first = len(self.download.have) == 0
+        slots = self.options.slots_per_peer
+        for peer in live:
+            assert peer.have is not None
+            while len(peer.active) < slots and self.wanted:
+                piece = pick_piece(
+                    peer.have,
+                    self.wanted,
+                    self._counts,
+                    self.rng,
+                    random_first=random_first,
+                    excluded=peer.score.excluded,
+                )
+                if piece is None:
+                    break
+                self._start(peer, piece, duplicate=False)
+        if self.wanted or self.local_pending:
+            return
+        for peer in live:  # endgame: everything missing is requested; race the slow ones
+            assert peer.have is not None
+            while len(peer.active) < slots:
+                piece = pick_endgame(
+                    peer.url,
+                    peer.have,
+                    self.in_flight,
+                    self.started,
+                    now=now,
+                    min_age=max(0.5, 2 * self.piece_seconds),
+                    excluded=peer.score.excluded,
+                )
+                if (
+                    piece is None
+                    or self.endgame_bytes + manifest.piece_length(piece) > self.options.endgame_memory
+                ):
+                    break
+                self.events.emit("endgame", piece=piece, peer=peer.url)
+                self._start(peer, piece, duplicate=True)
+
+    def _advance_digest(self) -> None:
+        """Hash the file's verified prefix in the background, so the final check is nearly free."""
+        if self._digest_running or self.download is None:
+            return
+        self._digest_running = True
+        download = self.download
+
+        async def run() -> None:
+            try:
+                await asyncio.to_thread(download.advance_digest)
+            finally:
+                self._digest_running = False
+
+        self._digest_task = asyncio.ensure_future(run())
+
+    # -- the whole pull
+
+    def _done_bytes(self) -> int:
+        assert self.download is not None
+        manifest = self.download.manifest
+        held = sum(manifest.piece_length(i) for i in self.download.have)
+        return min(manifest.size, held + sum(self.receiving.values()))
+
+    def _check_stall(self) -> None:
+        assert self.download is not None
+        if self.fatal is not None:
+            raise self.fatal
+        if self.peers and all(p.score.banned for p in self.peers.values()) and not self.local_pending:
+            reasons = "; ".join(f"{p.url}: {p.reason}" for p in self.peers.values())
+            raise PullError(f"every peer is banned or refused us: {reasons}")
+        if time.monotonic() - self.last_progress > self.options.stall_timeout:
+            missing = self.download.manifest.count - len(self.download.have)
+            states = ", ".join(f"{p.url} ({_describe(p)})" for p in self.peers.values()) or "none"
+            raise PullError(
+                f"no progress for {self.options.stall_timeout:.0f}s with {missing} pieces missing; "
+                f"peers: {states}. Start a seeder that holds the file (tightwad swarm seed FILE) "
+                "or add --peer/--tracker"
+            )
+
+    def _report(self) -> None:
+        assert self.download is not None
+        peers_in_use = sum(1 for p in self.peers.values() if p.active)
+        done = self._done_bytes()
+        self.progress.update(done, peers_in_use)
+        if self.on_state is not None:
+            manifest = self.download.manifest
+            self.on_state(
+                {
+                    "name": manifest.name,
+                    "sha256": manifest.sha256,
+                    "size": manifest.size,
+                    "done": done,
+                    "pieces": manifest.count,
+                    "have": len(self.download.have),
+                    "peers": peers_in_use,
+                }
+            )
+
+    async def _open(self, manifest: PieceManifest, current: PieceManifest | None) -> Entry:
+        """Open (or resume) the partial file, offer it to our server, and plan what is local."""
+        download = PartialDownload(self.folder, manifest)
+        self.download = download
+        resumed = await asyncio.to_thread(download.open)
+        self.pieces_resumed = len(resumed)
+        entry = Entry(manifest, download.partial_path, download.have)
+        if self.library is not None:
+            self.library.add(entry)
+        folders = [self.folder, *self.options.reuse]
+        final = self.folder / manifest.name
+        index = await asyncio.to_thread(content_index, manifest, folders, current, final)
+        self.plans = {i: s for i, s in plan_all(manifest, index).items() if i not in resumed}
+        self.local_pending = {i for i, s in self.plans.items() if not any(isinstance(x, Fetch) for x in s)}
+        self.wanted = set(resumed.missing()) - self.local_pending
+        self.events.emit(
+            "start",
+            sha256=manifest.sha256,
+            pieces=manifest.count,
+            resumed=len(resumed),
+            local=len(self.local_pending),
+            partial=len(self.plans) - len(self.local_pending),
+        )
+        self.progress.start(manifest.name, manifest.size, sum(manifest.piece_length(i) for i in resumed))
+        return entry
+
+    async def _download(self, download: PartialDownload) -> Path:
+        """Fetch every missing piece, then check and rename the file into place."""
+        manifest = download.manifest
+        await self._discover(manifest.sha256)
+        if not self.peers and self.wanted:
+            raise PullError("no peers to fetch from: give --peer URL or --tracker URL")
+        await self._announce(manifest.sha256)
+        await asyncio.gather(*(self._refresh_have(p, manifest) for p in self.peers.values()))
+        background = [asyncio.ensure_future(self._refresh_loop(manifest))]
+        if self.local_pending:
+            background.append(asyncio.ensure_future(self._local_worker(sorted(self.local_pending))))
+        self._advance_digest()
+        try:
+            while not download.have.complete:
+                self._check_stall()
+                self._assign()
+                self._report()
+                self.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), timeout=0.25)
+        finally:
+            leftover = background + [t for f in self.in_flight.values() for t in f.values()]
+            for task in leftover:
+                task.cancel()
+            await asyncio.gather(*leftover, return_exceptions=True)
+        self._report()
+        return await asyncio.to_thread(download.finalize)
+
+    async def run(self) -> PullResult:
+        began = time.monotonic()
+        async with SwarmClient(self.options.token) as client:
+            self.client = client
+            manifest = await self._resolve_manifest()
+            self.manifest = manifest
+            there, current = await asyncio.to_thread(existing_copy, self.folder, manifest)
+            if there:
+                self.events.emit("complete", already=True)
+                return self._result(self.folder / manifest.name, manifest, began)
+            entry = await self._open(manifest, current)
+            assert self.download is not None
+            try:
+                path = await self._download(self.download)
+            except BaseException as exc:
+                if isinstance(exc, DownloadCorrupt):
+                    self.download.discard()  # resuming would only verify the same inconsistency again
+                self.download.close()
+                if self.library is not None:
+                    self.library.remove(manifest.sha256)
+                self.progress.finish("stopped; the same pull resumes where this one stopped")
+                raise
+            entry.path = path
+            # Cache the verified file's manifest: serving it or reusing its bytes later costs no rehash.
+            await asyncio.to_thread(store_manifest, path, manifest)
+        result = self._result(path, manifest, began)
+        self.events.emit(
+            "complete",
+            seconds=round(result.seconds, 3),
+            bytes_fetched=result.bytes_fetched,
+            bytes_local=result.bytes_local,
+            peers=result.peers,
+        )
+        self.progress.finish(result.summary())
+        return result
+
+    def _result(self, path: Path, manifest: PieceManifest, began: float) -> PullResult:
+        return PullResult(
+            path=path,
+            manifest=manifest,
+            seconds=time.monotonic() - began,
+            bytes_fetched=self.bytes_fetched,
+            bytes_local=self.bytes_local,
+            pieces_fetched=self.pieces_fetched,
+            pieces_local=self.pieces_local,
+            pieces_resumed=self.pieces_resumed,
+            peers={
+                p.url: {
+                    "bytes": p.score.bytes_received,
+                    "pieces": p.score.pieces_ok,
+                    "corrupt": p.score.corrupt,
+                    "failures": p.score.total_failures,
+                    "banned": p.score.banned,
+                    "rate": round(p.score.rate),
+                }
+                for p in self.peers.values()
+            },
+        )
+
+
+def _describe(peer: PeerState) -> str:
+    if peer.score.banned:
+        return f"banned: {peer.reason}"
+    return "unreachable" if peer.have is None else f"{len(peer.have)} pieces"
