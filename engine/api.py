@@ -227,14 +227,19 @@ class Api:
     # tokens -----------------------------------------------------------------------------------
     async def tokenize(self, request: Request) -> Response:
         body = await read_json(request)
-        content = _get(body, "content", str, None)
-        if content is None:
-            raise BadRequest("`content` (a string) is required")
-        tokens = self.model.tokenize(
-            content,
-            add_special=_get(body, "add_special", bool, False),
-            parse_special=_get(body, "parse_special", bool, True),
-        )
+        if body.get("messages") is not None:
+            # A chat rendered with the model's own template, exactly as /v1/chat/completions would:
+            # what the proxy needs to speculate on chat requests.
+            tokens = self.formatter.tokens(normalise_messages(body["messages"]))
+        else:
+            content = _get(body, "content", str, None)
+            if content is None:
+                raise BadRequest("`content` (a string) or `messages` (a chat) is required")
+            tokens = self.model.tokenize(
+                content,
+                add_special=_get(body, "add_special", bool, False),
+                parse_special=_get(body, "parse_special", bool, True),
+            )
         out: dict[str, Any] = {"tokens": tokens}
         if _get(body, "with_pieces", bool, False):
             out["pieces"] = [b64(self.model.token_bytes(t)) for t in tokens]

@@ -42,6 +42,15 @@ def test_models_health_and_ready(local_engine: EngineProcess) -> None:
     assert local_engine.get("/ready").json() == {"ready": True}
 
 
+def test_tokenize_renders_a_chat_exactly_as_chat_completions_does(local_engine: EngineProcess) -> None:
+    messages = [{"role": "user", "content": "Nenne drei Farben."}]
+    tokens = local_engine.post("/tokenize", {"messages": messages}).json()["tokens"]
+    reply = local_engine.post("/v1/chat/completions", {"messages": messages, "max_tokens": 1}).json()
+    assert len(tokens) == reply["usage"]["prompt_tokens"]
+    text = local_engine.post("/detokenize", {"tokens": tokens, "special": True}).json()["content"]
+    assert "Nenne drei Farben." in text and text.rstrip().endswith("assistant")
+
+
 def test_detokenize_pieces_are_byte_safe(local_engine: EngineProcess) -> None:
     text = "café ☕ 日本"
     tokens = local_engine.post("/tokenize", {"content": text, "with_pieces": True}).json()

@@ -1,0 +1,137 @@
+"""The proxy's settings, from command-line flags or from a manifest's target/drafters/proxy
+sections (flags win where both say something). Pure: no network, no processes."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field, replace
+
+from tightwad.errors import TightwadError
+from tightwad.manifest import Manifest
+
+DRAFTER_KINDS = ("llama-server", "openai", "ollama", "ngram")
+MODES = ("speculate", "passthrough")
+DEFAULT_MAX_BODY = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class DrafterConfig:
+    kind: str
+    url: str | None = None
+    name: str = "drafter"
+    remote_model: str | None = None  # openai / ollama: the model to ask for
+    api_key: str | None = None
+    ngram_n: int = 3
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    target_url: str
+    drafters: list[DrafterConfig] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = 8088
+    token: str | None = None  # clients must send it (required beyond loopback)
+    target_token: str | None = None  # what the proxy sends to the engine
+    mode: str = "speculate"
+    max_draft_tokens: int | None = None  # None = auto
+    max_body_bytes: int = DEFAULT_MAX_BODY
+    max_tokens: int | None = None  # the largest max_tokens a request may ask for
+    pipeline: bool = True
+    draft_timeout: float = 2.0  # a draft call slower than this (in a running reply) is a failure
+    notes: list[str] = field(default_factory=list)  # things the user should know (printed at start)
+
+    def check(self) -> ProxyConfig:
+        if self.mode not in MODES:
+            raise TightwadError(f"mode {self.mode!r} is not served by this proxy yet; use one of {MODES}")
+        if self.mode == "speculate" and not self.drafters:
+            raise TightwadError("speculation needs a drafter: pass --draft URL (or --draft-kind ngram)")
+        for d in self.drafters:
+            if d.kind not in DRAFTER_KINDS:
+                raise TightwadError(f"drafter kind {d.kind!r} is not one of {', '.join(DRAFTER_KINDS)}")
+            if d.kind != "ngram" and not d.url:
+                raise TightwadError(f"a {d.kind} drafter needs a URL (--draft URL)")
+        if self.max_draft_tokens is not None and not 1 <= self.max_draft_tokens <= 64:
+            raise TightwadError("--max-draft-tokens must be 'auto' or a number from 1 to 64")
+        if not is_loopback(self.host) and not self.token:
+            raise TightwadError(
+                f"refusing to listen on {self.host} without a token: pass --token or set TIGHTWAD_TOKEN "
+                "(or spec.auth.token), or listen on 127.0.0.1"
+            )
+        return self
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_max_draft(value: str | int | None) -> int | None:
+    if value is None or value == "auto":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise TightwadError(f"--max-draft-tokens must be 'auto' or a number, got {value!r}") from None
+
+
+def _url(address: str, port: int) -> str:
+    host = f"[{address}]" if ":" in address else address
+    return f"http://{host}:{port}"
+
+
+def from_manifest(manifest: Manifest) -> ProxyConfig:
+    """Where the engine and drafters of a manifest listen, and the proxy section's settings."""
+    section = manifest.proxy
+    if section is None:
+        raise TightwadError(f"{manifest.source} has no spec.proxy section: add one, or pass --target/--draft")
+    target = manifest.target
+    target_url = _url(manifest.host(target["host"])["address"], int(target.get("port", 8080)))
+    notes: list[str] = []
+    drafters = []
+    for d in manifest.drafters:
+        kind = d["kind"]
+        url = d.get("url")
+        if kind == "llama-server":
+            if not d.get("port"):
+                raise TightwadError(
+                    f"drafter {d['name']!r} has no port: set spec.drafters[].port so the proxy can find it"
+                )
+            url = _url(manifest.host(d["host"])["address"], int(d["port"]))
+        drafters.append(
+            DrafterConfig(
+                kind=kind,
+                url=url,
+                name=d["name"],
+                remote_model=d.get("remoteModel"),
+                api_key=d.get("apiKey"),
+                ngram_n=int((d.get("ngram") or {}).get("n", 3)),
+            )
+        )
+    mode = section.get("mode", "speculate")
+    if mode in ("race", "consensus"):
+        notes.append(f"mode {mode} is not implemented yet: speculating with the first drafter (exact)")
+        mode = "speculate"
+    limits = section.get("limits") or {}
+    max_draft = section.get("maxDraftTokens", "auto")
+    return ProxyConfig(
+        target_url=target_url,
+        drafters=drafters[:1] if mode == "speculate" else drafters,
+        host=section.get("bind", "127.0.0.1"),
+        port=int(section.get("port", 8088)),
+        token=manifest.token,
+        target_token=manifest.token,
+        mode=mode,
+        max_draft_tokens=parse_max_draft(max_draft),
+        max_body_bytes=int(limits.get("maxBodyBytes", DEFAULT_MAX_BODY)),
+        max_tokens=limits.get("maxTokens"),
+        notes=notes,
+    )
+
+
+def with_overrides(config: ProxyConfig, **changes: object) -> ProxyConfig:
+    """`config` with every change that is not None."""
+    return replace(config, **{k: v for k, v in changes.items() if v is not None})

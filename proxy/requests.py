@@ -1,0 +1,164 @@
+"""OpenAI request bodies -> what the speculation loop needs, or why it cannot serve them: pure.
+
+Speculation serves one choice of plain text from a prompt or chat messages, greedy or sampled with
+temperature / top_p / top_k / seed, with stop sequences and max_tokens. Anything else (tools,
+n > 1, logprobs, penalties, JSON modes, ...) would change the output if it were ignored, so such
+requests go to the engine unchanged (`passthrough_reason`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tightwad.proxy.sampling import Sampling
+
+from tightwad.openai import InvalidRequest
+
+# Keys whose presence (with a non-default value) means the speculation path cannot serve a request.
+_PASSTHROUGH_KEYS = (
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "logprobs",
+    "top_logprobs",
+    "echo",
+    "suffix",
+    "logit_bias",
+    "response_format",
+    "grammar",
+    "json_schema",
+    "ignore_eos",
+    "best_of",
+    "min_p",
+    "repeat_penalty",
+)
+_NEUTRAL: tuple[Any, ...] = (None, False, 0, {}, [], "", {"type": "text"})
+MAX_STOPS = 16
+
+
+@dataclass(frozen=True)
+class Params:
+    sampling: Sampling
+    max_tokens: int | None  # None: until the end of generation or the context
+    stops: list[str]
+    stream: bool
+    include_usage: bool
+    return_tokens: bool
+    model: str | None
+
+
+def passthrough_reason(body: dict[str, Any]) -> str | None:
+    n = body.get("n")
+    if n not in (None, 1):
+        return "n > 1"
+    for key in ("presence_penalty", "frequency_penalty"):
+        if body.get(key) not in (None, 0, 0.0):
+            return key
+    for key in _PASSTHROUGH_KEYS:
+        if key in body and body[key] not in _NEUTRAL:
+            return key
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) and len(prompt) > 1:
+        return "several prompts"
+    return None
+
+
+def _number(body: dict[str, Any], key: str, default: float, low: float, high: float) -> float:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidRequest(f"`{key}` must be a number")
+    if not low <= value <= high:
+        raise InvalidRequest(f"`{key}` must be between {low:g} and {high:g}, got {value}")
+    return float(value)
+
+
+def _integer(body: dict[str, Any], key: str) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(f"`{key}` must be an integer")
+    return value
+
+
+def parse_params(
+    body: dict[str, Any], max_tokens_limit: int | None, default_max_tokens: int | None
+) -> Params:
+    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
+    if top_p <= 0:
+        raise InvalidRequest("`top_p` must be greater than 0")
+    top_k = _integer(body, "top_k") or 0
+    if top_k < 0:
+        raise InvalidRequest("`top_k` must be >= 0")
+    max_tokens = _integer(body, "max_tokens")
+    if max_tokens is None:
+        max_tokens = _integer(body, "max_completion_tokens")
+    if max_tokens is not None and max_tokens < 1:
+        raise InvalidRequest("`max_tokens` must be at least 1")
+    if max_tokens is not None and max_tokens_limit is not None and max_tokens > max_tokens_limit:
+        raise InvalidRequest(
+            f"`max_tokens` is {max_tokens} but this proxy allows at most {max_tokens_limit} "
+            "(spec.proxy.limits.maxTokens)"
+        )
+    if max_tokens is None:
+        max_tokens = default_max_tokens
+        if max_tokens_limit is not None:
+            max_tokens = min(max_tokens or max_tokens_limit, max_tokens_limit)
+    stop = body.get("stop")
+    if stop is None:
+        stops: list[str] = []
+    elif isinstance(stop, str):
+        stops = [stop]
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        stops = list(stop)
+    else:
+        raise InvalidRequest("`stop` must be a string or a list of strings")
+    if len(stops) > MAX_STOPS:
+        raise InvalidRequest(f"at most {MAX_STOPS} stop sequences")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise InvalidRequest("`stream` must be true or false")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise InvalidRequest("`stream_options` must be an object")
+    model = body.get("model")
+    return Params(
+        sampling=Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=_integer(body, "seed")),
+        max_tokens=max_tokens,
+        stops=[s for s in stops if s],
+        stream=stream,
+        include_usage=bool(options.get("include_usage")),
+        return_tokens=bool(body.get("return_tokens")),
+        model=model if isinstance(model, str) else None,
+    )
+
+
+def parse_prompt(body: dict[str, Any]) -> str | list[int]:
+    """A /v1/completions prompt: a string, a list of one string, or a list of token ids."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return prompt
+    if (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    ):
+        return list(prompt)
+    raise InvalidRequest("`prompt` must be a string, or a non-empty list of token ids")
+
+
+def parse_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("`messages` must be a non-empty list")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise InvalidRequest(f"messages[{i}] must be an object with a string `role`")
+    return messages

@@ -1,0 +1,299 @@
+"""The speculation loop of one request, in token ids end to end.
+
+Each round: the drafter proposes K ids (K from the controller), the engine verifies them in one
+decode and returns the accepted ones plus its own next token; those are yielded and the next round
+starts. The reply is the target's: the engine decides every token, the target's end-of-generation
+ends the reply (the engine cuts a verdict at it), the drafter's never does.
+
+Around that loop:
+- a drafter that is slower than usual: the round goes ahead without it (a verify of no draft, one
+  token) and its draft is still used by a later round if the tokens added meanwhile are its first;
+- a drafter that fails (down, past its deadline, nonsense): it backs off, and meanwhile the target
+  decodes alone in chunks;
+- speculation the cost model says cannot win: the target decodes alone (the engine's own
+  /v1/completions, token ids in and out) until the controller probes again;
+- pipelining: while round n is verified, the drafter already drafts round n+1 assuming all of
+  round n is accepted (it drafts one token more, its guess of the target's bonus token); when the
+  verdict proves the guess right the next round starts with its draft ready, otherwise it is dropped.
+
+The seam for several drafters per round (race, consensus): a round sends a list of proposals and
+the verdict says which one won (`draft_index`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from tightwad.proxy.controller import Controller
+from tightwad.proxy.conversations import ConversationPool, Lease
+from tightwad.proxy.detok import Vocabulary
+from tightwad.proxy.drafter import DraftRequest, Proposal
+from tightwad.proxy.guard import GuardedDrafter
+from tightwad.proxy.sampling import Sampling
+from tightwad.proxy.telemetry import Telemetry
+from tightwad.proxy.upstream import ConversationLost, EngineClient, Verdict
+
+
+@dataclass(frozen=True)
+class Settings:
+    pipeline: bool = True
+    # A draft call slower than its deadline counts as a failure (the drafter backs off):
+    draft_timeout: float = 2.0  # the least deadline of a call in a running reply
+    first_draft_timeout: float = 15.0  # a reply's first call may have the whole prompt to read
+    # How long a round waits for a draft before it goes ahead without one:
+    min_patience: float = 0.02
+    first_patience: float = 1.0
+    fallback_chunk: int = 16  # tokens the target decodes alone while the drafter backs off
+
+
+@dataclass(frozen=True)
+class Job:
+    prompt: list[int]
+    sampling: Sampling
+    max_tokens: int
+    n_ctx: int
+    vocabulary: Vocabulary
+
+
+@dataclass(frozen=True)
+class Step:
+    tokens: list[int]  # new target tokens, in order
+    eog: bool = False  # the last token (or, with no tokens, the previous one) ends the reply
+
+
+class Speculator:
+    """Shared by all requests: one engine, one guarded drafter and its controller."""
+
+    def __init__(
+        self,
+        engine: EngineClient,
+        drafter: GuardedDrafter,
+        controller: Controller,
+        conversations: ConversationPool,
+        telemetry: Telemetry,
+        settings: Settings | None = None,
+    ) -> None:
+        self.engine = engine
+        self.drafter = drafter
+        self.controller = controller
+        self.conversations = conversations
+        self.telemetry = telemetry
+        self.settings = settings or Settings()
+
+    async def run(self, job: Job) -> AsyncIterator[Step]:
+        """Target tokens for `job` until end of generation, max_tokens or the context is full.
+        Closing the iterator early (a stop sequence, a client gone) is clean."""
+        reply = _Reply(self, job, self.conversations.acquire(job.prompt))
+        try:
+            async with contextlib.aclosing(reply.steps()) as steps:
+                async for step in steps:
+                    yield step
+            reply.ok = True
+        finally:
+            await reply.close()
+
+
+@dataclass
+class _Pending:
+    """A draft in flight: proposed for `assumed` (the history it continues), started at `started`."""
+
+    task: asyncio.Task[Proposal | None]
+    assumed: tuple[int, ...]
+    k: int
+    started: float
+    first: bool  # the reply's first draft: the drafter may have the whole prompt to read
+
+    def usable_for(self, history: Sequence[int], proposal: Proposal) -> Proposal | None:
+        """What is left of the proposal once `history` has moved past where it was drafted: the
+        tokens the target added since must be the proposal's first tokens."""
+        a = len(self.assumed)
+        if len(history) < a or tuple(history[:a]) != self.assumed:
+            return None
+        done = len(history) - a
+        if tuple(proposal.tokens[:done]) != tuple(history[a:]):
+            return None
+        rest = proposal.tail(done)
+        return rest if rest.tokens else None
+
+
+class _Reply:
+    """The state of one request's loop."""
+
+    def __init__(self, owner: Speculator, job: Job, lease: Lease) -> None:
+        self.o = owner
+        self.job = job
+        self.lease = lease
+        self.history = list(job.prompt)
+        self.produced = 0
+        self.synced = False  # the engine's conversation holds `history` (its last token pending)
+        self.rounds = 0
+        self.drafts = 0
+        self.pending: _Pending | None = None
+        self.pipelined = owner.settings.pipeline and owner.drafter.kind != "ngram"
+        self.ok = False
+
+    async def close(self) -> None:
+        self._drop_pending()
+        if self.ok or self.synced:
+            self.o.conversations.release(self.lease, self.history)
+        else:
+            self.o.conversations.forget(self.lease)
+
+    # the loop -----------------------------------------------------------------------------------
+    async def steps(self) -> AsyncIterator[Step]:
+        o, job = self.o, self.job
+        while self.produced < job.max_tokens:
+            room = job.n_ctx - len(self.history) - 1
+            if room <= 0:
+                return  # the context is full: the reply ends with finish_reason "length"
+            remaining = job.max_tokens - self.produced
+            if not o.drafter.available():
+                o.telemetry.fallback("drafter_backoff")
+                async for step in self._target_alone(min(o.settings.fallback_chunk, remaining)):
+                    yield step
+                    if step.eog:
+                        return
+                continue
+            k = o.controller.next_k()
+            o.telemetry.policy(k, o.controller.acceptance.alpha)
+            if k == 0:
+                o.telemetry.fallback("speculation_off")
+                async for step in self._target_alone(min(o.controller.off_chunk(), remaining)):
+                    yield step
+                    if step.eog:
+                        return
+                continue
+            k = max(0, min(k, remaining - 1, room - 1))
+            step = await self._round(k)
+            yield step
+            if step.eog:
+                return
+
+    async def _round(self, k: int) -> Step:
+        o = self.o
+        if self.pipelined and self.rounds == 0 and self.pending is None and k > 0:
+            # The first round verifies the prompt alone, so the first token comes as fast as from
+            # the target alone, while the drafter reads the prompt and drafts the second round
+            # (one token more: its guess of that first token).
+            self._launch(self.history, k + 1)
+            draft = None
+        else:
+            draft = await self._take_draft(k)
+        proposal = draft or Proposal(())
+        if self.pipelined and proposal.tokens:
+            # Draft round n+1 while round n is verified, assuming all of round n is accepted.
+            self._launch([*self.history, *proposal.tokens], k + 1)
+        started = time.perf_counter()
+        continued = self.synced  # a resent conversation also evaluates its new tokens: not timed
+        verdict = await self._verify([proposal])
+        verify_seconds = time.perf_counter() - started if continued and self.synced else None
+        drafted = len(proposal.tokens)
+        o.controller.record_round(drafted, verdict.accepted, verify_seconds)
+        o.telemetry.round(drafted, verdict.accepted, len(verdict.tokens))
+        self.rounds += 1
+        if verdict.eog or verdict.accepted < drafted:
+            self._drop_pending()  # it continued tokens the target did not accept
+        return self._advance(verdict.tokens, verdict.eog)
+
+    def _advance(self, tokens: list[int], eog: bool) -> Step:
+        tokens = tokens[: self.job.max_tokens - self.produced]
+        self.history += tokens
+        self.produced += len(tokens)
+        return Step(tokens, eog)
+
+    # drafting -----------------------------------------------------------------------------------
+    def _expected_draft(self, k: int) -> float:
+        costs = self.o.controller.costs()
+        return costs.draft_fixed + costs.draft_per_token * k
+
+    def _launch(self, assumed: Sequence[int], k: int) -> None:
+        """Start a draft call; the drafter's own deadline (a failure, then backoff) is generous,
+        the reply's patience with it is not (see _take_draft)."""
+        self._drop_pending()
+        s = self.o.settings
+        first = self.drafts == 0
+        self.drafts += 1
+        hard = s.first_draft_timeout if first else max(s.draft_timeout, 5.0 * self._expected_draft(k))
+        request = DraftRequest(tuple(assumed), k, self.job.sampling, self.job.vocabulary)
+        started = time.perf_counter()
+
+        async def draft() -> Proposal | None:
+            proposal = await self.o.drafter.propose(request, hard)
+            if proposal is not None and not first:
+                self.o.controller.record_draft(k, time.perf_counter() - started)
+            return proposal
+
+        self.pending = _Pending(asyncio.create_task(draft()), tuple(assumed), k, started, first)
+
+    async def _take_draft(self, k: int) -> Proposal | None:
+        """The draft for this round: the one in flight if it fits the history, else a fresh one.
+        A reply never waits for a drafter much longer than the drafter usually takes: past that,
+        the round goes ahead without a draft and the call may still be used by a later round."""
+        o = self.o
+        fresh = self.pending is None
+        if fresh:
+            self._launch(self.history, k)
+        pending = self.pending
+        assert pending is not None
+        if pending.first:
+            patience = o.settings.first_patience
+        else:
+            patience = max(o.settings.min_patience, 2.0 * self._expected_draft(pending.k))
+        wait = pending.started + patience - time.perf_counter()
+        done, _ = await asyncio.wait({pending.task}, timeout=max(wait, 0.0))
+        if not done:
+            o.telemetry.fallback("drafter_slow")
+            return None
+        self.pending = None
+        proposal = pending.task.result()
+        if proposal is None:
+            o.telemetry.fallback("drafter_failed")
+            return None
+        usable = pending.usable_for(self.history, proposal)
+        if usable is None and not fresh:
+            return await self._take_draft(k)  # it guessed wrong: draft afresh
+        return usable.head(k) if usable is not None else None
+
+    def _drop_pending(self) -> None:
+        if self.pending is not None:
+            self.pending.task.cancel()
+            self.pending = None
+
+    # the engine ---------------------------------------------------------------------------------
+    async def _verify(self, proposals: list[Proposal]) -> Verdict:
+        engine, job, lease = self.o.engine, self.job, self.lease
+        if self.synced:
+            try:
+                return await engine.verify(lease.conversation, [], proposals, job.sampling, reset=False)
+            except ConversationLost:
+                self.synced = False  # evicted by other traffic: send it whole again
+        verdict = await engine.verify(lease.conversation, self.history, proposals, job.sampling, reset=True)
+        self.synced = True
+        return verdict
+
+    async def _target_alone(self, n: int) -> AsyncIterator[Step]:
+        """The engine decodes n tokens on its own (no draft, no per-token round trip)."""
+        self._drop_pending()
+        self.synced = False  # the conversation's KV does not see these tokens
+        first: float | None = None
+        last = 0.0
+        count = 0
+        chunks = self.o.engine.generate(self.history, self.job.sampling, n)
+        async with contextlib.aclosing(chunks):
+            async for tokens, finish in chunks:
+                if tokens:
+                    now = time.perf_counter()
+                    first = now if first is None else first
+                    last = now
+                    count += len(tokens)
+                    self.o.telemetry.engine_tokens(len(tokens))
+                    yield self._advance(tokens, False)
+                if finish == "stop":  # the target's end of generation (no stop strings are sent)
+                    yield Step([], True)
+                    break
+        steady = last - first if first is not None else 0.0
+        self.o.controller.record_engine(count, max(count - 1, 0), steady)

@@ -1,0 +1,245 @@
+"""The engine, seen from the proxy: its HTTP API and nothing else (no engine imports).
+
+Uses: /v1/models (name, context, vocabulary size), /detokenize (the vocabulary as bytes, fetched
+once), /tokenize, POST /tightwad/v1/verify, /v1/completions with token ids (the target decoding
+alone, when speculation is off), /tightwad/v1/stats (how many conversations it keeps), and plain
+forwarding of whatever speculation cannot serve. Every failure becomes an OpenAIError: an engine
+that cannot be reached is a 503 that names its URL.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from tightwad.proxy.detok import Vocabulary
+from tightwad.proxy.drafter import Proposal
+from tightwad.proxy.sampling import Sampling
+
+from tightwad.openai import OpenAIError, Unavailable, UpstreamError, from_upstream
+
+VERIFY_PATH = "/tightwad/v1/verify"
+VOCAB_CHUNK = 8192  # token ids per /detokenize call while fetching the vocabulary
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    model: str
+    n_ctx: int
+    n_vocab: int
+    models_body: dict[str, Any]  # /v1/models as the engine answered it
+
+
+@dataclass(frozen=True)
+class Verdict:
+    tokens: list[int]  # accepted draft tokens, then the target's own token
+    accepted: int
+    draft_index: int
+    eog: bool  # the last token ends the generation
+
+
+class EngineUnavailable(Unavailable):
+    code = "engine_unavailable"
+
+
+class ConversationLost(OpenAIError):
+    """The engine evicted our conversation between rounds: resend it whole."""
+
+    status = 409
+    code = "conversation_evicted"
+
+
+def _decode_pieces(pieces: Sequence[str]) -> list[bytes]:
+    return [base64.b64decode(p) for p in pieces]
+
+
+class EngineClient:
+    def __init__(self, url: str, token: str | None = None, client: httpx.AsyncClient | None = None) -> None:
+        self.url = url.rstrip("/")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.client = client or httpx.AsyncClient(
+            base_url=self.url,
+            headers=headers,
+            timeout=httpx.Timeout(600.0, connect=3.0),
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+        )
+        self.token = token
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    # plumbing ---------------------------------------------------------------------------------
+    def _unreachable(self, exc: Exception) -> EngineUnavailable:
+        return EngineUnavailable(
+            f"the engine at {self.url} is unreachable ({type(exc).__name__}: {exc}); "
+            "start it, or point the proxy at it with --target"
+        )
+
+    async def _post(self, path: str, body: dict[str, Any]) -> Any:
+        try:
+            response = await self.client.post(path, json=body)
+        except httpx.HTTPError as exc:
+            raise self._unreachable(exc) from exc
+        return self._json(response, path)
+
+    async def _get(self, path: str) -> Any:
+        try:
+            response = await self.client.get(path)
+        except httpx.HTTPError as exc:
+            raise self._unreachable(exc) from exc
+        return self._json(response, path)
+
+    def _json(self, response: httpx.Response, path: str) -> Any:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if response.status_code != 200:
+            error = from_upstream(response.status_code, body, f"the engine's {path} failed")
+            if error.code == "conversation_evicted":
+                raise ConversationLost(str(error))
+            raise error
+        if body is None:
+            raise UpstreamError(f"the engine's {path} answered something that is not JSON")
+        return body
+
+    # the API ----------------------------------------------------------------------------------
+    async def info(self) -> EngineInfo:
+        body = await self._get("/v1/models")
+        try:
+            entry = body["data"][0]
+            meta = entry.get("meta") or {}
+            return EngineInfo(str(entry["id"]), int(meta["n_ctx"]), int(meta["n_vocab"]), body)
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise UpstreamError(
+                f"{self.url}/v1/models does not describe a Tightwad engine (no meta.n_ctx/n_vocab): "
+                "--target must point at `tightwad engine`, not at another server"
+            ) from exc
+
+    async def vocabulary(self, n_vocab: int) -> Vocabulary:
+        """Every token's bytes (plain, and spelled out for special tokens), in a few calls."""
+        plain: list[bytes] = []
+        special: dict[int, bytes] = {}
+        for start in range(0, n_vocab, VOCAB_CHUNK):
+            ids = list(range(start, min(start + VOCAB_CHUNK, n_vocab)))
+            plain += _decode_pieces((await self._post("/detokenize", {"tokens": ids}))["pieces"])
+            spelled = _decode_pieces(
+                (await self._post("/detokenize", {"tokens": ids, "special": True}))["pieces"]
+            )
+            special.update({t: b for t, b in zip(ids, spelled, strict=True) if b != plain[t]})
+        return Vocabulary(plain, special)
+
+    async def tokenize(self, text: str, add_special: bool = False, parse_special: bool = False) -> list[int]:
+        body = {"content": text, "add_special": add_special, "parse_special": parse_special}
+        return list((await self._post("/tokenize", body))["tokens"])
+
+    async def chat_tokens(self, messages: list[dict[str, Any]]) -> list[int] | None:
+        """The chat prompt's tokens with the model's own template, or None when this engine cannot
+        say (the verify contract v1 has no such endpoint; see `/tokenize` with `messages`)."""
+        try:
+            body = await self._post("/tokenize", {"messages": messages})
+        except OpenAIError as exc:
+            if exc.status in (400, 404, 422):
+                return None
+            raise
+        tokens = body.get("tokens") if isinstance(body, dict) else None
+        return list(tokens) if isinstance(tokens, list) else None
+
+    async def stats(self) -> dict[str, Any]:
+        return dict(await self._get("/tightwad/v1/stats"))
+
+    async def health(self) -> dict[str, Any]:
+        """The engine's /health (its rpc workers); an OpenAIError when it is down or unhealthy."""
+        return dict(await self._get("/health"))
+
+    async def ping(self) -> float:
+        """Seconds for one round trip to the engine (its cheapest route)."""
+        start = time.perf_counter()
+        try:
+            await self.client.get("/ready")
+        except httpx.HTTPError as exc:
+            raise self._unreachable(exc) from exc
+        return time.perf_counter() - start
+
+    async def verify(
+        self,
+        conversation: str,
+        tokens: Sequence[int],
+        drafts: Sequence[Proposal],
+        sampling: Sampling,
+        reset: bool,
+    ) -> Verdict:
+        body = {
+            "conversation": conversation,
+            "tokens": list(tokens),
+            "reset": reset,
+            "drafts": [d.to_json() for d in drafts if d.tokens],
+            "sampling": sampling.to_json(),
+        }
+        answer = await self._post(VERIFY_PATH, body)
+        try:
+            return Verdict(
+                tokens=[int(t) for t in answer["tokens"]],
+                accepted=int(answer["accepted"]),
+                draft_index=int(answer.get("draft_index", 0)),
+                eog=bool(answer["eog"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UpstreamError(f"the engine's verify answer is missing fields: {exc}") from exc
+
+    async def generate(
+        self, prompt: Sequence[int], sampling: Sampling, max_tokens: int
+    ) -> AsyncIterator[tuple[list[int], str | None]]:
+        """The target decoding alone: yields (token ids, finish_reason or None) as they stream."""
+        body = {
+            "prompt": list(prompt),
+            "max_tokens": max_tokens,
+            "stream": True,
+            "return_tokens": True,
+            **sampling.to_json(),
+        }
+        try:
+            async with self.client.stream("POST", "/v1/completions", json=body) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    self._json(response, "/v1/completions")
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        return
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        raise from_upstream(503, chunk, "the engine's stream failed")
+                    choice = chunk["choices"][0]
+                    yield [int(t) for t in choice.get("tokens") or []], choice.get("finish_reason")
+        except httpx.HTTPError as exc:
+            raise self._unreachable(exc) from exc
+
+    async def forward(
+        self, method: str, path: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[httpx.Response, AsyncIterator[bytes]]:
+        """Send a request on unchanged; the response's head, and its body as it arrives."""
+        headers = {k: v for k, v in headers.items() if k.lower() in ("content-type", "accept")}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        request = self.client.build_request(method, path, content=body, headers=headers)
+        try:
+            response = await self.client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise self._unreachable(exc) from exc
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in response.aiter_raw():
+                    yield chunk
+            finally:
+                await response.aclose()
+
+        return response, chunks()
