@@ -20,8 +20,9 @@ conversation; `probs` (optional) is one row per draft token, either a dense list
 when absent; `seed` seeds the conversation's random stream when it starts or resets, and later calls
 continue that stream. The reply's `tokens` are the accepted draft tokens then the next token;
 `n_past` is how many of the conversation's tokens are now in the KV (all but that last one); `pieces`
-are the reply tokens' bytes, base64. A conversation evicted to make room answers 409
-`conversation_evicted`: send it again with `reset: true`.
+are the reply tokens' bytes, base64. A conversation this engine does not hold (evicted to make
+room, or the engine is new) answers 409 `conversation_evicted` unless the call has `reset: true`:
+the first call of every conversation sends its whole token list with `reset: true`.
 
 Extensions to the OpenAI request bodies: `top_k`, `ignore_eos`, `return_tokens` (the generated token
 ids in each choice). Options that would silently change the output (penalties, logit_bias, logprobs,

@@ -183,10 +183,17 @@ class _VerifyJob(_Job):
         self.future: Future[VerifyResult] = Future()
 
     def full_tokens(self, slot: Slot | None, sessions: SessionTable) -> list[int]:
-        if slot is None and not self.reset and sessions.was_evicted(self.conversation):
+        if slot is None and not self.reset:
+            # Never guess that `tokens` is the whole conversation: after an eviction, or behind a
+            # router that switched to a new engine, that guess would silently change the output.
+            why = (
+                "was evicted to make room for others"
+                if sessions.was_evicted(self.conversation)
+                else ("is not held by this engine (a new or restarted engine)")
+            )
             raise ConversationEvicted(
-                f"conversation {self.conversation!r} was evicted to make room for others; "
-                "send it again with reset: true and its whole token list"
+                f"conversation {self.conversation!r} {why}; send it again with reset: true and its whole "
+                "token list"
             )
         full = list(self.tokens) if self.reset or slot is None else slot.history + list(self.tokens)
         if not full:

@@ -204,6 +204,14 @@ def test_an_evicted_conversation_is_told_to_reset(local_engine: EngineProcess) -
     assert again.status_code == 200 and again.json()["n_past"] == 3
 
 
+def test_a_conversation_the_engine_never_held_must_be_sent_whole(local_engine: EngineProcess) -> None:
+    # E.g. a proxy whose engine was swapped behind a router: its continuation would be taken for a
+    # whole prompt, so the engine refuses it rather than silently change the output.
+    response = local_engine.post("/tightwad/v1/verify", {"conversation": "never-seen", "tokens": [5, 6]})
+    assert response.status_code == 409 and response.json()["error"]["code"] == "conversation_evicted"
+    assert "reset: true" in response.json()["error"]["message"]
+
+
 def test_a_token_is_required_when_configured(toolchain: Toolchain, processes: Processes) -> None:
     engine = start_engine(
         processes, models.resolve("smollm2-135m-q4_1"), ctx=512, extra=["--token", "s3cret"], name="auth"

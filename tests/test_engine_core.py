@@ -38,9 +38,11 @@ def drain(events: queue.SimpleQueue[GenerationEvent]) -> tuple[int, GenerationEv
 
 
 def test_a_conversation_that_needs_the_room_evicts_the_idle_one(engine: Engine) -> None:
-    first = engine.verify("a", list(range(100, 250)), [Draft((5, 6))], GREEDY).result(timeout=120)
+    first = engine.verify("a", list(range(100, 250)), [Draft((5, 6))], GREEDY, reset=True).result(timeout=120)
     assert first.n_past == 150
-    second = engine.verify("b", list(range(300, 450)), [Draft((5, 6))], GREEDY).result(timeout=120)
+    second = engine.verify("b", list(range(300, 450)), [Draft((5, 6))], GREEDY, reset=True).result(
+        timeout=120
+    )
     assert second.n_past == 150 and engine.sessions.held_tokens() <= engine.n_ctx
     with pytest.raises(ConversationEvicted, match="reset: true"):
         engine.verify("a", [1], [], GREEDY).result(timeout=120)
@@ -60,6 +62,6 @@ def test_two_requests_that_cannot_both_fit_fail_one_with_overloaded(engine: Engi
 
 def test_a_conversation_longer_than_the_context_is_refused(engine: Engine) -> None:
     with pytest.raises(ContextLengthExceeded):
-        engine.verify("c", list(range(1000, 1300)), [], GREEDY).result(timeout=120)
+        engine.verify("c", list(range(1000, 1300)), [], GREEDY, reset=True).result(timeout=120)
     with pytest.raises(ContextLengthExceeded):
         engine.generate(list(range(300)), GREEDY, 4, lambda _: None)

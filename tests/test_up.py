@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -25,15 +26,18 @@ def test_up_serves_the_local_example_and_stops_cleanly(tmp_path: Path) -> None:
     manifest = yaml.safe_load((ROOT / "examples" / "local.yaml").read_text())
     for gpu in manifest["spec"]["hosts"][0]["gpus"]:
         gpu["port"] = free_port()
+    manifest["spec"]["target"]["port"] = free_port()
+    manifest["spec"]["drafters"][0]["port"] = free_port()
     manifest["spec"]["proxy"]["port"] = proxy_port = free_port()
     path = tmp_path / "local.yaml"
     path.write_text(yaml.safe_dump(manifest))
+    env = {**os.environ, "TIGHTWAD_STATE_DIR": str(tmp_path / "state")}  # not the user's own cluster
 
     log = tmp_path / "up.log"
     with log.open("w") as out:
         up = subprocess.Popen(
             [sys.executable, "-m", "tightwad.cli", "up", str(path)],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env,
         )  # fmt: skip
     try:
         deadline = time.monotonic() + 180
@@ -65,3 +69,8 @@ def test_up_serves_the_local_example_and_stops_cleanly(tmp_path: Path) -> None:
     assert up.returncode == 0, log.read_text()
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/health", timeout=2)
+    assert not list((tmp_path / "state" / "local" / "units").glob("*.json"))  # every unit stopped
+    status = json.loads((tmp_path / "local.status.json").read_text())  # status beside the manifest
+    assert [(c["type"], c["status"], c["reason"]) for c in status["conditions"]] == [
+        ("Ready", "False", "Stopped"), ("Progressing", "False", "Stopped"), ("Degraded", "False", "Stopped"),
+    ]  # fmt: skip

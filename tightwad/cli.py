@@ -43,12 +43,6 @@ def _models(args: argparse.Namespace) -> int:
     return models.list_command()
 
 
-def _up(args: argparse.Namespace) -> int:
-    from tightwad.up import up
-
-    return up(args.manifest)
-
-
 COMPONENTS = {
     "engine": "run the coordinator on libllama across the rpc pool",
     "proxy": "run or query the speculative front door (start, status)",
@@ -56,10 +50,24 @@ COMPONENTS = {
 }
 
 
+# The reconcile loop's commands, handled by tightwad.operator.cli with the subcommand kept.
+OPERATOR_COMMANDS = {
+    "up": "bring a cluster manifest up and keep it converged (foreground; Ctrl-C stops it)",
+    "down": "stop every unit a manifest's `up` started",
+    "status": "show a cluster's units and conditions as a table",
+    "plan": "print what `up` would do now, without doing it",
+    "reconcile": "converge once (--once) or keep converging",
+    "swap": "hot-swap the target model",
+    "agent": "run one host's units for a remote operator (what `nix run .#worker` starts)",
+}
+
+
 def _component(name: str, argv: list[str]) -> int:
     """Each component owns its argument parsing (and --help); this only hands the rest of argv over."""
     import importlib
 
+    if name in OPERATOR_COMMANDS:
+        return int(importlib.import_module("tightwad.operator.cli").main([name, *argv]))
     return int(importlib.import_module(f"tightwad.{name}.cli").main(argv))
 
 
@@ -85,18 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="re-hash every file instead of trusting size+mtime")
     p.set_defaults(handler=_models)
 
-    for name, help_text in COMPONENTS.items():
+    for name, help_text in {**COMPONENTS, **OPERATOR_COMMANDS}.items():
         sub.add_parser(name, help=help_text, add_help=False)  # listed in --help; dispatched in main()
 
-    p = sub.add_parser("up", help="bring a cluster manifest up on this machine (foreground)")
-    p.add_argument("manifest", metavar="FILE")
-    p.set_defaults(handler=_up)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in COMPONENTS:
+    if argv and (argv[0] in COMPONENTS or argv[0] in OPERATOR_COMMANDS):
         return _component(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler

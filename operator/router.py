@@ -1,0 +1,192 @@
+"""The router: a stable address in front of a backend that can change under it.
+
+What a Kubernetes Service is to pods, for the process and docker runtimes: clients (the proxy, apps)
+keep one URL while the operator swaps the engine behind it. Every request goes to the backend
+current when it arrives and finishes there, so an old engine is stopped only once the router reports
+no request left on it (`GET /_tightwad/route`). With no backend yet it answers 503 in OpenAI's
+error shape.
+
+    python -m tightwad.operator.router --host 127.0.0.1 --port 8080 [--backend URL]
+
+`PUT /_tightwad/route {"backend": URL, "unit": NAME}` re-points it (bearer token when
+TIGHTWAD_TOKEN is set); the engine behind checks the clients' tokens itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import os
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+ROUTE_PATH = "/_tightwad/route"
+ENGINE_HEADER = "x-tightwad-engine"
+# Hop-by-hop headers (RFC 9110 7.6.1) and the ones httpx sets itself.
+_DROP_REQUEST = {
+    "host",
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+}
+_DROP_RESPONSE = {"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade"}
+
+
+@dataclass
+class Backend:
+    url: str
+    unit: str
+
+
+class Router:
+    def __init__(self, backend: Backend | None, token: str | None) -> None:
+        self.backend = backend
+        self.token = token
+        self.inflight: Counter[str] = Counter()
+        # No read timeout: a streamed reply lasts as long as the model writes.
+        timeout = httpx.Timeout(connect=5.0, read=None, write=60.0, pool=None)
+        self.client = httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=None))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        yield
+        await self.client.aclose()
+
+    def status(self) -> dict[str, object]:
+        backend = self.backend
+        return {
+            "backend": backend.url if backend else None,
+            "unit": backend.unit if backend else None,
+            "inflight": {unit: n for unit, n in self.inflight.items() if n},
+        }
+
+    async def show_route(self, request: Request) -> Response:
+        return JSONResponse(self.status())
+
+    async def set_route(self, request: Request) -> Response:
+        if self.token:
+            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(given.encode(), self.token.encode()):
+                return _error(401, "missing or wrong bearer token", "invalid_api_key")
+        try:
+            body = await request.json()
+            self.backend = Backend(str(body["backend"]).rstrip("/"), str(body.get("unit") or body["backend"]))
+        except (ValueError, KeyError, TypeError):
+            return _error(400, 'send {"backend": "http://HOST:PORT", "unit": "NAME"}', "invalid_request")
+        return JSONResponse(self.status())
+
+    async def forward(self, request: Request) -> Response:
+        backend = self.backend
+        if backend is None:
+            return _error(503, "no engine is ready yet; the operator is starting one", "no_backend")
+        body = await request.body()  # buffered: requests are small, and it allows one retry below
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST]
+        url = httpx.URL(backend.url + request.url.path, query=request.url.query.encode())
+        self.inflight[backend.unit] += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.inflight[backend.unit] -= 1
+
+        try:
+            upstream = await self._send(request.method, url, headers, body)
+        except httpx.HTTPError as exc:
+            release()
+            return _error(
+                502, f"the engine at {backend.url} did not answer ({type(exc).__name__})", "bad_gateway"
+            )
+
+        async def stream() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in upstream.aiter_raw():
+                    yield chunk
+            finally:
+                await upstream.aclose()
+                release()
+
+        response_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE}
+        # Which engine answered: a client that caches what it learned about the engine (model,
+        # vocabulary) can tell that a hot-swap happened behind this stable address.
+        response_headers[ENGINE_HEADER] = backend.unit
+        return StreamingResponse(
+            stream(),
+            status_code=upstream.status_code,
+            headers=response_headers,
+            background=BackgroundTask(release),
+        )
+
+    async def _send(
+        self, method: str, url: httpx.URL, headers: list[tuple[str, str]], body: bytes
+    ) -> httpx.Response:
+        request = self.client.build_request(method, url, headers=headers, content=body)
+        try:
+            return await self.client.send(request, stream=True)
+        except httpx.ConnectError:
+            # A pooled connection to a backend that just restarted: one fresh try, before any byte
+            # of the reply was sent, cannot duplicate work.
+            await asyncio.sleep(0.05)
+            return await self.client.send(
+                self.client.build_request(method, url, headers=headers, content=body), stream=True
+            )
+
+
+def _error(status: int, message: str, code: str) -> JSONResponse:
+    body = {
+        "error": {
+            "message": message,
+            "type": "server_error" if status >= 500 else "invalid_request_error",
+            "code": code,
+        }
+    }
+    return JSONResponse(body, status_code=status)
+
+
+def create_app(router: Router) -> Starlette:
+    methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]
+    return Starlette(
+        routes=[
+            Route(ROUTE_PATH, router.show_route, methods=["GET"]),
+            Route(ROUTE_PATH, router.set_route, methods=["PUT"]),
+            Route("/{path:path}", router.forward, methods=methods),
+        ],
+        lifespan=router.lifespan,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tightwad.operator.router", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--backend", default=None, help="initial backend URL")
+    args = parser.parse_args(argv)
+    backend = Backend(args.backend.rstrip("/"), args.backend.rstrip("/")) if args.backend else None
+    router = Router(backend, os.environ.get("TIGHTWAD_TOKEN") or None)
+
+    import uvicorn
+
+    uvicorn.run(create_app(router), host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
