@@ -64,3 +64,15 @@ def test_missing_toolchain_is_one_clear_line(monkeypatch, tmp_path, capsys) -> N
     assert main(["toolchain", "path"]) == 1
     err = capsys.readouterr().err
     assert "run `tightwad toolchain build`" in err and "Traceback" not in err
+
+
+def test_the_readme_manifest_example_is_valid(tmp_path) -> None:
+    import re
+
+    from tightwad.manifest import load_manifest
+
+    example = re.search(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
+    assert example, "README.md should show a manifest"
+    path = tmp_path / "readme.yaml"
+    path.write_text(example.group(1))
+    assert load_manifest(path).target["model"] == "smollm2-f32"
