@@ -6,12 +6,12 @@ PY := $(VENV)/bin/python
 TIGHTWAD := $(VENV)/bin/tightwad
 MANIFEST ?= examples/local.yaml
 
-.PHONY: up test lint bench toolchain models venv system clean
+.PHONY: up test lint bench toolchain models venv system kube clean
 
 up: venv toolchain models ## bring the local appliance up (foreground; Ctrl-C stops it)
 	$(TIGHTWAD) up $(MANIFEST)
 
-test: venv toolchain models lint ## install what the tests need and run them all
+test: venv toolchain models kube lint ## install what the tests need and run them all
 	$(PY) -m pytest -q
 
 lint: venv system
@@ -25,6 +25,10 @@ bench: venv toolchain models
 
 system:
 	scripts/install-system-deps.sh
+
+kube: system ## the CRD API server and helm that the Kubernetes tests use (cached)
+	scripts/build-crd-apiserver.sh >/dev/null
+	scripts/fetch-helm.sh >/dev/null
 
 toolchain: system
 	scripts/build-llama.sh >/dev/null

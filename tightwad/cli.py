@@ -59,6 +59,7 @@ OPERATOR_COMMANDS = {
     "reconcile": "converge once (--once) or keep converging",
     "swap": "hot-swap the target model",
     "agent": "run one host's units for a remote operator (what `nix run .#worker` starts)",
+    "operator": "watch TightwadCluster resources in Kubernetes and converge the cluster to them",
 }
 
 
@@ -66,6 +67,8 @@ def _component(name: str, argv: list[str]) -> int:
     """Each component owns its argument parsing (and --help); this only hands the rest of argv over."""
     import importlib
 
+    if name == "operator":  # the in-cluster Kubernetes controller (what the Helm chart runs)
+        return int(importlib.import_module("tightwad.operator.kubernetes_operator").main(argv))
     if name in OPERATOR_COMMANDS:
         return int(importlib.import_module("tightwad.operator.cli").main([name, *argv]))
     return int(importlib.import_module(f"tightwad.{name}.cli").main(argv))

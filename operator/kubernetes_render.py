@@ -1,0 +1,571 @@
+"""Kubernetes objects for units: pure rendering, no API calls.
+
+Each unit becomes what Kubernetes runs best for it: an rpc worker a Pod pinned to its node (a GPU
+node by node selector and an `nvidia.com/gpu` / `amd.com/gpu` request), the engine, the engine
+router, drafters and the proxy a one-replica Deployment (the proxy also a Service), and the swarm
+sidecars one DaemonSet over the cluster's nodes with the model volume. Units are placed on the node
+named like their host and use the host network, so every address the plan wrote (`host:port`) is
+where the unit really listens, for in-cluster units and for Macs outside the cluster alike.
+
+Every object carries the unit as it was created (annotation `tightwad.dev/unit`, JSON), so the driver
+can hand `plan` the observed unit to compare with the desired one, and an owner reference to its
+TightwadCluster, so deleting the CR garbage-collects everything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import posixpath
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+import yaml
+from tightwad.operator.commands import Binaries, command
+from tightwad.operator.units import Kind, ModelRef, Unit
+
+from tightwad.crd import GROUP, VERSION
+from tightwad.manifest import KIND, Manifest
+from tightwad.models import CATALOG_PREFIX, catalog_model
+
+LABEL_CLUSTER = "tightwad.dev/cluster"
+LABEL_UNIT = "tightwad.dev/unit"
+LABEL_KIND = "tightwad.dev/kind"
+ANNOTATION_UNIT = "tightwad.dev/unit"  # the unit as created, JSON (no secrets)
+ANNOTATION_SPEC_HASH = "tightwad.dev/spec-hash"
+MANAGED_BY = "tightwad-operator"
+DEFAULT_MODEL_DIR = "/var/lib/tightwad/models"
+CONFIG_DIR = "/etc/tightwad"
+CONFIG_FILE = "cluster.yaml"
+TOKEN_PLACEHOLDER = "${TIGHTWAD_TOKEN}"
+GPU_RESOURCES = {"cuda": "nvidia.com/gpu", "rocm": "amd.com/gpu"}
+SWARM_UNITS = "tightwad.dev/units"  # on the DaemonSet: every swarm unit it runs, JSON list
+
+# Programs as the images put them on PATH (the worker images: ggml-rpc-server, llama-server; the
+# tightwad image: python with tightwad and the pinned libllama).
+IMAGE_BINARIES = Binaries(python=("python", "-m"), rpc_server="ggml-rpc-server", llama_server="llama-server")
+
+
+class CannotRender(ValueError):
+    """A unit that cannot run on Kubernetes as written; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Images:
+    """Container images; the chart's values.yaml sets them."""
+
+    worker_cuda: str = "ghcr.io/tightwad/worker-cuda:0.1.0"
+    worker_rocm: str = "ghcr.io/tightwad/worker-rocm:0.1.0"
+    worker_cpu: str = "ghcr.io/tightwad/worker-cpu:0.1.0"
+    tightwad: str = "ghcr.io/tightwad/tightwad:0.1.0"  # engine, router, proxy, swarm sidecar
+    pull_policy: str = "IfNotPresent"
+
+    def for_unit(self, unit: Unit) -> str:
+        if unit.kind is Kind.WORKER:
+            return {"cuda": self.worker_cuda, "rocm": self.worker_rocm}.get(
+                unit.spec["backend"], self.worker_cpu
+            )
+        if unit.kind is Kind.DRAFTER:
+            return self.worker_cpu  # llama-server; GPUs are the workers' (a device plugin lends each once)
+        return self.tightwad
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How this installation runs units: images, where models live, the token's Secret."""
+
+    images: Images = field(default_factory=Images)
+    model_claim: str | None = None  # a PersistentVolumeClaim for every host's modelDir; None: hostPath
+    token_secret: str | None = None  # Secret with the bearer token under `token_key`
+    token_key: str = "token"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The TightwadCluster object everything of one cluster belongs to."""
+
+    name: str
+    namespace: str
+    uid: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    def reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+def object_name(*parts: str) -> str:
+    """A DNS-1035 label from `parts` (what Services need, so fine for everything): lowercase, at
+    most 63 characters, starting with a letter; long names keep a hash of the whole."""
+    name = re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
+    if not name or not name[0].isalpha():
+        name = f"tw-{name}"
+    if len(name) > 63:
+        name = f"{name[:52].rstrip('-')}-{hashlib.sha256(name.encode()).hexdigest()[:10]}"
+    return name
+
+
+def workload_name(owner: Owner, unit: Unit) -> str:
+    return object_name(owner.name, unit.name)
+
+
+def selector(owner: Owner, unit_name: str) -> dict[str, str]:
+    return {LABEL_CLUSTER: owner.name, LABEL_UNIT: unit_name}
+
+
+def _labels(owner: Owner, unit_name: str, kind: Kind, extra: Mapping[str, str] = {}) -> dict[str, str]:
+    return {
+        **owner.labels,
+        **extra,
+        "app.kubernetes.io/name": "tightwad",
+        "app.kubernetes.io/instance": owner.name,
+        "app.kubernetes.io/component": kind.value,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        LABEL_KIND: kind.value,
+        **selector(owner, unit_name),
+    }
+
+
+def _metadata(
+    owner: Owner, name: str, labels: Mapping[str, str], annotations: Mapping[str, str]
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": owner.namespace,
+        "labels": dict(labels),
+        "annotations": dict(annotations),
+        "ownerReferences": [owner.reference()],
+    }
+
+
+def _unit_annotations(unit: Unit) -> dict[str, str]:
+    return {ANNOTATION_UNIT: json.dumps(unit.to_json(), sort_keys=True), ANNOTATION_SPEC_HASH: unit.spec_hash}
+
+
+# -- models ---------------------------------------------------------------------------------------
+
+
+def model_dir(unit: Unit) -> str:
+    folder = unit.spec.get("modelDir") or DEFAULT_MODEL_DIR
+    if not folder.startswith("/"):
+        raise CannotRender(
+            f"{unit.name}: modelDir {folder!r} of host {unit.host!r} is not absolute; on Kubernetes the "
+            "model volume is mounted at an absolute path, e.g. /var/lib/tightwad/models"
+        )
+    return folder
+
+
+def model_path(ref: ModelRef, folder: str) -> str:
+    """Where `ref` is inside the pod: in the model volume (which the swarm fills), or at its own
+    absolute path on the node."""
+    if ref.source.startswith(CATALOG_PREFIX):
+        return posixpath.join(folder, catalog_model(ref.source.removeprefix(CATALOG_PREFIX)).filename)
+    if re.match(r"^https?://", ref.source, flags=re.IGNORECASE):
+        return posixpath.join(folder, posixpath.basename(urlparse(ref.source).path))
+    if ref.source.startswith("/"):
+        return ref.source
+    return posixpath.join(folder, ref.source.removeprefix("~/").removeprefix("./"))
+
+
+def model_sha256(ref: ModelRef) -> str | None:
+    if ref.sha256:
+        return ref.sha256
+    if ref.source.startswith(CATALOG_PREFIX):
+        return catalog_model(ref.source.removeprefix(CATALOG_PREFIX)).sha256
+    return None
+
+
+# -- pieces of a pod ------------------------------------------------------------------------------
+
+
+def _token_env(unit: Unit, settings: Settings) -> list[dict[str, Any]]:
+    if not unit.secrets.get("TIGHTWAD_TOKEN") or settings.token_secret is None:
+        return []
+    names = ["TIGHTWAD_TOKEN", "LLAMA_ARG_API_KEY"] if unit.kind is Kind.DRAFTER else ["TIGHTWAD_TOKEN"]
+    ref = {"name": settings.token_secret, "key": settings.token_key}
+    return [{"name": name, "valueFrom": {"secretKeyRef": dict(ref)}} for name in names]
+
+
+def _is_ip(address: str) -> bool:
+    try:
+        ipaddress.ip_address(address.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def _http_probe(unit: Unit, path: str, period: int, failures: int) -> dict[str, Any]:
+    get: dict[str, Any] = {"path": path, "port": unit.port}
+    if _is_ip(unit.address) and unit.spec.get("bind") not in ("0.0.0.0", "::"):
+        get["host"] = unit.address.strip("[]")  # it listens on the host's address only
+    return {"httpGet": get, "periodSeconds": period, "timeoutSeconds": 3, "failureThreshold": failures}
+
+
+def _listening_probe(port: int) -> dict[str, Any]:
+    """Ready when something listens on `port`, judged from the socket table: an rpc worker serves one
+    client at a time with a backlog of 1, so a probe that connects could lock the engine out."""
+    pattern = f":{port:04X} [0-9A-F]*:0000 0A "
+    script = f"grep -q '{pattern}' /proc/net/tcp /proc/net/tcp6"
+    return {"exec": {"command": ["sh", "-c", script]}, "periodSeconds": 5, "failureThreshold": 3}
+
+
+def _probes(unit: Unit) -> dict[str, Any]:
+    match unit.kind:
+        case Kind.WORKER:
+            return {"readinessProbe": _listening_probe(unit.port or 0)}
+        case Kind.ENGINE:
+            # Loading a big target over the network takes long: 15 minutes before it counts as stuck.
+            return {
+                "startupProbe": _http_probe(unit, "/health", 10, 90),
+                "readinessProbe": _http_probe(unit, "/health", 5, 3),
+            }
+        case Kind.DRAFTER:
+            return {
+                "startupProbe": _http_probe(unit, "/health", 5, 60),
+                "readinessProbe": _http_probe(unit, "/health", 5, 3),
+            }
+        case Kind.ROUTER:
+            return {"readinessProbe": _http_probe(unit, "/_tightwad/route", 5, 3)}
+        case Kind.PROXY if unit.spec.get("impl") == "router":
+            return {"readinessProbe": _http_probe(unit, "/_tightwad/route", 5, 3)}
+        case _:
+            return {
+                "readinessProbe": _http_probe(unit, "/health", 5, 3),
+                "livenessProbe": _http_probe(unit, "/health", 10, 6),
+            }
+
+
+def _resources(unit: Unit) -> dict[str, Any]:
+    spec = unit.spec
+    if unit.kind is not Kind.WORKER:
+        return {"requests": {"cpu": "100m", "memory": "128Mi"}}
+    if spec["backend"] in GPU_RESOURCES:
+        # The device plugin gives each worker one whole GPU, visible in the container as device 0.
+        gpu = GPU_RESOURCES[spec["backend"]]
+        return {"requests": {"cpu": "250m", gpu: "1"}, "limits": {gpu: "1"}}
+    if spec["backend"] == "metal":
+        raise CannotRender(
+            f"{unit.name}: Metal is not reachable from a container; give host {unit.host!r} runtime: native"
+        )
+    requests: dict[str, str] = {"cpu": str(spec["threads"]) if spec.get("threads") else "1"}
+    if spec.get("memory"):
+        requests["memory"] = str(int(spec["memory"]))  # the RAM this worker lends the pool
+    return {"requests": requests}
+
+
+def _tolerations(unit: Unit) -> list[dict[str, Any]]:
+    if unit.kind is Kind.WORKER and unit.spec["backend"] in GPU_RESOURCES:
+        key = GPU_RESOURCES[unit.spec["backend"]]
+        return [{"key": key, "operator": "Exists", "effect": "NoSchedule"}]
+    return []
+
+
+def _model_init(unit: Unit, image: str, settings: Settings, folder: str) -> list[dict[str, Any]]:
+    """One init container per model: wait until the file is in the volume, then check its SHA-256."""
+    script = (
+        'until [ -f "$MODEL" ]; do echo "waiting for $MODEL (the swarm sidecar fetches it)"; sleep 5; done; '
+        '[ -z "$SHA256" ] || echo "$SHA256  $MODEL" | sha256sum -c -'
+    )
+    inits = []
+    for i, ref in enumerate(unit.models):
+        inits.append(
+            {
+                "name": f"model-{i}",
+                "image": image,
+                "imagePullPolicy": settings.images.pull_policy,
+                "command": ["sh", "-c", script],
+                "env": [
+                    {"name": "MODEL", "value": model_path(ref, folder)},
+                    {"name": "SHA256", "value": model_sha256(ref) or ""},
+                ],
+                "volumeMounts": [{"name": "models", "mountPath": folder, "readOnly": True}],
+            }
+        )
+    return inits
+
+
+def _model_volume(folder: str, settings: Settings) -> dict[str, Any]:
+    if settings.model_claim:
+        return {"name": "models", "persistentVolumeClaim": {"claimName": settings.model_claim}}
+    return {"name": "models", "hostPath": {"path": folder, "type": "DirectoryOrCreate"}}
+
+
+def _outside_files(unit: Unit, folder: str) -> list[str]:
+    """Folders of models given by an absolute path outside the model volume."""
+    dirs = []
+    for ref in unit.models:
+        path = model_path(ref, folder)
+        if not path.startswith(folder.rstrip("/") + "/"):
+            dirs.append(posixpath.dirname(path))
+    return sorted(set(dirs))
+
+
+def node_selector(unit: Unit, hosts: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """The node named like the unit's host, and the host's labels."""
+    host = hosts.get(unit.host, {})
+    return {"kubernetes.io/hostname": unit.host, **dict(host.get("labels", {}))}
+
+
+def pod_spec(
+    unit: Unit, owner: Owner, settings: Settings, hosts: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Any]:
+    image = settings.images.for_unit(unit)
+    volumes: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
+    models: dict[str, str] = {}
+    inits: list[dict[str, Any]] = []
+    if unit.models:
+        folder = model_dir(unit)
+        volumes.append(_model_volume(folder, settings))
+        mounts.append({"name": "models", "mountPath": folder, "readOnly": True})
+        for i, outside in enumerate(_outside_files(unit, folder)):
+            volumes.append({"name": f"files-{i}", "hostPath": {"path": outside, "type": "Directory"}})
+            mounts.append({"name": f"files-{i}", "mountPath": outside, "readOnly": True})
+        models = {ref.name: model_path(ref, folder) for ref in unit.models}
+        inits = _model_init(unit, image, settings, folder)
+    if unit.spec.get("manifest"):
+        volumes.append({"name": "config", "configMap": {"name": config_name(owner)}})
+        mounts.append({"name": "config", "mountPath": CONFIG_DIR, "readOnly": True})
+    shown = unit
+    if unit.kind is Kind.WORKER and unit.spec["backend"] in GPU_RESOURCES:
+        shown = unit.with_spec(index=0)  # the one GPU the device plugin lends is device 0 in the pod
+    argv = command(shown, IMAGE_BINARIES, models)
+    container: dict[str, Any] = {
+        "name": unit.kind.value,
+        "image": image,
+        "imagePullPolicy": settings.images.pull_policy,
+        "command": argv[:1],
+        "args": argv[1:],
+        "env": _token_env(unit, settings),
+        "ports": [{"name": "serve", "containerPort": unit.port, "protocol": "TCP"}] if unit.port else [],
+        "resources": _resources(unit),
+        "volumeMounts": mounts,
+        "securityContext": {"allowPrivilegeEscalation": False},
+        **_probes(unit),
+    }
+    spec: dict[str, Any] = {
+        "hostNetwork": True,  # units listen on their host's address, as the plan wrote it
+        "dnsPolicy": "ClusterFirstWithHostNet",
+        "nodeSelector": node_selector(unit, hosts),
+        "containers": [container],
+        "volumes": volumes,
+        "terminationGracePeriodSeconds": 30,
+        "enableServiceLinks": False,
+    }
+    if inits:
+        spec["initContainers"] = inits
+    tolerations = _tolerations(unit)
+    if tolerations:
+        spec["tolerations"] = tolerations
+    return spec
+
+
+# -- whole objects --------------------------------------------------------------------------------
+
+
+def config_name(owner: Owner) -> str:
+    return object_name(owner.name, "manifest")
+
+
+def _host_labels(unit: Unit, hosts: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    return dict(hosts.get(unit.host, {}).get("labels", {}))
+
+
+def render_unit(
+    unit: Unit, owner: Owner, settings: Settings, hosts: Mapping[str, Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """The objects that run `unit` (the swarm's: see `render_swarm`)."""
+    if unit.kind is Kind.SWARM:
+        raise CannotRender("swarm sidecars share one DaemonSet; render them with render_swarm()")
+    name = workload_name(owner, unit)
+    labels = _labels(owner, unit.name, unit.kind, _host_labels(unit, hosts))
+    pod = pod_spec(unit, owner, settings, hosts)
+    annotations = _unit_annotations(unit)
+    if unit.kind is Kind.WORKER:
+        pod["restartPolicy"] = "Always"
+        return [
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": _metadata(owner, name, labels, annotations),
+                "spec": pod,
+            }
+        ]
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(owner, name, labels, annotations),
+        "spec": {
+            "replicas": 1,
+            # Never two at once: they would share the host's port (host network) and its GPU memory.
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": selector(owner, unit.name)},
+            "template": {
+                "metadata": {"labels": labels, "annotations": {ANNOTATION_SPEC_HASH: unit.spec_hash}},
+                "spec": pod,
+            },
+        },
+    }
+    objects = [deployment]
+    if unit.kind is Kind.PROXY:
+        objects.append(render_proxy_service(unit, owner, settings, labels))
+    return objects
+
+
+def render_proxy_service(
+    unit: Unit, owner: Owner, settings: Settings, labels: Mapping[str, str]
+) -> dict[str, Any]:
+    """The cluster's front door inside the cluster (ClusterIP). The chart's `proxyService` exposes one
+    cluster's proxy outside it (LoadBalancer, NodePort) with the annotations a site needs."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(
+            owner, object_name(owner.name, "proxy"), labels, {ANNOTATION_SPEC_HASH: unit.spec_hash}
+        ),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector(owner, unit.name),
+            "ports": [{"name": "http", "port": unit.port, "targetPort": unit.port, "protocol": "TCP"}],
+        },
+    }
+
+
+def swarm_name(owner: Owner) -> str:
+    return object_name(owner.name, "swarm")
+
+
+def render_swarm(
+    units: Sequence[Unit], owner: Owner, settings: Settings, hosts: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Any]:
+    """One DaemonSet for every swarm sidecar of the cluster, on exactly the nodes of their hosts.
+    Each pod finds its host in the manifest by its node's name."""
+    if not units:
+        raise CannotRender("no swarm units to render")
+    first = units[0]
+    folders = {model_dir(u) for u in units}
+    if len(folders) > 1 and not settings.model_claim:
+        # One pod template: one hostPath. Hosts with different modelDirs need a volume of their own.
+        raise CannotRender(
+            f"the swarm's hosts use different modelDirs ({', '.join(sorted(folders))}); give every "
+            "kubernetes host the same modelDir"
+        )
+    folder = folders.pop()
+    labels = _labels(owner, "swarm", Kind.SWARM)
+    record = json.dumps([u.to_json() for u in units], sort_keys=True)
+    annotations = {
+        SWARM_UNITS: record,
+        ANNOTATION_SPEC_HASH: hashlib.sha256(record.encode()).hexdigest()[:16],
+    }
+    config = posixpath.join(CONFIG_DIR, CONFIG_FILE)
+    argv = ["python", "-m", "tightwad.cli", "swarm", "sidecar", config, "--host", "$(NODE_NAME)"]
+    container = {
+        "name": "swarm-sidecar",
+        "image": settings.images.tightwad,
+        "imagePullPolicy": settings.images.pull_policy,
+        "command": argv[:1],
+        "args": argv[1:],
+        "env": [
+            {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+            *_token_env(first, settings),
+        ],
+        "ports": [{"name": "pieces", "containerPort": first.port, "protocol": "TCP"}],
+        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
+        "volumeMounts": [
+            {"name": "models", "mountPath": folder},
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        ],
+        "securityContext": {"allowPrivilegeEscalation": False},
+        "readinessProbe": {"httpGet": {"path": "/health", "port": first.port}, "periodSeconds": 10},
+    }
+    nodes = sorted({u.host for u in units})
+    affinity = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {
+                        "matchExpressions": [
+                            {"key": "kubernetes.io/hostname", "operator": "In", "values": nodes}
+                        ]
+                    }
+                ]
+            }
+        }
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": _metadata(owner, swarm_name(owner), labels, annotations),
+        "spec": {
+            "selector": {"matchLabels": selector(owner, "swarm")},
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
+            "template": {
+                "metadata": {
+                    "labels": labels,
+                    "annotations": {ANNOTATION_SPEC_HASH: annotations[ANNOTATION_SPEC_HASH]},
+                },
+                "spec": {
+                    "hostNetwork": True,
+                    "dnsPolicy": "ClusterFirstWithHostNet",
+                    "affinity": affinity,
+                    "tolerations": [{"operator": "Exists", "effect": "NoSchedule"}],  # GPU nodes too
+                    "containers": [container],
+                    "volumes": [
+                        _model_volume(folder, settings),
+                        {"name": "config", "configMap": {"name": config_name(owner)}},
+                    ],
+                    "enableServiceLinks": False,
+                },
+            },
+        },
+    }
+
+
+def manifest_text(manifest: Manifest) -> str:
+    """The manifest as the pods read it: the token stays in the Secret, referenced as a variable."""
+    data = json.loads(json.dumps(manifest.data))
+    data.pop("status", None)
+    meta = data.get("metadata", {})
+    data["metadata"] = {k: meta[k] for k in ("name", "labels") if k in meta}
+    if data["spec"].get("auth", {}).get("token"):
+        data["spec"]["auth"]["token"] = TOKEN_PLACEHOLDER
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def render_config(manifest: Manifest, owner: Owner) -> dict[str, Any]:
+    """The ConfigMap the proxy and the swarm sidecars read the manifest from."""
+    labels = _labels(owner, "manifest", Kind.PROXY)
+    labels["app.kubernetes.io/component"] = "manifest"
+    labels.pop(LABEL_KIND)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(owner, config_name(owner), labels, {}),
+        "data": {CONFIG_FILE: manifest_text(manifest)},
+    }
+
+
+def render_all(
+    units: Iterable[Unit], manifest: Manifest, owner: Owner, settings: Settings
+) -> list[dict[str, Any]]:
+    """Every object for `units` of `manifest`: for whole-cluster checks and `tightwad operator --render`."""
+    hosts = {h["name"]: h for h in manifest.hosts}
+    units = list(units)
+    objects = [render_config(manifest, owner)]
+    for unit in units:
+        if unit.kind is not Kind.SWARM:
+            objects += render_unit(unit, owner, settings, hosts)
+    swarm = [u for u in units if u.kind is Kind.SWARM]
+    if swarm:
+        objects.append(render_swarm(swarm, owner, settings, hosts))
+    return objects

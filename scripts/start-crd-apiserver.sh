@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Start a REAL Kubernetes API server for custom resources on loopback: etcd (Debian etcd-server) and
+# the apiextensions-apiserver that scripts/build-crd-apiserver.sh built, with client-certificate
+# auth (an admin in system:masters). Writes DIR/kubeconfig, returns once /livez answers ok, and
+# leaves both running in the background (their pids in DIR/*.pid). Free ports are picked unless given.
+#
+#   scripts/start-crd-apiserver.sh DIR [API_PORT [ETCD_PORT]]   # prints the kubeconfig path
+#   scripts/start-crd-apiserver.sh --stop DIR                   # stops what DIR's pid files name
+#
+# This server serves CRDs and their objects (watch, resourceVersion, generation, schema validation,
+# 409/410) but no core API (no Pods, no Deployments) and no /readyz: drive it with an API client,
+# not kubectl. TIGHTWAD_CRD_APISERVER overrides the binary; TIGHTWAD_CRD_APISERVER_ARGS adds flags
+# (the tests pass --watch-cache=false so that a compacted etcd revision expires watches at once).
+# DIR/etcd.url and DIR/apiserver.url say where each listens.
+set -euo pipefail
+
+stop() {
+  local dir="$1" pidfile pid
+  for pidfile in "$dir/apiserver.pid" "$dir/etcd.pid"; do
+    [[ -f "$pidfile" ]] || continue
+    pid="$(cat "$pidfile")"
+    if kill "$pid" 2>/dev/null; then
+      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    fi
+    rm -f "$pidfile"
+  done
+}
+
+if [[ "${1:-}" == "--stop" ]]; then
+  stop "${2:?usage: $0 --stop DIR}"
+  exit 0
+fi
+
+dir="${1:?usage: $0 DIR [API_PORT [ETCD_PORT]]}"
+here="$(cd "$(dirname "$0")" && pwd)"
+binary="${TIGHTWAD_CRD_APISERVER:-$("$here/build-crd-apiserver.sh" --print-path)}"
+if [[ ! -x "$binary" ]]; then
+  echo "error: no API server binary at $binary; build it with scripts/build-crd-apiserver.sh (~5 min)" >&2
+  exit 1
+fi
+for tool in etcd openssl curl; do
+  command -v "$tool" >/dev/null || { echo "error: '$tool' is missing; run scripts/install-system-deps.sh" >&2; exit 1; }
+done
+
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+api_port="${2:-$(free_port)}"
+etcd_port="${3:-$(free_port)}"
+peer_port="$(free_port)"
+
+mkdir -p "$dir/pki" "$dir/etcd"
+dir="$(cd "$dir" && pwd)"
+stop "$dir" # a previous run in the same folder
+
+# A throwaway CA, a serving certificate for 127.0.0.1 and an admin client certificate.
+(
+  cd "$dir/pki"
+  quiet() { "$@" >/dev/null 2>&1 || { echo "error: $* failed" >&2; exit 1; }; }
+  quiet openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 30 -subj /CN=tightwad-test-ca
+  quiet openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=localhost
+  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n' >server.ext
+  quiet openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt -days 30 \
+    -extfile server.ext
+  quiet openssl req -newkey rsa:2048 -nodes -keyout admin.key -out admin.csr -subj "/O=system:masters/CN=admin"
+  printf 'extendedKeyUsage=clientAuth\n' >client.ext
+  quiet openssl x509 -req -in admin.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out admin.crt -days 30 \
+    -extfile client.ext
+)
+
+cat >"$dir/kubeconfig" <<KUBECONFIG
+apiVersion: v1
+kind: Config
+clusters:
+  - name: crd-apiserver
+    cluster: {server: "https://127.0.0.1:$api_port", certificate-authority: "$dir/pki/ca.crt"}
+users:
+  - name: admin
+    user: {client-certificate: "$dir/pki/admin.crt", client-key: "$dir/pki/admin.key"}
+contexts:
+  - name: crd-apiserver
+    context: {cluster: crd-apiserver, user: admin, namespace: default}
+current-context: crd-apiserver
+KUBECONFIG
+
+etcd --name tightwad-test --data-dir "$dir/etcd" \
+  --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+  --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
+  --initial-cluster "tightwad-test=http://127.0.0.1:$peer_port" >"$dir/etcd.log" 2>&1 &
+echo $! >"$dir/etcd.pid"
+
+read -r -a extra_args <<<"${TIGHTWAD_CRD_APISERVER_ARGS:-}"
+# Admission plugins that need the core API (namespaces, webhooks, policies) are off: there is none.
+"$binary" --etcd-servers "http://127.0.0.1:$etcd_port" \
+  --bind-address 127.0.0.1 --secure-port "$api_port" \
+  --tls-cert-file "$dir/pki/server.crt" --tls-private-key-file "$dir/pki/server.key" \
+  --client-ca-file "$dir/pki/ca.crt" \
+  --kubeconfig "$dir/kubeconfig" --authentication-kubeconfig "$dir/kubeconfig" --authentication-skip-lookup \
+  --authorization-kubeconfig "$dir/kubeconfig" --enable-priority-and-fairness=false \
+  --disable-admission-plugins NamespaceLifecycle,MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ValidatingAdmissionPolicy,MutatingAdmissionPolicy \
+  "${extra_args[@]}" >"$dir/apiserver.log" 2>&1 &
+echo $! >"$dir/apiserver.pid"
+echo "http://127.0.0.1:$etcd_port" >"$dir/etcd.url"
+echo "https://127.0.0.1:$api_port" >"$dir/apiserver.url"
+
+for _ in $(seq 1 240); do
+  if curl -sf --cacert "$dir/pki/ca.crt" --cert "$dir/pki/admin.crt" --key "$dir/pki/admin.key" \
+    "https://127.0.0.1:$api_port/livez" 2>/dev/null | grep -q '^ok'; then
+    echo "CRD API server live on https://127.0.0.1:$api_port (logs in $dir)" >&2
+    echo "$dir/kubeconfig"
+    exit 0
+  fi
+  if ! kill -0 "$(cat "$dir/apiserver.pid")" 2>/dev/null; then
+    tail -n 15 "$dir/apiserver.log" >&2
+    break
+  fi
+  sleep 0.25
+done
+echo "error: the API server did not become live; see $dir/apiserver.log and $dir/etcd.log" >&2
+stop "$dir"
+exit 1
