@@ -6,12 +6,12 @@ PY := $(VENV)/bin/python
 TIGHTWAD := $(VENV)/bin/tightwad
 MANIFEST ?= examples/local.yaml
 
-.PHONY: up test lint bench toolchain models venv system kube clean
+.PHONY: up test lint bench toolchain models venv system kube browser clean
 
 up: venv toolchain models ## bring the local appliance up (foreground; Ctrl-C stops it)
 	$(TIGHTWAD) up $(MANIFEST)
 
-test: venv toolchain models kube lint ## install what the tests need and run them all
+test: venv toolchain models kube browser lint ## install what the tests need and run them all
 	$(PY) -m pytest -q
 
 lint: venv system
@@ -29,6 +29,9 @@ system:
 kube: system ## the CRD API server and helm that the Kubernetes tests use (cached)
 	scripts/build-crd-apiserver.sh >/dev/null
 	scripts/fetch-helm.sh >/dev/null
+
+browser: system ## playwright-core for the dashboard's headless-browser test (cached)
+	scripts/install-browser.sh
 
 toolchain: system
 	scripts/build-llama.sh >/dev/null

@@ -2,14 +2,17 @@
 
   GET  /health, /ready          open (no token): the proxy, and whether the engine answers
   GET  /v1/models               the engine's model, with the proxy's mode in `meta.proxy`
+                                (mode consensus is APPROXIMATE: `exact: false`, `approximate: consensus`)
   POST /v1/completions          speculative when it can be (see requests.py), else passed through
   POST /v1/chat/completions     the same; chat prompts need the engine's template (see upstream.py)
+  POST /tightwad/v1/gate/chat/completions   the quality gate (gate.py), when configured
   GET  /tightwad/v1/stats       live numbers for `tightwad proxy status`
   GET  /metrics                 Prometheus
 
 Errors are OpenAI-shaped with a real status before the first byte of a reply; a streamed reply that
-breaks later ends with one `data: {"error": ...}` event. With a token configured every route but
-/health and /ready needs `Authorization: Bearer <token>`.
+breaks later ends with one `data: {"error": ...}` event. Replies generated in mode consensus carry
+the header `X-Tightwad-Approximate: consensus` (some tokens were never checked by the target). With
+a token configured every route but /health and /ready needs `Authorization: Bearer <token>`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import contextlib
 import hmac
 import json
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -29,17 +33,21 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 from tightwad.proxy.config import DrafterConfig, ProxyConfig
 from tightwad.proxy.controller import Controller, Policy
 from tightwad.proxy.conversations import ConversationPool
+from tightwad.proxy.costmodel import Costs
+from tightwad.proxy.dashboard import DASHBOARD_HTML, live_stats
 from tightwad.proxy.detok import Vocabulary
 from tightwad.proxy.drafter import Drafter
+from tightwad.proxy.gate import Endpoint, Gate
 from tightwad.proxy.guard import GuardedDrafter
 from tightwad.proxy.llama_server_drafter import LlamaServerDrafter
 from tightwad.proxy.ngram_drafter import NgramDrafter
+from tightwad.proxy.race import RaceDrafter
 from tightwad.proxy.replies import Delta, TextReply
 from tightwad.proxy.requests import Params, parse_messages, parse_params, parse_prompt, passthrough_reason
 from tightwad.proxy.speculate import Job, Settings, Speculator
@@ -58,7 +66,11 @@ from tightwad.openai import (
     usage,
 )
 
-OPEN_PATHS = ("/health", "/ready")
+OPEN_PATHS = ("/health", "/ready", "/dashboard")  # /dashboard: a page with no data in it
+RECENT_REQUESTS = 20
+APPROXIMATE_HEADER = "X-Tightwad-Approximate"
+SPECULATING_MODES = ("speculate", "race", "consensus")
+GATE_PARAMS = ("temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed")
 RTT_EVERY = 15.0  # seconds between round-trip probes of the engine
 
 
@@ -96,11 +108,19 @@ class Proxy:
         self._loading = asyncio.Lock()
         self.speculator: Speculator | None = None
         self.controller: Controller | None = None
-        self.drafter: GuardedDrafter | None = None
-        if config.mode == "speculate" and config.drafters:
-            drafter = make_drafter(config.drafters[0], self.engine)
-            self.drafter = GuardedDrafter(drafter, n_vocab=self._n_vocab)
-            pipelined = config.pipeline and drafter.kind != "ngram"
+        self.drafter: GuardedDrafter | RaceDrafter | None = None
+        if config.mode in SPECULATING_MODES and config.drafters:
+            if config.mode == "speculate":
+                drafter = make_drafter(config.drafters[0], self.engine)
+                self.drafter = GuardedDrafter(drafter, n_vocab=self._n_vocab)
+                pipelined = config.pipeline and drafter.kind != "ngram"
+            else:  # race / consensus: every drafter each round, verified in one pass (race.py)
+                guards = [
+                    GuardedDrafter(make_drafter(d, self.engine), n_vocab=self._n_vocab)
+                    for d in config.drafters
+                ]
+                self.drafter = RaceDrafter(guards, costs=self._costs)
+                pipelined = config.pipeline  # drafts the next round on the best-guess candidate
             self.controller = Controller(Policy(fixed_k=config.max_draft_tokens, pipelined=pipelined))
             self.speculator = Speculator(
                 self.engine,
@@ -108,9 +128,31 @@ class Proxy:
                 self.controller,
                 ConversationPool(4),
                 self.telemetry,
-                Settings(pipeline=pipelined, draft_timeout=config.draft_timeout),
+                Settings(
+                    pipeline=pipelined,
+                    draft_timeout=config.draft_timeout,
+                    consensus=config.consensus_policy if config.mode == "consensus" else None,
+                ),
             )
         self._background: asyncio.Task[None] | None = None
+        self.gate: Gate | None = None
+        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_REQUESTS)
+        if config.gate is not None:
+            g = config.gate
+            self.gate = Gate(
+                [Endpoint(a.name, a.url, a.model, a.api_key) for a in g.agents],
+                Endpoint(g.reviewer.name, g.reviewer.url, g.reviewer.model, g.reviewer.api_key),
+                fail_closed=g.fail_closed,
+                cache_size=g.cache_size,
+            )
+
+    @property
+    def approximate(self) -> bool:
+        """Mode consensus: replies may hold tokens the target never checked."""
+        return self.config.mode == "consensus" and self.speculator is not None
+
+    def _costs(self) -> Costs | None:
+        return self.controller.costs() if self.controller is not None else None
 
     def _n_vocab(self) -> int:
         return self.backend.info.n_vocab if self.backend else 0
@@ -126,6 +168,8 @@ class Proxy:
                 await self._background
         if self.drafter is not None:
             await self.drafter.close()
+        if self.gate is not None:
+            await self.gate.close()
         await self.engine.close()
 
     async def _keep_in_touch(self) -> None:
@@ -193,13 +237,21 @@ class Proxy:
             meta = entry.setdefault("meta", {})
             meta["proxy"] = {
                 "mode": self.config.mode,
-                "exact": True,
+                "exact": not self.approximate,
                 "drafter": self.drafter.kind if self.drafter else None,
                 "chat_speculation": backend.chat_tokens,
             }
+            if isinstance(self.drafter, RaceDrafter):
+                meta["proxy"]["drafters"] = [d.name for d in self.drafter.drafters]
+            if self.approximate:
+                meta["proxy"]["approximate"] = "consensus"
+                meta["proxy"]["consensus_policy"] = self.config.consensus_policy
         return JSONResponse(body)
 
     async def stats(self, request: Request) -> Response:
+        return JSONResponse(self.stats_body())
+
+    def stats_body(self) -> dict[str, Any]:
         body: dict[str, Any] = {
             "object": "tightwad.proxy.stats",
             "mode": self.config.mode,
@@ -212,7 +264,33 @@ class Proxy:
             body["drafter"] = self.drafter.snapshot()
             measured, alone = body.get("tok_s"), body["policy"]["target_alone_tok_s"]
             body["speedup_measured"] = round(measured / alone, 3) if measured and alone else None
-        return JSONResponse(body)
+        if isinstance(self.drafter, RaceDrafter):
+            body["race"] = self.drafter.board.snapshot()
+        if self.gate is not None:
+            body["gate"] = self.gate.snapshot()
+        if self.approximate and self.speculator is not None:
+            body["consensus"] = {
+                "approximate": True,
+                "policy": self.config.consensus_policy,
+                "skipped_rounds": self.speculator.skipped_rounds,
+                "skipped_tokens": self.speculator.skipped_tokens,
+            }
+        body["recent_requests"] = list(self.recent)
+        return body
+
+    async def dashboard(self, request: Request) -> Response:
+        """The page only (no numbers in it): it asks for the token and reads /tightwad/v1/events."""
+        return HTMLResponse(DASHBOARD_HTML)
+
+    async def events(self, request: Request) -> Response:
+        """Live stats for the dashboard (SSE, one event a second); needs the token like any route."""
+        return EventSourceResponse(live_stats(self.stats_body, self._pool_health), ping=15)
+
+    async def _pool_health(self) -> dict[str, Any]:
+        try:
+            return {"ok": True, "workers": (await self.engine.health()).get("workers", [])}
+        except OpenAIError as exc:
+            return {"ok": False, "error": str(exc)}
 
     async def metrics(self, request: Request) -> Response:
         if self.controller is not None:
@@ -275,8 +353,49 @@ class Proxy:
             return await self._pass(request, raw, "chat")  # the engine will say what is wrong
         return await self._generate(tokens, params, backend, chat=True)
 
+    async def gate_chat(self, request: Request) -> Response:
+        """The quality gate: an agent answers, the reviewer approves, corrects or rejects (gate.py).
+        Same token and limits as every route; the final answer is streamed when asked for."""
+        if self.gate is None:
+            raise OpenAIError(
+                "the quality gate is not configured: enable spec.gate in the manifest", status=404
+            )
+        _, body = await self._body(request)
+        messages = parse_messages(body)
+        params = {k: body[k] for k in GATE_PARAMS if body.get(k) is not None}
+        limit = self.config.max_tokens
+        if limit is not None and int(params.get("max_tokens", 0) or 0) > limit:
+            raise InvalidRequest(f"`max_tokens` is over this proxy's limit of {limit}")
+        self.telemetry.request("gate", "gate")
+        self._remember("gate", "gate", len(messages), params.get("max_tokens"))
+        try:
+            answer = await self.gate.answer(messages, params)
+        except OpenAIError as exc:
+            self.telemetry.error(exc.code)
+            raise
+        meta = {"verdict": answer.verdict, "agent": answer.agent, "cached": answer.cached}
+        headers = {"X-Tightwad-Gate-Verdict": answer.verdict}
+        base = {"id": new_id("chatcmpl"), "created": now(), "model": "tightwad-gate", "tightwad_gate": meta}
+        if body.get("stream"):
+
+            async def events() -> AsyncIterator[str]:
+                chunk = {**base, "object": "chat.completion.chunk"}
+                yield json.dumps(
+                    {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+                )
+                for piece in _pieces(answer.text):
+                    yield json.dumps({**chunk, "choices": [{"index": 0, "delta": {"content": piece}}]})
+                yield json.dumps({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+                yield "[DONE]"
+
+            return EventSourceResponse(events(), ping=15, headers=headers)
+        message = {"role": "assistant", "content": answer.text}
+        choice = {"index": 0, "message": message, "finish_reason": "stop"}
+        return JSONResponse({**base, "object": "chat.completion", "choices": [choice]}, headers=headers)
+
     async def _pass(self, request: Request, raw: bytes, route: str) -> Response:
         self.telemetry.request(route, "passthrough")
+        self._remember(route, "passthrough", 0, None)
         try:
             head, chunks = await self.engine.forward(
                 request.method, request.url.path, raw, dict(request.headers)
@@ -314,6 +433,7 @@ class Proxy:
         max_tokens = min(params.max_tokens or room, room)
         job = Job(prompt, params.sampling, max_tokens, info.n_ctx, backend.vocabulary)
         self.telemetry.request("chat" if chat else "completions", "speculate")
+        self._remember("chat" if chat else "completions", self.config.mode, len(prompt), max_tokens)
         started = time.perf_counter()
         reply = TextReply(self.speculator.run(job), backend.vocabulary, params.stops, backend.eog_tokens)
         deltas = _Timed(reply.deltas(), self.telemetry, started)
@@ -321,7 +441,7 @@ class Proxy:
         base = {"id": new_id("chatcmpl" if chat else "cmpl"), "created": now(), "model": info.model}
         if params.stream:
             events = self._events(first, deltas, reply, params, base, chat, len(prompt))
-            return EventSourceResponse(events, ping=15)
+            return EventSourceResponse(events, ping=15, headers=self._mode_headers())
         texts, tokens = [], []
         delta: Delta | None = first
         try:
@@ -346,7 +466,21 @@ class Proxy:
             "choices": [choice],
             "usage": usage(len(prompt), reply.completion_tokens),
         }
-        return JSONResponse(body)
+        return JSONResponse(body, headers=self._mode_headers())
+
+    def _remember(self, route: str, served: str, prompt: int, max_tokens: int | None) -> None:
+        self.recent.appendleft(
+            {
+                "at": round(time.time(), 3),
+                "route": route,
+                "served": served,
+                "prompt": prompt,
+                "max_tokens": max_tokens,
+            }
+        )
+
+    def _mode_headers(self) -> dict[str, str]:
+        return {APPROXIMATE_HEADER: "consensus"} if self.approximate else {}
 
     async def _first(self, deltas: _Timed) -> Delta | None:
         try:
@@ -409,6 +543,11 @@ class Proxy:
             yield json.dumps(error_body(f"internal error: {type(exc).__name__}: {exc}"))
         finally:
             await deltas.close()
+
+
+def _pieces(text: str, size: int = 16) -> list[str]:
+    """The reviewed answer in small pieces for streaming (it is whole before the first byte)."""
+    return [text[i : i + size] for i in range(0, len(text), size)] or [""]
 
 
 class _Timed:
@@ -490,7 +629,10 @@ def create_app(config: ProxyConfig, engine: EngineClient | None = None) -> Starl
         Route("/v1/models", proxy.models, methods=["GET"]),
         Route("/v1/completions", proxy.completions, methods=["POST"]),
         Route("/v1/chat/completions", proxy.chat_completions, methods=["POST"]),
+        Route("/tightwad/v1/gate/chat/completions", proxy.gate_chat, methods=["POST"]),
         Route("/tightwad/v1/stats", proxy.stats, methods=["GET"]),
+        Route("/tightwad/v1/events", proxy.events, methods=["GET"]),
+        Route("/dashboard", proxy.dashboard, methods=["GET"]),
         Route("/metrics", proxy.metrics, methods=["GET"]),
     ]
     middleware = [Middleware(BearerAuth, token=config.token)] if config.token else []

@@ -27,9 +27,13 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from tightwad.proxy.config import (
+    APPROXIMATE_NOTE,
+    CONSENSUS_POLICIES,
     DRAFTER_KINDS,
     MODES,
     DrafterConfig,
+    GateConfig,
+    GateEndpointConfig,
     ProxyConfig,
     from_manifest,
     parse_max_draft,
@@ -60,13 +64,49 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--token", default=None, help="bearer token clients must send (or TIGHTWAD_TOKEN)")
     s.add_argument("--target-token", default=None, help="token the engine wants (default: --token)")
     s.add_argument("--max-draft-tokens", default=None, help="'auto' (default) or a fixed K from 1 to 64")
-    s.add_argument("--mode", choices=MODES, default=None, help="default speculate")
+    s.add_argument(
+        "--mode",
+        choices=MODES,
+        default=None,
+        help="default speculate; race: several drafters (--drafter), exact; consensus: APPROXIMATE",
+    )
+    s.add_argument(
+        "--drafter",
+        action="append",
+        default=None,
+        metavar="NAME:KIND[:URL]",
+        help="a race/consensus drafter (repeat), e.g. q4:llama-server:http://127.0.0.1:8081, lookup:ngram",
+    )
+    s.add_argument(
+        "--consensus-policy",
+        choices=CONSENSUS_POLICIES,
+        default=None,
+        help="mode consensus (APPROXIMATE): when the target is skipped (default strict)",
+    )
     s.add_argument("--no-pipeline", action="store_true", help="do not draft round n+1 during verify n")
     s.add_argument(
         "--draft-timeout",
         type=float,
         default=None,
         help="seconds after which a draft call counts as failed (2)",
+    )
+    s.add_argument(
+        "--gate-agent",
+        action="append",
+        default=None,
+        metavar="NAME=URL[#MODEL]",
+        help="serve the quality gate with this agent (repeat), e.g. qwen=http://127.0.0.1:11434/v1#qwen2.5:3b",
+    )
+    s.add_argument(
+        "--gate-reviewer",
+        default=None,
+        metavar="engine|URL[#MODEL]",
+        help="who reviews the gate's answers (default: the engine)",
+    )
+    s.add_argument(
+        "--gate-fail-open",
+        action="store_true",
+        help="serve agents' answers unreviewed when the reviewer fails (default: fail closed)",
     )
     s.add_argument("--max-body-bytes", type=int, default=None)
     s.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens a request may ask for")
@@ -99,6 +139,8 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
                 ngram_n=args.ngram,
             )
         ]
+    if args.drafter:
+        drafters = [*(drafters or []), *(parse_drafter(spec, args) for spec in args.drafter)]
     config = with_overrides(
         config,
         target_url=args.target,
@@ -111,12 +153,57 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         max_body_bytes=args.max_body_bytes,
         max_tokens=args.max_tokens,
         draft_timeout=args.draft_timeout,
+        consensus_policy=args.consensus_policy,
     )
+    if args.gate_agent:
+        config = replace(config, gate=gate_from_args(args, config))
+    if config.mode == "consensus" and not any("APPROXIMATE" in n for n in config.notes):
+        config = replace(
+            config, notes=[*config.notes, APPROXIMATE_NOTE.format(policy=config.consensus_policy)]
+        )
     if args.max_draft_tokens is not None:  # "auto" is None, which with_overrides would skip
         config = replace(config, max_draft_tokens=parse_max_draft(args.max_draft_tokens))
     if args.no_pipeline:
         config = replace(config, pipeline=False)
     return config.check()
+
+
+def gate_from_args(args: argparse.Namespace, config: ProxyConfig) -> GateConfig:
+    """--gate-agent NAME=URL[#MODEL] (repeatable) and --gate-reviewer engine|URL[#MODEL]."""
+    agents = []
+    for spec in args.gate_agent:
+        name, sep, rest = spec.partition("=")
+        url, _, model = rest.partition("#")
+        if not sep or not name or not url.startswith(("http://", "https://")):
+            raise TightwadError(
+                f"--gate-agent {spec!r}: write NAME=URL[#MODEL], e.g. qwen=http://127.0.0.1:11434/v1#qwen2.5:3b"
+            )
+        agents.append(GateEndpointConfig(name, url, model or None))
+    reviewer = args.gate_reviewer or "engine"
+    if reviewer == "engine":
+        judge = GateEndpointConfig("engine", config.target_url, None, config.target_token)
+    else:
+        url, _, model = reviewer.partition("#")
+        judge = GateEndpointConfig("reviewer", url, model or None)
+    return GateConfig(agents, judge, fail_closed=not args.gate_fail_open)
+
+
+def parse_drafter(spec: str, args: argparse.Namespace) -> DrafterConfig:
+    """`NAME:KIND[:URL]` (the URL may hold colons) -> one drafter of a race or consensus."""
+    parts = spec.split(":", 2)
+    if len(parts) < 2 or not parts[0] or parts[1] not in DRAFTER_KINDS:
+        raise TightwadError(
+            f"--drafter {spec!r}: write NAME:KIND[:URL] with KIND one of {', '.join(DRAFTER_KINDS)}, "
+            "e.g. q4:llama-server:http://127.0.0.1:8081 or lookup:ngram"
+        )
+    return DrafterConfig(
+        kind=parts[1],
+        url=parts[2] if len(parts) == 3 else None,
+        name=parts[0],
+        remote_model=args.draft_model,
+        api_key=args.draft_api_key,
+        ngram_n=args.ngram,
+    )
 
 
 def start(args: argparse.Namespace) -> int:
@@ -136,6 +223,11 @@ def start(args: argparse.Namespace) -> int:
     )
     drafter = config.drafters[0] if config.drafters and config.mode == "speculate" else None
     what = f"drafter {drafter.kind} {drafter.url or ''}".rstrip() if drafter else "passthrough"
+    if config.mode in ("race", "consensus"):
+        names = ", ".join(f"{d.name} ({d.kind})" for d in config.drafters)
+        what = f"{config.mode} of {names}"
+        if config.mode == "consensus":
+            what += f", policy {config.consensus_policy}, APPROXIMATE"
     host = f"[{config.host}]" if ":" in config.host else config.host
 
     def announce() -> None:

@@ -10,7 +10,12 @@ from tightwad.errors import TightwadError
 from tightwad.manifest import Manifest
 
 DRAFTER_KINDS = ("llama-server", "openai", "ollama", "ngram")
-MODES = ("speculate", "passthrough")
+MODES = ("speculate", "race", "consensus", "passthrough")
+CONSENSUS_POLICIES = ("strict", "majority", "any_disagree")
+APPROXIMATE_NOTE = (
+    "mode consensus is APPROXIMATE: tokens the drafters agree on ({policy}) are emitted without the "
+    "target checking them, so replies are not guaranteed to be the target's"
+)
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
 
 
@@ -25,6 +30,24 @@ class DrafterConfig:
 
 
 @dataclass(frozen=True)
+class GateEndpointConfig:
+    name: str
+    url: str
+    model: str | None = None
+    api_key: str | None = None
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """The quality gate (gate.py): agents write answers, the reviewer judges them."""
+
+    agents: list[GateEndpointConfig]
+    reviewer: GateEndpointConfig
+    fail_closed: bool = True
+    cache_size: int = 256
+
+
+@dataclass(frozen=True)
 class ProxyConfig:
     target_url: str
     drafters: list[DrafterConfig] = field(default_factory=list)
@@ -32,19 +55,38 @@ class ProxyConfig:
     port: int = 8088
     token: str | None = None  # clients must send it (required beyond loopback)
     target_token: str | None = None  # what the proxy sends to the engine
-    mode: str = "speculate"
+    mode: str = "speculate"  # race: several drafters, exact; consensus: APPROXIMATE (see consensus.py)
+    consensus_policy: str = "strict"  # consensus only: strict | majority | any_disagree
     max_draft_tokens: int | None = None  # None = auto
     max_body_bytes: int = DEFAULT_MAX_BODY
     max_tokens: int | None = None  # the largest max_tokens a request may ask for
     pipeline: bool = True
     draft_timeout: float = 2.0  # a draft call slower than this (in a running reply) is a failure
     notes: list[str] = field(default_factory=list)  # things the user should know (printed at start)
+    gate: GateConfig | None = None  # serves POST /tightwad/v1/gate/chat/completions when set
 
     def check(self) -> ProxyConfig:
         if self.mode not in MODES:
             raise TightwadError(f"mode {self.mode!r} is not served by this proxy yet; use one of {MODES}")
         if self.mode == "speculate" and not self.drafters:
             raise TightwadError("speculation needs a drafter: pass --draft URL (or --draft-kind ngram)")
+        if self.mode == "race" and not self.drafters:
+            raise TightwadError(
+                "mode race needs drafters: spec.drafters, or --draft/--draft-kind per drafter"
+            )
+        if self.mode == "consensus" and len(self.drafters) < 2:
+            raise TightwadError(
+                "mode consensus needs at least two drafters to compare (spec.drafters, or --draft/"
+                "--draft-kind more than once); with one drafter use mode speculate or race"
+            )
+        if self.mode in ("race", "consensus"):
+            names = [d.name for d in self.drafters]
+            if len(set(names)) != len(names):
+                raise TightwadError(f"drafters need distinct names, got {names}")
+        if self.consensus_policy not in CONSENSUS_POLICIES:
+            raise TightwadError(
+                f"consensus policy {self.consensus_policy!r} is not one of {', '.join(CONSENSUS_POLICIES)}"
+            )
         for d in self.drafters:
             if d.kind not in DRAFTER_KINDS:
                 raise TightwadError(f"drafter kind {d.kind!r} is not one of {', '.join(DRAFTER_KINDS)}")
@@ -112,9 +154,28 @@ def from_manifest(manifest: Manifest) -> ProxyConfig:
             )
         )
     mode = section.get("mode", "speculate")
-    if mode in ("race", "consensus"):
-        notes.append(f"mode {mode} is not implemented yet: speculating with the first drafter (exact)")
-        mode = "speculate"
+    policy = (section.get("consensus") or {}).get("policy", "strict")
+    if mode == "consensus":
+        notes.append(APPROXIMATE_NOTE.format(policy=policy))
+    gate = None
+    gate_section = manifest.spec.get("gate") or {}
+    if gate_section.get("enabled"):
+        reviewer = gate_section.get("reviewer") or {}
+        review_url = reviewer.get("url", "engine")
+        gate = GateConfig(
+            agents=[
+                GateEndpointConfig(a["name"], a["url"], a.get("model"), a.get("apiKey"))
+                for a in gate_section.get("agents") or []
+            ],
+            reviewer=GateEndpointConfig(
+                "engine" if review_url == "engine" else "reviewer",
+                target_url if review_url == "engine" else review_url,
+                reviewer.get("model"),
+                manifest.token if review_url == "engine" else reviewer.get("apiKey"),
+            ),
+            fail_closed=bool(gate_section.get("failClosed", True)),
+            cache_size=int(gate_section.get("cacheSize", 256)),
+        )
     limits = section.get("limits") or {}
     max_draft = section.get("maxDraftTokens", "auto")
     return ProxyConfig(
@@ -125,6 +186,8 @@ def from_manifest(manifest: Manifest) -> ProxyConfig:
         token=manifest.token,
         target_token=manifest.token,
         mode=mode,
+        consensus_policy=policy,
+        gate=gate,
         max_draft_tokens=parse_max_draft(max_draft),
         max_body_bytes=int(limits.get("maxBodyBytes", DEFAULT_MAX_BODY)),
         max_tokens=limits.get("maxTokens"),

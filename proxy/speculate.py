@@ -16,8 +16,10 @@ Around that loop:
   round n is accepted (it drafts one token more, its guess of the target's bonus token); when the
   verdict proves the guess right the next round starts with its draft ready, otherwise it is dropped.
 
-The seam for several drafters per round (race, consensus): a round sends a list of proposals and
-the verdict says which one won (`draft_index`).
+Several drafters per round (race.py): the drafter answers `Candidates`, a round sends them all as
+a list of proposals and the verdict says which one won (`draft_index`). Consensus (APPROXIMATE,
+opt-in, consensus.py): when the candidates agree under `Settings.consensus`, the agreed tokens are
+emitted without the target (`Step.skipped`), and sent to the engine with the next verify.
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
+from tightwad.proxy.consensus import agreed
 from tightwad.proxy.controller import Controller
 from tightwad.proxy.conversations import ConversationPool, Lease
 from tightwad.proxy.detok import Vocabulary
 from tightwad.proxy.drafter import DraftRequest, Proposal
 from tightwad.proxy.guard import GuardedDrafter
+from tightwad.proxy.race import Candidates, RaceDrafter
 from tightwad.proxy.sampling import Sampling
 from tightwad.proxy.telemetry import Telemetry
 from tightwad.proxy.upstream import ConversationLost, EngineClient, Verdict
@@ -48,6 +52,8 @@ class Settings:
     min_patience: float = 0.02
     first_patience: float = 1.0
     fallback_chunk: int = 16  # tokens the target decodes alone while the drafter backs off
+    # APPROXIMATE: "strict" | "majority" | "any_disagree" skips the target where drafters agree.
+    consensus: str | None = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,7 @@ class Job:
 class Step:
     tokens: list[int]  # new target tokens, in order
     eog: bool = False  # the last token (or, with no tokens, the previous one) ends the reply
+    skipped: bool = False  # consensus (approximate): drafters' agreed tokens, not verified
 
 
 class Speculator:
@@ -71,7 +78,7 @@ class Speculator:
     def __init__(
         self,
         engine: EngineClient,
-        drafter: GuardedDrafter,
+        drafter: GuardedDrafter | RaceDrafter,
         controller: Controller,
         conversations: ConversationPool,
         telemetry: Telemetry,
@@ -83,6 +90,8 @@ class Speculator:
         self.conversations = conversations
         self.telemetry = telemetry
         self.settings = settings or Settings()
+        self.skipped_rounds = 0  # consensus (approximate): rounds and tokens the target never saw
+        self.skipped_tokens = 0
 
     async def run(self, job: Job) -> AsyncIterator[Step]:
         """Target tokens for `job` until end of generation, max_tokens or the context is full.
@@ -114,6 +123,8 @@ class _Pending:
         if len(history) < a or tuple(history[:a]) != self.assumed:
             return None
         done = len(history) - a
+        if isinstance(proposal, Candidates):
+            proposal = proposal.agreeing(history[a:])
         if tuple(proposal.tokens[:done]) != tuple(history[a:]):
             return None
         rest = proposal.tail(done)
@@ -130,6 +141,7 @@ class _Reply:
         self.history = list(job.prompt)
         self.produced = 0
         self.synced = False  # the engine's conversation holds `history` (its last token pending)
+        self.unsent: list[int] = []  # consensus tokens the engine's conversation has not seen yet
         self.rounds = 0
         self.drafts = 0
         self.pending: _Pending | None = None
@@ -184,20 +196,47 @@ class _Reply:
         else:
             draft = await self._take_draft(k)
         proposal = draft or Proposal(())
+        if o.settings.consensus and isinstance(proposal, Candidates):
+            skipped = self._consensus(proposal, k)
+            if skipped is not None:
+                return skipped
         if self.pipelined and proposal.tokens:
             # Draft round n+1 while round n is verified, assuming all of round n is accepted.
             self._launch([*self.history, *proposal.tokens], k + 1)
         started = time.perf_counter()
         continued = self.synced  # a resent conversation also evaluates its new tokens: not timed
-        verdict = await self._verify([proposal])
+        proposals = proposal.candidates() if isinstance(proposal, Candidates) else [proposal]
+        verdict = await self._verify(proposals)
         verify_seconds = time.perf_counter() - started if continued and self.synced else None
-        drafted = len(proposal.tokens)
+        winner = proposals[verdict.draft_index] if 0 <= verdict.draft_index < len(proposals) else proposal
+        drafted = len(winner.tokens)
+        if isinstance(proposal, Candidates):
+            proposal.settle(verdict.draft_index, verdict.accepted, verdict.tokens)
         o.controller.record_round(drafted, verdict.accepted, verify_seconds)
         o.telemetry.round(drafted, verdict.accepted, len(verdict.tokens))
         self.rounds += 1
         if verdict.eog or verdict.accepted < drafted:
             self._drop_pending()  # it continued tokens the target did not accept
         return self._advance(verdict.tokens, verdict.eog)
+
+    def _consensus(self, candidates: Candidates, k: int) -> Step | None:
+        """APPROXIMATE: the tokens the drafters agree on, emitted without the target; None when
+        they do not agree (the round is verified as usual). Special tokens (an end of turn) are
+        never skipped: the target decides where the reply ends."""
+        assert self.o.settings.consensus is not None
+        n = len(self.o.drafter.drafters) if isinstance(self.o.drafter, RaceDrafter) else 1
+        drafts = [c.tokens for c in candidates.candidates()]
+        tokens = agreed(drafts, self.o.settings.consensus, n)[:k]
+        special = self.job.vocabulary.special
+        cut = next((i for i, t in enumerate(tokens) if t in special), len(tokens))
+        tokens = tokens[:cut]
+        if not tokens:
+            return None
+        step = self._advance(tokens, False)
+        self.unsent += step.tokens
+        self.o.skipped_rounds += 1
+        self.o.skipped_tokens += len(step.tokens)
+        return Step(step.tokens, False, skipped=True)
 
     def _advance(self, tokens: list[int], eog: bool) -> Step:
         tokens = tokens[: self.job.max_tokens - self.produced]
@@ -268,17 +307,23 @@ class _Reply:
         engine, job, lease = self.o.engine, self.job, self.lease
         if self.synced:
             try:
-                return await engine.verify(lease.conversation, [], proposals, job.sampling, reset=False)
+                verdict = await engine.verify(
+                    lease.conversation, self.unsent, proposals, job.sampling, reset=False
+                )
+                self.unsent = []
+                return verdict
             except ConversationLost:
                 self.synced = False  # evicted by other traffic: send it whole again
         verdict = await engine.verify(lease.conversation, self.history, proposals, job.sampling, reset=True)
         self.synced = True
+        self.unsent = []
         return verdict
 
     async def _target_alone(self, n: int) -> AsyncIterator[Step]:
         """The engine decodes n tokens on its own (no draft, no per-token round trip)."""
         self._drop_pending()
         self.synced = False  # the conversation's KV does not see these tokens
+        self.unsent = []
         first: float | None = None
         last = 0.0
         count = 0

@@ -19,6 +19,9 @@ command -v nix >/dev/null || need+=(nix-bin)
 # The swarm's test hosts: network namespaces, tc uplink caps, and plain-HTTP baselines.
 command -v ip >/dev/null || need+=(iproute2)
 command -v curl >/dev/null || need+=(curl)
+# The dashboard's browser test: Debian's chromium, driven by playwright-core (scripts/install-browser.sh).
+command -v chromium >/dev/null || need+=(chromium)
+command -v npm >/dev/null || need+=(nodejs npm)
 # The Kubernetes tests: etcd under the CRD API server, openssl for its certificates.
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v openssl >/dev/null || need+=(openssl)

@@ -29,12 +29,12 @@ def test_the_three_dockerfiles_exist() -> None:
 
 
 def test_dockerfiles_are_hadolint_clean() -> None:
-    out = subprocess.run([tool("hadolint"), *map(str, DOCKERFILES)], capture_output=True, text=True)
+    out = subprocess.run([tool("hadolint"), *map(str, DOCKERFILES)], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_scripts_are_shellcheck_clean() -> None:
-    out = subprocess.run([tool("shellcheck"), *map(str, SCRIPTS)], capture_output=True, text=True)
+    out = subprocess.run([tool("shellcheck"), *map(str, SCRIPTS)], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
