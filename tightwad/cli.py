@@ -47,6 +47,7 @@ COMPONENTS = {
     "engine": "run the coordinator on libllama across the rpc pool",
     "proxy": "run or query the speculative front door (start, status)",
     "swarm": "distribute model files peer to peer (seed, pull, status, sidecar)",
+    "gate": "run the quality gate: `gate start` is `proxy start` with --gate-agent/--gate-reviewer flags",
 }
 
 
@@ -69,6 +70,9 @@ def _component(name: str, argv: list[str]) -> int:
 
     if name == "operator":  # the in-cluster Kubernetes controller (what the Helm chart runs)
         return int(importlib.import_module("tightwad.operator.kubernetes_operator").main(argv))
+    if name == "gate":  # the gate is served by the proxy process (POST /tightwad/v1/gate/...)
+        rest = argv[1:] if argv[:1] == ["start"] else argv
+        return int(importlib.import_module("tightwad.proxy.cli").main(["start", *rest]))
     if name in OPERATOR_COMMANDS:
         return int(importlib.import_module("tightwad.operator.cli").main([name, *argv]))
     return int(importlib.import_module(f"tightwad.{name}.cli").main(argv))
