@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
 import json
 import time
 import uuid
@@ -51,13 +50,14 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
 from tightwad.engine.chat import ChatFormatter, normalise_messages
 from tightwad.engine.core import Draft, Engine, ErrorEvent, FinishEvent, Generation, GenerationEvent
 from tightwad.engine.errors import BadRequest, EngineError, PoolFailure
 from tightwad.engine.textstream import TextAssembler
 from tightwad.engine.verify import SamplingParams
 from tightwad.engine.workers import PoolMonitor, describe_loss
+
+from tightwad.auth import BearerAuth
 
 VERIFY_API_VERSION = 1
 OPEN_PATHS = ("/health", "/ready")
@@ -478,28 +478,6 @@ class Api:
             yield json.dumps(exc.to_json())
 
 
-class BearerAuth:
-    """Pure ASGI middleware: every route but OPEN_PATHS needs `Authorization: Bearer <token>`."""
-
-    def __init__(self, app: ASGIApp, token: str) -> None:
-        self.app = app
-        self.expected = f"Bearer {token}".encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                response = error_response(
-                    401,
-                    "missing or wrong bearer token: send `Authorization: Bearer <token>`",
-                    "invalid_request_error",
-                    "invalid_api_key",
-                )
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
 async def _on_engine_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, EngineError)
     return engine_error_response(exc)
@@ -517,6 +495,11 @@ async def _on_unexpected(request: Request, exc: Exception) -> Response:
     return error_response(
         500, f"internal error: {type(exc).__name__}: {exc}", "server_error", "internal_error"
     )
+
+
+def _unauthorized() -> Response:
+    message = "missing or wrong bearer token: send `Authorization: Bearer <token>`"
+    return error_response(401, message, "invalid_request_error", "invalid_api_key")
 
 
 def create_app(
@@ -538,7 +521,9 @@ def create_app(
         Route("/tokenize", api.tokenize, methods=["POST"]),
         Route("/detokenize", api.detokenize, methods=["POST"]),
     ]
-    middleware = [Middleware(BearerAuth, token=token)] if token else []
+    middleware = (
+        [Middleware(BearerAuth, token=token, open_paths=OPEN_PATHS, rejection=_unauthorized)] if token else []
+    )
     return Starlette(
         routes=routes,
         middleware=middleware,

@@ -15,7 +15,6 @@ rpc worker (it keeps serving 503s until told to stop; restart it once the worker
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import signal
 import sys
@@ -30,6 +29,7 @@ from tightwad.engine.chat import ChatFormatter
 from tightwad.engine.core import Engine
 from tightwad.engine.workers import PoolMonitor
 
+from tightwad.auth import is_loopback
 from tightwad.errors import TightwadError
 
 EXIT_WORKER_LOST = 3
@@ -66,15 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=None, help="bearer token required by the API (or TIGHTWAD_TOKEN)")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's info log")
     return p
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def parse_endpoints(value: str) -> list[str]:

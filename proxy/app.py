@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import time
 from collections import deque
@@ -35,7 +34,6 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
 from tightwad.proxy.config import DrafterConfig, ProxyConfig
 from tightwad.proxy.controller import Controller, Policy
 from tightwad.proxy.conversations import ConversationPool
@@ -55,6 +53,7 @@ from tightwad.proxy.telemetry import Telemetry
 from tightwad.proxy.text_drafters import OllamaDrafter, OpenAIDrafter
 from tightwad.proxy.upstream import EngineClient, EngineInfo, EngineUnavailable
 
+from tightwad.auth import BearerAuth
 from tightwad.openai import (
     InvalidRequest,
     OpenAIError,
@@ -586,23 +585,6 @@ class _Timed:
             await self.deltas.aclose()  # type: ignore[attr-defined]
 
 
-class BearerAuth:
-    """Pure ASGI middleware: every route but OPEN_PATHS needs `Authorization: Bearer <token>`."""
-
-    def __init__(self, app: ASGIApp, token: str) -> None:
-        self.app = app
-        self.expected = f"Bearer {token}".encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                error = Unauthorized("missing or wrong bearer token: send `Authorization: Bearer <token>`")
-                await JSONResponse(error.to_json(), status_code=error.status)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
 async def _on_openai_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, OpenAIError)
     return JSONResponse(exc.to_json(), status_code=exc.status)
@@ -621,6 +603,11 @@ async def _on_unexpected(request: Request, exc: Exception) -> Response:
     return JSONResponse(body, status_code=500)
 
 
+def _unauthorized() -> JSONResponse:
+    error = Unauthorized("missing or wrong bearer token: send `Authorization: Bearer <token>`")
+    return JSONResponse(error.to_json(), status_code=error.status)
+
+
 def create_app(config: ProxyConfig, engine: EngineClient | None = None) -> Starlette:
     proxy = Proxy(config, engine)
     routes = [
@@ -635,7 +622,11 @@ def create_app(config: ProxyConfig, engine: EngineClient | None = None) -> Starl
         Route("/dashboard", proxy.dashboard, methods=["GET"]),
         Route("/metrics", proxy.metrics, methods=["GET"]),
     ]
-    middleware = [Middleware(BearerAuth, token=config.token)] if config.token else []
+    middleware = (
+        [Middleware(BearerAuth, token=config.token, open_paths=OPEN_PATHS, rejection=_unauthorized)]
+        if config.token
+        else []
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

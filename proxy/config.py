@@ -3,9 +3,9 @@ sections (flags win where both say something). Pure: no network, no processes.""
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field, replace
 
+from tightwad.auth import is_loopback
 from tightwad.errors import TightwadError
 from tightwad.manifest import Manifest
 
@@ -100,15 +100,6 @@ class ProxyConfig:
                 "(or spec.auth.token), or listen on 127.0.0.1"
             )
         return self
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def parse_max_draft(value: str | int | None) -> int | None:

@@ -16,7 +16,6 @@ library registered. Data is streamed from disk in worker threads and stops when 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import os
 from collections.abc import Callable
 from typing import Any
@@ -33,30 +32,19 @@ from tightwad.swarm.pieces import is_sha256
 from tightwad.swarm.ratelimit import TokenBucket
 from tightwad.swarm.tracker import Tracker, normalise_peer_url
 
+from tightwad.auth import BearerAuth
+
 API = "/swarm/v1"
 CHUNK = 256 << 10
 OPEN_PATHS = frozenset({f"{API}/health"})
 
 
-class BearerAuth:
-    """Every request but health needs `Authorization: Bearer TOKEN` (constant-time compare)."""
-
-    def __init__(self, app: ASGIApp, token: str) -> None:
-        self.app = app
-        self.expected = f"Bearer {token}".encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                response = JSONResponse(
-                    {"error": "missing or wrong bearer token; send Authorization: Bearer TOKEN"},
-                    status_code=401,
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+def _unauthorized() -> JSONResponse:
+    return JSONResponse(
+        {"error": "missing or wrong bearer token; send Authorization: Bearer TOKEN"},
+        status_code=401,
+        headers={"WWW-Authenticate": "Bearer"},
+    )
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -227,7 +215,7 @@ def create_app(
     ]
     app: ASGIApp = Starlette(routes=routes)
     if token:
-        app = BearerAuth(app, token)
+        app = BearerAuth(app, token, OPEN_PATHS, _unauthorized)
     return app
 
 
