@@ -11,7 +11,7 @@ from __future__ import annotations
 import codecs
 from collections.abc import Iterable, Mapping, Sequence
 
-from tightwad.proxy.stops import StopMatcher
+from tightwad.stops import StopMatcher
 
 
 class Vocabulary:

@@ -20,11 +20,11 @@ from tightwad.proxy.llama_server_drafter import LlamaServerDrafter, parse_comple
 from tightwad.proxy.ngram_drafter import prompt_lookup
 from tightwad.proxy.requests import parse_params, parse_prompt, passthrough_reason
 from tightwad.proxy.sampling import Sampling
-from tightwad.proxy.stops import StopMatcher
 
 from tightwad.errors import TightwadError
 from tightwad.manifest import load_manifest
 from tightwad.openai import InvalidRequest
+from tightwad.stops import StopMatcher
 
 
 # cost model -------------------------------------------------------------------------------------
