@@ -1,22 +1,15 @@
-"""Errors the engine answers with: each knows its HTTP status and OpenAI error type/code."""
+"""Errors the engine answers with: OpenAI-shaped (tightwad.openai), each with its status and code."""
 
 from __future__ import annotations
 
-from tightwad.errors import TightwadError
+from tightwad.openai import InvalidRequest, OpenAIError, Unavailable
 
 
-class EngineError(TightwadError):
-    status = 500
-    type = "server_error"
+class EngineError(OpenAIError):
     code = "engine_error"
 
-    def to_json(self) -> dict[str, object]:
-        return {"error": {"message": str(self), "type": self.type, "code": self.code}}
 
-
-class BadRequest(EngineError):
-    status = 400
-    type = "invalid_request_error"
+class BadRequest(EngineError, InvalidRequest):
     code = "invalid_request"
 
 
@@ -30,20 +23,17 @@ class ConversationEvicted(EngineError):
     code = "conversation_evicted"
 
 
-class Overloaded(EngineError):
+class Overloaded(EngineError, Unavailable):
     """No room in the KV cache right now (too many long conversations at once)."""
 
-    status = 503
     code = "kv_cache_full"
 
 
-class PoolFailure(EngineError):
+class PoolFailure(EngineError, Unavailable):
     """An rpc worker is gone (or libggml hit a fatal error): the engine cannot compute any more."""
 
-    status = 503
     code = "worker_lost"
 
 
-class EngineStopped(EngineError):
-    status = 503
+class EngineStopped(EngineError, Unavailable):
     code = "engine_stopped"
