@@ -13,6 +13,8 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 # images imported from a local root filesystem that busybox fills.
 command -v dockerd >/dev/null || need+=(docker.io)
 command -v busybox >/dev/null || need+=(busybox-static)
+# The image tests build on a local Debian base image (scripts/local-base-image.sh): no registry here.
+command -v debootstrap >/dev/null || need+=(debootstrap)
 # Linting scripts, and evaluating the Nix flake (nixpkgs itself is stubbed in tests).
 command -v shellcheck >/dev/null || need+=(shellcheck)
 command -v nix >/dev/null || need+=(nix-bin)
