@@ -76,3 +76,11 @@ def test_the_readme_manifest_example_is_valid(tmp_path) -> None:
     path = tmp_path / "readme.yaml"
     path.write_text(example.group(1))
     assert load_manifest(path).target["model"] == "smollm2-f32"
+
+
+def test_the_manifest_reference_is_generated_from_the_schema() -> None:
+    from tightwad import schemadoc
+
+    assert schemadoc.main(["--check"]) == 0, "run `python -m tightwad.schemadoc`"
+    text = (ROOT / "docs" / "manifest.md").read_text()
+    assert "| `spec.hosts[].gpus[].backend` | `cuda` \\| `rocm` \\| `metal` \\| `cpu` |" in text
