@@ -64,6 +64,7 @@ def container(endpoint: str) -> Iterator[list[str]]:
         docker(endpoint, "rm", "-f", name, timeout=60)
 
 
+@pytest.mark.timeout(2400)  # a cold build compiles llama.cpp inside the image
 def test_cpu_worker_image_serves_an_engine_outside_it(
     endpoint: str, container: list[str], toolchain: Toolchain, processes: Processes
 ) -> None:
@@ -98,6 +99,7 @@ def test_cpu_worker_image_serves_an_engine_outside_it(
         time.sleep(2)
 
 
+@pytest.mark.timeout(1200)
 def test_proxy_image_answers_a_chat_completion(
     endpoint: str, container: list[str], local_engine: EngineProcess
 ) -> None:
