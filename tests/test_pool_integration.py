@@ -4,8 +4,8 @@ llama-server gives for the same model and prompt."""
 
 from __future__ import annotations
 
-import httpx
 import pytest
+from engine_client import llama_server_greedy
 from procs import Processes, start_rpc_workers
 from tightwad.engine import libllama
 
@@ -17,25 +17,6 @@ pytestmark = pytest.mark.integration
 
 PROMPT = "<|im_start|>user\nList three uses of a paperclip.<|im_end|>\n<|im_start|>assistant\n"
 N_TOKENS = 40
-
-
-def llama_server_greedy(url: str, prompt: list[int], n: int) -> list[int]:
-    """Greedy tokens from llama-server's /completion for a token-id prompt (its default
-    temperature is 0.8, so ask for 0 and top-k 1 explicitly)."""
-    response = httpx.post(
-        f"{url}/completion",
-        json={
-            "prompt": prompt,
-            "n_predict": n,
-            "temperature": 0.0,
-            "top_k": 1,
-            "cache_prompt": False,
-            "return_tokens": True,
-        },
-        timeout=120,
-    )
-    response.raise_for_status()
-    return list(response.json()["tokens"])
 
 
 def test_model_through_two_rpc_workers_matches_llama_server(
