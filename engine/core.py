@@ -50,7 +50,7 @@ from tightwad.engine.errors import (
     Overloaded,
     PoolFailure,
 )
-from tightwad.engine.sessions import ANONYMOUS_PREFIX, SessionTable, Slot, common_prefix
+from tightwad.engine.sessions import ANONYMOUS_PREFIX, SessionTable, Slot
 from tightwad.engine.verify import (
     SamplingParams,
     Verdict,
@@ -61,6 +61,8 @@ from tightwad.engine.verify import (
     target_distribution,
 )
 from tightwad.engine.workers import PoolMonitor, describe_loss
+
+from tightwad.tokens import common_prefix
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from tightwad.engine.sessions import ANONYMOUS_PREFIX, SessionTable, common_prefix
+from tightwad.engine.sessions import ANONYMOUS_PREFIX, SessionTable
+
+from tightwad.tokens import common_prefix
 
 
 def test_common_prefix() -> None:
