@@ -34,9 +34,9 @@ import httpx
 import numpy as np
 from rich.console import Console
 from rich.table import Table
-from tightwad.engine import libllama
 
 from tightwad import models, toolchain
+from tightwad.engine import libllama
 from tightwad.launch import free_port, llama_server_command, rpc_worker_command, wait_for_http, wait_for_port
 
 PROMPT = "<|im_start|>user\nWrite a long story about a lighthouse keeper.<|im_end|>\n<|im_start|>assistant\n"

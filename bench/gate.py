@@ -26,10 +26,10 @@ from pathlib import Path
 import httpx
 from rich.console import Console
 from rich.table import Table
-from tightwad.proxy.gate import VERDICT_SCHEMA, Endpoint, Gate
 
 from tightwad import models, toolchain
 from tightwad.launch import free_port, llama_server_command, wait_for_http
+from tightwad.proxy.gate import VERDICT_SCHEMA, Endpoint, Gate
 
 QUESTIONS = {
     "What is the capital of France? Answer in one word.": "paris",

@@ -16,12 +16,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from tightwad.manifest import manifest_from_dict
 from tightwad.operator.desired import Desired, desired_state
 from tightwad.operator.observed import Health, ModelCheck, ModelState, Observed, UnitState
 from tightwad.operator.plan import plan
 from tightwad.operator.units import ENGINE_ROUTER, Unit
-
-from tightwad.manifest import manifest_from_dict
 
 
 def manifest(hosts: int) -> dict[str, Any]:

@@ -33,14 +33,14 @@ from typing import Any
 import gguf
 from rich.console import Console
 from rich.table import Table
+
+from tightwad import models
+from tightwad.manifest import parse_size
 from tightwad.swarm.delta import ContentIndex, fetched_bytes, plan_piece
 from tightwad.swarm.hashing import measure_sha256, sha_extensions
 from tightwad.swarm.pieces import build_manifest
 from tightwad.swarm.synth import requantizer, rewrite_gguf
 from tightwad.swarm.testnet import Host, Hosts, namespaces_unavailable, sweep_stale
-
-from tightwad import models
-from tightwad.manifest import parse_size
 
 PY = sys.executable
 PORT = 8089

@@ -50,14 +50,14 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from tightwad.auth import BearerAuth
 from tightwad.engine.chat import ChatFormatter, normalise_messages
 from tightwad.engine.core import Draft, Engine, ErrorEvent, FinishEvent, Generation, GenerationEvent
 from tightwad.engine.errors import BadRequest, EngineError, PoolFailure
 from tightwad.engine.textstream import TextAssembler
 from tightwad.engine.verify import SamplingParams
 from tightwad.engine.workers import PoolMonitor, describe_loss
-
-from tightwad.auth import BearerAuth
 
 VERIFY_API_VERSION = 1
 OPEN_PATHS = ("/health", "/ready")

@@ -17,6 +17,7 @@ from typing import Any
 import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 from tightwad.engine import libllama
 from tightwad.engine.errors import BadRequest
 

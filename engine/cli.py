@@ -23,13 +23,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from tightwad.auth import is_loopback
 from tightwad.engine import libllama
 from tightwad.engine.api import create_app
 from tightwad.engine.chat import ChatFormatter
 from tightwad.engine.core import Engine
 from tightwad.engine.workers import PoolMonitor
-
-from tightwad.auth import is_loopback
 from tightwad.errors import TightwadError
 
 EXIT_WORKER_LOST = 3

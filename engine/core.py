@@ -40,6 +40,7 @@ from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
 from tightwad.engine import libllama
 from tightwad.engine.errors import (
     BadRequest,
@@ -61,7 +62,6 @@ from tightwad.engine.verify import (
     target_distribution,
 )
 from tightwad.engine.workers import PoolMonitor, describe_loss
-
 from tightwad.tokens import common_prefix
 
 

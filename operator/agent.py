@@ -21,6 +21,9 @@ from typing import Any
 import httpx
 import yaml
 from rich.console import Console
+
+from tightwad.errors import TightwadError
+from tightwad.manifest import Manifest, ManifestError, is_loopback, load_manifest, manifest_from_dict
 from tightwad.operator.desired import Desired, available_components, desired_state
 from tightwad.operator.modelcheck import ModelChecker
 from tightwad.operator.observed import (
@@ -34,9 +37,6 @@ from tightwad.operator.observed import (
 from tightwad.operator.plan import Action, Route, Start, Stop, VerifyModel, plan
 from tightwad.operator.process import ProcessDriver
 from tightwad.operator.reconcile import pinned_binaries, route, state_root
-
-from tightwad.errors import TightwadError
-from tightwad.manifest import Manifest, ManifestError, is_loopback, load_manifest, manifest_from_dict
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 

@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
+
 from tightwad.operator.observed import checks_from_json, checks_to_json, state_from_json, state_to_json
 
 if TYPE_CHECKING:

@@ -20,9 +20,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tightwad.operator.units import ENGINE_ROUTER, PROXY, Kind, ModelRef, Unit, digest, url_for
-
 from tightwad.manifest import Manifest, parse_size
+from tightwad.operator.units import ENGINE_ROUTER, PROXY, Kind, ModelRef, Unit, digest, url_for
 
 FIRST_WORKER_PORT = 50052
 FIRST_DRAFTER_PORT = 8081

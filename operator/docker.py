@@ -24,16 +24,16 @@ from typing import Any
 
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import DeviceRequest
-from tightwad.operator import health
-from tightwad.operator.commands import Binaries, CannotRun, command, environment
-from tightwad.operator.driver import DriverUnavailable
-from tightwad.operator.observed import Health, ModelCheck, ModelKey, ModelState, UnitState
-from tightwad.operator.units import ENGINE_ROUTER, KIND_ORDER, Kind, ModelRef, Unit
 
 import docker
 from tightwad import __version__, models
 from tightwad.errors import TightwadError
 from tightwad.manifest import Manifest
+from tightwad.operator import health
+from tightwad.operator.commands import Binaries, CannotRun, command, environment
+from tightwad.operator.driver import DriverUnavailable
+from tightwad.operator.observed import Health, ModelCheck, ModelKey, ModelState, UnitState
+from tightwad.operator.units import ENGINE_ROUTER, KIND_ORDER, Kind, ModelRef, Unit
 
 LABEL = "tightwad.dev"
 MODEL_MOUNT = "/models"

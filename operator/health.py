@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
 from tightwad.operator.observed import Health
 from tightwad.operator.units import Kind, Unit
-
 from tightwad.rpcprobe import CONN_CAPS_SIZE, RPC_CMD_HELLO
 
 _TCP_LISTEN = "0A"

@@ -15,14 +15,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from tightwad.crd import GROUP, PLURAL, VERSION
+from tightwad.manifest import Manifest, ManifestError, Problem, manifest_from_dict
 from tightwad.operator.desired import Desired
 from tightwad.operator.observed import Observed
 from tightwad.operator.plan import Plan
 from tightwad.operator.status import conditions, unit_rows
 from tightwad.operator.units import Kind
-
-from tightwad.crd import GROUP, PLURAL, VERSION
-from tightwad.manifest import Manifest, ManifestError, Problem, manifest_from_dict
 
 TOKEN_VARIABLE = "${TIGHTWAD_TOKEN}"
 FINALIZER = f"{GROUP}/cleanup"

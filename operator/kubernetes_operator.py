@@ -34,6 +34,8 @@ from typing import Any
 
 import yaml
 from kubernetes_asyncio import client
+
+from tightwad.manifest import Manifest, ManifestError, load_manifest
 from tightwad.operator.desired import Desired, desired_state
 from tightwad.operator.kubernetes_api import Conflict, Rest, connect, merge_patch_between, update_with_retry
 from tightwad.operator.kubernetes_cr import (
@@ -58,8 +60,6 @@ from tightwad.operator.kubernetes_watch import ClusterWatch
 from tightwad.operator.kubernetes_workloads import Context, KubernetesWorkloads, Workloads, kubernetes_hosts
 from tightwad.operator.observed import Observed
 from tightwad.operator.plan import Policy, Problem, plan
-
-from tightwad.manifest import Manifest, ManifestError, load_manifest
 
 log = logging.getLogger("tightwad.operator.kubernetes")
 

@@ -25,12 +25,12 @@ from typing import Any
 from urllib.parse import urlparse
 
 import yaml
-from tightwad.operator.commands import Binaries, command
-from tightwad.operator.units import Kind, ModelRef, Unit
 
 from tightwad.crd import GROUP, VERSION
 from tightwad.manifest import KIND, Manifest
 from tightwad.models import CATALOG_PREFIX, catalog_model
+from tightwad.operator.commands import Binaries, command
+from tightwad.operator.units import Kind, ModelRef, Unit
 
 LABEL_CLUSTER = "tightwad.dev/cluster"
 LABEL_UNIT = "tightwad.dev/unit"

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from tightwad.manifest import Manifest
 from tightwad.operator import health
 from tightwad.operator.desired import Desired
 from tightwad.operator.kubernetes_api import Rest, path_for
@@ -41,8 +42,6 @@ from tightwad.operator.kubernetes_render import (
 from tightwad.operator.observed import Health, ModelCheck, ModelKey, ModelState, Observed, UnitState
 from tightwad.operator.plan import Action, Route, Start, Stop, VerifyModel
 from tightwad.operator.units import ENGINE_ROUTER, Kind, Unit
-
-from tightwad.manifest import Manifest
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 
-from tightwad.operator.observed import ModelCheck, ModelKey, ModelState
-from tightwad.operator.units import ModelRef
-
 from tightwad import models
 from tightwad.errors import TightwadError
+from tightwad.operator.observed import ModelCheck, ModelKey, ModelState
+from tightwad.operator.units import ModelRef
 
 GGUF_MAGIC = b"GGUF"
 RECHECK_MISSING_S = 5.0

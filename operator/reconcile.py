@@ -25,6 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from tightwad import toolchain
+from tightwad.errors import TightwadError
+from tightwad.manifest import Manifest, ManifestError, is_loopback, load_manifest
 from tightwad.operator.commands import Binaries
 from tightwad.operator.desired import Desired, available_components, desired_state
 from tightwad.operator.driver import Driver, DriverUnavailable
@@ -35,10 +39,6 @@ from tightwad.operator.process import ProcessDriver
 from tightwad.operator.router import ROUTE_PATH
 from tightwad.operator.status import StatusFile, status_path_for
 from tightwad.operator.units import Kind, Unit
-
-from tightwad import toolchain
-from tightwad.errors import TightwadError
-from tightwad.manifest import Manifest, ManifestError, is_loopback, load_manifest
 
 Events = Callable[[str], None]
 

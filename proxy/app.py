@@ -34,6 +34,18 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from tightwad.auth import BearerAuth
+from tightwad.openai import (
+    InvalidRequest,
+    OpenAIError,
+    PayloadTooLarge,
+    Unauthorized,
+    error_body,
+    new_id,
+    now,
+    usage,
+)
 from tightwad.proxy.config import DrafterConfig, ProxyConfig
 from tightwad.proxy.controller import Controller, Policy
 from tightwad.proxy.conversations import ConversationPool
@@ -52,18 +64,6 @@ from tightwad.proxy.speculate import Job, Settings, Speculator
 from tightwad.proxy.telemetry import Telemetry
 from tightwad.proxy.text_drafters import OllamaDrafter, OpenAIDrafter
 from tightwad.proxy.upstream import EngineClient, EngineInfo, EngineUnavailable
-
-from tightwad.auth import BearerAuth
-from tightwad.openai import (
-    InvalidRequest,
-    OpenAIError,
-    PayloadTooLarge,
-    Unauthorized,
-    error_body,
-    new_id,
-    now,
-    usage,
-)
 
 OPEN_PATHS = ("/health", "/ready", "/dashboard")  # /dashboard: a page with no data in it
 RECENT_REQUESTS = 20

@@ -26,6 +26,9 @@ import httpx
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
+
+from tightwad.errors import TightwadError
+from tightwad.manifest import load_manifest
 from tightwad.proxy.config import (
     APPROXIMATE_NOTE,
     CONSENSUS_POLICIES,
@@ -39,9 +42,6 @@ from tightwad.proxy.config import (
     parse_max_draft,
     with_overrides,
 )
-
-from tightwad.errors import TightwadError
-from tightwad.manifest import load_manifest
 
 err = Console(stderr=True, highlight=False)
 
@@ -213,6 +213,7 @@ def start(args: argparse.Namespace) -> int:
         err.print(f"error: {exc}")
         return 1
     import uvicorn
+
     from tightwad.proxy.app import create_app
 
     for note in config.notes:

@@ -11,9 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tightwad.proxy.sampling import Sampling
-
 from tightwad.openai import InvalidRequest
+from tightwad.proxy.sampling import Sampling
 
 # Keys whose presence (with a non-default value) means the speculation path cannot serve a request.
 _PASSTHROUGH_KEYS = (

@@ -8,6 +8,7 @@ from collections import Counter as Tally
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
 from tightwad.proxy.estimates import Average
 
 disable_created_metrics()  # no `*_created` series: they double the output and nobody graphs them

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
+
 from tightwad.proxy.drafter import DrafterError, DraftRequest, Proposal
 
 Tokenize = Callable[[str], Awaitable[list[int]]]  # text -> the target's token ids (no BOS)

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+
+from tightwad.openai import OpenAIError, Unavailable, UpstreamError, from_upstream
 from tightwad.proxy.detok import Vocabulary
 from tightwad.proxy.drafter import Proposal
 from tightwad.proxy.sampling import Sampling
-
-from tightwad.openai import OpenAIError, Unavailable, UpstreamError, from_upstream
 
 VERIFY_PATH = "/tightwad/v1/verify"
 VOCAB_CHUNK = 8192  # token ids per /detokenize call while fetching the vocabulary

@@ -14,11 +14,17 @@ wheels="$cache/wheels"
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 
 # The bindings-only wheel, built once from the same sdist as the libraries and cached.
-find_wheel() { find "$wheels" -maxdepth 1 -name "llama_cpp_python-$version-*.whl" 2>/dev/null | head -n 1; }
+# A glob, not `find | head`: on a new machine the folder does not exist yet, and a failing
+# pipeline inside $(...) would end the script silently under `set -e`.
+find_wheel() {
+  local matches=("$wheels"/llama_cpp_python-"$version"-*.whl)
+  [[ -f "${matches[0]}" ]] && echo "${matches[0]}" || true
+}
 wheel=$(find_wheel)
 if [[ -z "$wheel" ]]; then
   [[ -f "$sdist" ]] || { echo "error: $sdist is missing; run scripts/build-llama.sh first" >&2; exit 1; }
   echo "building the llama-cpp-python $version bindings (no bundled llama.cpp)..." >&2
+  mkdir -p "$wheels"
   CMAKE_ARGS="-DLLAMA_BUILD=OFF" "${pip[@]}" wheel --no-deps -w "$wheels" "$sdist" >&2
   wheel=$(find_wheel)
 fi

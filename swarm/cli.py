@@ -16,6 +16,9 @@ from typing import Any
 import httpx
 from rich.console import Console
 from rich.table import Table
+
+from tightwad.errors import TightwadError
+from tightwad.manifest import parse_size
 from tightwad.swarm.hashing import measure_sha256, sha_extensions
 from tightwad.swarm.library import Library, cached_manifest, complete_entry, servable_files
 from tightwad.swarm.node import Node, NodeOptions, hash_with_rate, watch_folder
@@ -24,9 +27,6 @@ from tightwad.swarm.progress import EventLog, choose_progress
 from tightwad.swarm.puller import Puller, PullOptions
 from tightwad.swarm.server import API
 from tightwad.swarm.storage import interrupted_downloads
-
-from tightwad.errors import TightwadError
-from tightwad.manifest import parse_size
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 

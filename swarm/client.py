@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+
 from tightwad.swarm.bitfield import Bitfield
 from tightwad.swarm.pieces import ManifestInvalid, PieceManifest
 from tightwad.swarm.server import API

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+
 from tightwad.swarm.client import PeerError, SwarmClient
 from tightwad.swarm.hosting import BackgroundServer, check_bind
 from tightwad.swarm.library import Library, cached_manifest, complete_entry, manifest_for, servable_files

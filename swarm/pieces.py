@@ -16,10 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from tightwad.errors import TightwadError
 from tightwad.swarm.gguf_layout import read_layout
 from tightwad.swarm.hashing import hash_file
-
-from tightwad.errors import TightwadError
 
 FORMAT = 1
 DEFAULT_PIECE_SIZE = 64 << 20

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tightwad.errors import TightwadError
 from tightwad.swarm.bitfield import Bitfield
 from tightwad.swarm.client import NotHeld, PeerError, SwarmClient, Unauthorized
 from tightwad.swarm.delta import Fetch, Step, is_fetch_only, plan_all
@@ -29,8 +30,6 @@ from tightwad.swarm.scoring import PeerScore
 from tightwad.swarm.selection import availability, pick_endgame, pick_piece
 from tightwad.swarm.storage import DownloadCorrupt, PartialDownload, saved_manifest
 from tightwad.swarm.tracker import normalise_peer_url
-
-from tightwad.errors import TightwadError
 
 FLUSH = 1 << 20  # hash and write received bytes in 1 MiB batches, in a worker thread
 ANNOUNCE_EVERY = 30.0

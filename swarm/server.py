@@ -26,13 +26,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from tightwad.auth import BearerAuth
 from tightwad.swarm.httprange import RangeError, content_range, parse_range
 from tightwad.swarm.library import Entry, Library
 from tightwad.swarm.pieces import is_sha256
 from tightwad.swarm.ratelimit import TokenBucket
 from tightwad.swarm.tracker import Tracker, normalise_peer_url
-
-from tightwad.auth import BearerAuth
 
 API = "/swarm/v1"
 CHUNK = 256 << 10

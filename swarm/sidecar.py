@@ -22,15 +22,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from rich.console import Console
+
+from tightwad import models as catalog
+from tightwad.errors import TightwadError
+from tightwad.manifest import Manifest, load_manifest, parse_size
 from tightwad.swarm.library import Library
 from tightwad.swarm.node import Node, NodeOptions, watch_folder
 from tightwad.swarm.pieces import ManifestInvalid, check_file_name
 from tightwad.swarm.puller import Puller, PullOptions
 from tightwad.swarm.storage import state_dir
-
-from tightwad import models as catalog
-from tightwad.errors import TightwadError
-from tightwad.manifest import Manifest, load_manifest, parse_size
 
 RETRY_EVERY = 5.0
 

@@ -17,11 +17,10 @@ import os
 import threading
 from pathlib import Path
 
+from tightwad.errors import TightwadError
 from tightwad.swarm.bitfield import Bitfield
 from tightwad.swarm.hashing import BLOCK
 from tightwad.swarm.pieces import ManifestInvalid, PieceManifest
-
-from tightwad.errors import TightwadError
 
 STATE_DIR = ".swarm"
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 from gguf.quants import dequantize, quant_shape_to_byte_shape, quantize
+
 from tightwad.swarm.gguf_layout import GGUFLayout, TensorSpan, read_layout
 
 

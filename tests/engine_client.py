@@ -12,8 +12,8 @@ from subprocess import Popen
 import httpx
 import numpy as np
 from procs import Processes
-from tightwad.engine import libllama
 
+from tightwad.engine import libllama
 from tightwad.launch import free_port, wait_for_http
 
 Propose = Callable[[list[int]], list[list[int]]]  # history -> drafts

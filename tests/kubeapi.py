@@ -24,6 +24,7 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
+
 from tightwad.operator.kubernetes_cr import ClusterRef
 from tightwad.operator.kubernetes_render import Settings, render_swarm, render_unit
 from tightwad.operator.kubernetes_workloads import Context, kubernetes_hosts, models_verified_in_pod

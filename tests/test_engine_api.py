@@ -14,10 +14,10 @@ import httpx
 import pytest
 from engine_client import EngineProcess, chat_prompt, engine_greedy, start_engine, tokenize
 from procs import Processes
-from tightwad.engine import cli, libllama
-from tightwad.engine.chat import ChatFormatter
 
 from tightwad import models
+from tightwad.engine import cli, libllama
+from tightwad.engine.chat import ChatFormatter
 from tightwad.launch import free_port
 from tightwad.toolchain import Toolchain
 

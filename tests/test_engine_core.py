@@ -6,12 +6,12 @@ import queue
 from collections.abc import Iterator
 
 import pytest
+
+from tightwad import models
 from tightwad.engine import libllama
 from tightwad.engine.core import Draft, Engine, ErrorEvent, FinishEvent, GenerationEvent, TokenEvent
 from tightwad.engine.errors import ContextLengthExceeded, ConversationEvicted, Overloaded
 from tightwad.engine.verify import SamplingParams
-
-from tightwad import models
 from tightwad.toolchain import Toolchain
 
 pytestmark = pytest.mark.integration

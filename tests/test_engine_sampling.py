@@ -23,10 +23,10 @@ import httpx
 import numpy as np
 import pytest
 from engine_client import EngineProcess, LocalDrafter, chat_prompt, tokenize
-from tightwad.engine import libllama
-from tightwad.engine.verify import SamplingParams, accept_sampled, target_distribution
 
 from tightwad import models
+from tightwad.engine import libllama
+from tightwad.engine.verify import SamplingParams, accept_sampled, target_distribution
 
 pytestmark = pytest.mark.integration
 

@@ -16,6 +16,8 @@ import pytest
 import yaml
 from kubeapi import ROOT, RecordingWorkloads, Server, start_server, stop_server
 from kubernetes_asyncio import client
+
+from tightwad.crd import CRD_NAME, GROUP, PLURAL, VERSION
 from tightwad.operator.kubernetes_api import Rest, connect
 from tightwad.operator.kubernetes_cr import FINALIZER, api_path
 from tightwad.operator.kubernetes_lease import CoordinationLeases, LeaderElector
@@ -24,8 +26,6 @@ from tightwad.operator.kubernetes_watch import Backoff
 from tightwad.operator.kubernetes_workloads import Context
 from tightwad.operator.plan import Policy
 from tightwad.operator.units import Kind
-
-from tightwad.crd import CRD_NAME, GROUP, PLURAL, VERSION
 
 NS = "default"
 CHART_CRD = ROOT / "charts" / "tightwad" / "crds" / f"{PLURAL}.yaml"

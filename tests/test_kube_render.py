@@ -11,14 +11,14 @@ from typing import Any
 import pytest
 import yaml
 from kubeapi import ROOT, validate
+
+from tightwad.manifest import Manifest, load_manifest, parse_manifest
 from tightwad.operator.desired import desired_state
 from tightwad.operator.kubernetes_operator import MANIFEST_IN_POD, main
 from tightwad.operator.kubernetes_render import ANNOTATION_UNIT, Owner, Settings, render_all
 from tightwad.operator.kubernetes_workloads import kubernetes_hosts, states_from_objects
 from tightwad.operator.observed import Health
 from tightwad.operator.units import Kind, Unit
-
-from tightwad.manifest import Manifest, load_manifest, parse_manifest
 
 TOKEN = "s3cret-token-for-tests"
 OWNER = Owner("homelab", "default", "6f1c9d1e-0000-4000-8000-000000000001", {"owner": "alex"})

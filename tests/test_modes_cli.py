@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from tightwad.proxy.cli import build_parser, config_from_args
 
 from tightwad.errors import TightwadError
+from tightwad.proxy.cli import build_parser, config_from_args
 
 
 def config(*argv: str):  # type: ignore[no-untyped-def]

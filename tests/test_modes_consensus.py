@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 from modes_fakes import MultiDraftEngine, ScriptedDrafter, make_race, run, target_alone
-from tightwad.proxy.config import DrafterConfig, ProxyConfig
-from tightwad.proxy.consensus import POLICIES, agreed
 
 from tightwad.errors import TightwadError
+from tightwad.proxy.config import DrafterConfig, ProxyConfig
+from tightwad.proxy.consensus import POLICIES, agreed
 
 A, B, C, D, X, Y = 1, 2, 3, 4, 8, 9
 

@@ -10,6 +10,7 @@ import json
 
 import httpx
 import pytest
+
 from tightwad.proxy.app import create_app
 from tightwad.proxy.config import GateConfig, GateEndpointConfig, ProxyConfig
 from tightwad.proxy.gate import Endpoint, Gate, GateUnavailable, parse_verdict
@@ -167,9 +168,8 @@ def test_the_manifest_gate_section_and_race_mode_reach_the_proxy_config(
 ) -> None:
     from pathlib import Path
 
-    from tightwad.proxy.config import from_manifest
-
     from tightwad.manifest import load_manifest
+    from tightwad.proxy.config import from_manifest
 
     monkeypatch.setenv("TIGHTWAD_TOKEN", "t0ken")
     config = from_manifest(load_manifest(Path(__file__).parents[1] / "examples" / "homelab.yaml"))

@@ -10,6 +10,7 @@ import time
 import httpx
 import pytest
 from modes_fakes import N_VOCAB, MultiDraftEngine, ScriptedDrafter, make_race, run, target_alone
+
 from tightwad.proxy.app import create_app
 from tightwad.proxy.config import DrafterConfig, ProxyConfig
 from tightwad.proxy.costmodel import Costs

@@ -23,13 +23,13 @@ from typing import Any
 import pytest
 from docker.types import DeviceRequest
 from operator_support import ROOT, Operator, answers_again, chat, local_manifest, write_manifest
-from tightwad.operator.desired import desired_state
-from tightwad.operator.docker import LABEL, Images, container_config, container_name, model_file
 
 import docker
 from tightwad import models
 from tightwad.launch import free_port
 from tightwad.manifest import manifest_from_dict
+from tightwad.operator.desired import desired_state
+from tightwad.operator.docker import LABEL, Images, container_config, container_name, model_file
 from tightwad.toolchain import Toolchain
 
 BUSYBOX_APPLETS = ("sh", "sha256sum", "stat", "head", "cut", "cat", "ls", "echo", "true", "test", "[")

@@ -18,6 +18,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 from test_operator_plan import BASE, Sim, manifest_data
+
+from tightwad import models
+from tightwad.launch import free_port
+from tightwad.manifest import manifest_from_dict
 from tightwad.operator import router as router_module
 from tightwad.operator.cli import main as operator_main
 from tightwad.operator.commands import Binaries, CannotRun, command, environment
@@ -38,10 +42,6 @@ from tightwad.operator.show import render
 from tightwad.operator.status import StatusFile, conditions
 from tightwad.operator.swap import swap_text
 from tightwad.operator.units import ModelRef
-
-from tightwad import models
-from tightwad.launch import free_port
-from tightwad.manifest import manifest_from_dict
 
 BIN = Binaries(python=("py", "-m"), rpc_server="rpc", llama_server="ls")
 

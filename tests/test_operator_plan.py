@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 import yaml
+
+from tightwad.manifest import manifest_from_dict
 from tightwad.operator.desired import Desired, desired_state, token_fingerprint
 from tightwad.operator.observed import Health, ModelCheck, ModelState, Observed, UnitState
 from tightwad.operator.plan import Plan, Policy, Route, Start, Stop, VerifyModel, plan
 from tightwad.operator.units import ENGINE_ROUTER, Kind, Unit
-
-from tightwad.manifest import manifest_from_dict
 
 NOW = 1_000_000.0
 MiB = 2**20

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 from engine_client import llama_server_greedy
 from procs import Processes, start_rpc_workers
-from tightwad.engine import libllama
 
 from tightwad import models
+from tightwad.engine import libllama
 from tightwad.launch import free_port, llama_server_command, wait_for_http
 from tightwad.toolchain import Toolchain
 

@@ -7,6 +7,10 @@ import asyncio
 from pathlib import Path
 
 import pytest
+
+from tightwad.errors import TightwadError
+from tightwad.manifest import load_manifest
+from tightwad.openai import InvalidRequest
 from tightwad.proxy import costmodel
 from tightwad.proxy.config import ProxyConfig, from_manifest
 from tightwad.proxy.controller import Controller, Policy
@@ -20,10 +24,6 @@ from tightwad.proxy.llama_server_drafter import LlamaServerDrafter, parse_comple
 from tightwad.proxy.ngram_drafter import prompt_lookup
 from tightwad.proxy.requests import parse_params, parse_prompt, passthrough_reason
 from tightwad.proxy.sampling import Sampling
-
-from tightwad.errors import TightwadError
-from tightwad.manifest import load_manifest
-from tightwad.openai import InvalidRequest
 from tightwad.stops import StopMatcher
 
 

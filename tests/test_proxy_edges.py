@@ -12,15 +12,15 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from tightwad import netdelay
+from tightwad.errors import TightwadError
+from tightwad.launch import free_port
 from tightwad.proxy.cli import build_parser, config_from_args
 from tightwad.proxy.detok import Vocabulary
 from tightwad.proxy.drafter import DrafterError, DraftRequest
 from tightwad.proxy.text_drafters import OllamaDrafter, OpenAIDrafter
 from tightwad.proxy.upstream import EngineClient, EngineUnavailable
-
-from tightwad import netdelay
-from tightwad.errors import TightwadError
-from tightwad.launch import free_port
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "local.yaml"
 

@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
+
 from tightwad.proxy.controller import Controller, Policy
 from tightwad.proxy.conversations import ConversationPool
 from tightwad.proxy.detok import Vocabulary

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from tightwad.engine.sessions import ANONYMOUS_PREFIX, SessionTable
-
 from tightwad.tokens import common_prefix
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGUFReader
+
 from tightwad.swarm.bitfield import Bitfield
 from tightwad.swarm.delta import ContentIndex, Copy, Fetch, Fill, fetched_bytes, plan_all, plan_piece
 from tightwad.swarm.gguf_layout import read_layout
@@ -285,9 +286,8 @@ def test_initial_seeding_offers_each_piece_once_then_everything() -> None:
 
 
 def test_each_host_needs_the_files_of_what_it_runs(tmp_path: Path) -> None:
-    from tightwad.swarm.sidecar import models_for_host
-
     from tightwad.manifest import parse_manifest
+    from tightwad.swarm.sidecar import models_for_host
 
     (tmp_path / "draft.gguf").write_bytes(b"GGUF")
     manifest = parse_manifest(

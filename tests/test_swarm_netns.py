@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from procs import Processes
+
 from tightwad.swarm.synth import random_file
 from tightwad.swarm.testnet import Host, Hosts, namespaces_unavailable, sweep_stale
 

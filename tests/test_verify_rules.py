@@ -14,6 +14,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+
 from tightwad.engine.verify import (
     SamplingParams,
     Verdict,

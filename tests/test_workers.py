@@ -6,7 +6,6 @@ import socket
 import time
 
 from tightwad.engine.workers import PoolMonitor, connect_probe
-
 from tightwad.launch import free_port
 
 
