@@ -6,8 +6,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from engine_client import INVARIANT_ENGINE, EngineProcess, LocalDrafter, start_engine
-from procs import Processes
+from support.engines import INVARIANT_ENGINE, EngineProcess, LocalDrafter, start_engine
+from support.procs import Processes
 
 from tightwad import toolchain as toolchain_module
 from tightwad.toolchain import Toolchain

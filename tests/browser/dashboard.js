@@ -1,4 +1,4 @@
-// Headless check of the proxy dashboard (used by tests/test_modes_dashboard.py):
+// Headless check of the proxy dashboard (used by tests/proxy/test_dashboard.py):
 // node dashboard.js <playwright-core dir> <chromium> <proxy url> <token> <screenshot.png>
 "use strict";
 const [pwDir, chromium, url, token, shot] = process.argv.slice(2);
