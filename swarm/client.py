@@ -8,12 +8,13 @@ from typing import Any
 
 import httpx
 
+from tightwad.errors import TightwadError
 from tightwad.swarm.bitfield import Bitfield
 from tightwad.swarm.pieces import ManifestInvalid, PieceManifest
 from tightwad.swarm.server import API
 
 
-class PeerError(Exception):
+class PeerError(TightwadError):
     """A peer failed a request (unreachable, refused, bad answer); the peer is backed off."""
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import gguf
 
+from tightwad.errors import TightwadError
+
 _SCALAR_SIZES = {
     gguf.GGUFValueType.UINT8: 1,
     gguf.GGUFValueType.INT8: 1,
@@ -29,7 +31,7 @@ _SCALAR_SIZES = {
 }
 
 
-class GGUFLayoutError(ValueError):
+class GGUFLayoutError(TightwadError, ValueError):  # ValueError: what a parse failure is
     """The bytes are not a GGUF file this parser understands (the file is then treated as opaque)."""
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import re
 
+from tightwad.errors import TightwadError
+
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
-class RangeError(ValueError):
+class RangeError(TightwadError, ValueError):  # ValueError: what a parse failure is
     """Answer 416: the range is malformed, multi-part or outside the file."""
 
 

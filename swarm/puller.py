@@ -39,8 +39,8 @@ class PullError(TightwadError):
     """The download cannot finish; the message says what is missing and what to check."""
 
 
-class _Corrupt(Exception):
-    pass
+class _Corrupt(TightwadError):
+    """A piece from a peer did not match its SHA-256 (counts towards the peer's ban)."""
 
 
 @dataclass

@@ -9,6 +9,7 @@ import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from tightwad.errors import TightwadError
 from tightwad.swarm.delta import ContentIndex, Copy, Fill, Step
 from tightwad.swarm.hashing import BLOCK
 from tightwad.swarm.library import cached_manifest, manifest_for, servable_files
@@ -18,7 +19,7 @@ from tightwad.swarm.storage import PartialDownload
 Absorb = Callable[[int, bytes | memoryview], None]
 
 
-class LocalSourceGone(OSError):
+class LocalSourceGone(TightwadError, OSError):  # OSError: readers of local files catch that
     """A local file is shorter than its manifest says (it changed); the piece is fetched instead."""
 
 
