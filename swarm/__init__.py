@@ -15,5 +15,6 @@ Thin adapters:
     puller.py (one download), node.py (a running node), sidecar.py (the per-host loop),
     progress.py (rich bar, log lines, JSON events), cli.py (`tightwad swarm ...`)
 
-For tests and benchmarks: synth.py (files and GGUF edits), testnet.py (hosts as network namespaces).
+Test and benchmark tools (synthetic files and GGUF edits, hosts as network namespaces) live in
+tests/support/, not in the shipped package.
 """

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from support import netdelay
 
-from tightwad import netdelay
 from tightwad.errors import TightwadError
 from tightwad.launch import free_port
 from tightwad.proxy.cli import build_parser, config_from_args

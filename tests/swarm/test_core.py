@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGUFReader
+from support.synth import random_file, rewrite_gguf, tiny_gguf
 
 from tightwad.swarm.bitfield import Bitfield
 from tightwad.swarm.delta import ContentIndex, Copy, Fetch, Fill, fetched_bytes, plan_all, plan_piece
@@ -23,7 +24,6 @@ from tightwad.swarm.ratelimit import TokenBucket
 from tightwad.swarm.scoring import BACKOFF_MAX, PeerScore
 from tightwad.swarm.seeding import UploadLedger
 from tightwad.swarm.selection import availability, pick_endgame, pick_piece
-from tightwad.swarm.synth import random_file, rewrite_gguf, tiny_gguf
 from tightwad.swarm.tracker import Tracker, normalise_peer_url
 
 KIB = 1024

@@ -16,9 +16,8 @@ from typing import Any
 
 import pytest
 from support.procs import Processes
-
-from tightwad.swarm.synth import random_file
-from tightwad.swarm.testnet import Host, Hosts, namespaces_unavailable, sweep_stale
+from support.synth import random_file
+from support.testnet import Host, Hosts, namespaces_unavailable, sweep_stale
 
 MIB = 1024 * 1024
 SIZE = 16 * MIB

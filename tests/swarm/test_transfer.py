@@ -22,6 +22,7 @@ import httpx
 import numpy as np
 import pytest
 from support.procs import Processes
+from support.synth import random_file, rewrite_gguf, tiny_gguf
 
 from tightwad.launch import free_port, wait_for_http
 from tightwad.swarm.bitfield import Bitfield
@@ -30,7 +31,6 @@ from tightwad.swarm.library import Library, complete_entry, store_manifest
 from tightwad.swarm.pieces import PieceManifest, build_manifest
 from tightwad.swarm.puller import Puller, PullError, PullOptions
 from tightwad.swarm.server import create_app
-from tightwad.swarm.synth import random_file, rewrite_gguf, tiny_gguf
 
 KIB, MIB = 1024, 1024 * 1024
 PIECE = 128 * KIB

@@ -1,6 +1,7 @@
 """Files for tests and benchmarks: random bytes, tiny GGUFs, and new versions of a GGUF (a metadata
 edit, or some tensors re-quantised) written the way real tools write them, so delta updates can be
-measured on real layouts. The tensor data is copied or converted with the `gguf` package."""
+measured on real layouts. The tensor data is copied or converted with the `gguf` package. Used by
+the swarm tests and bench/swarm.py; nothing in the shipped package needs it."""
 
 from __future__ import annotations
 

@@ -1,11 +1,12 @@
 """A user-space TCP proxy that adds a fixed latency each way: a LAN between processes on one machine.
 
-    python -m tightwad.netdelay --listen 127.0.0.1:50200 --to 127.0.0.1:50152 --delay-ms 2
+    python tests/support/netdelay.py --listen 127.0.0.1:50200 --to 127.0.0.1:50152 --delay-ms 2
 
 Every chunk read on one side is written to the other side `delay` seconds after it arrived, in
 order, so a request/response round trip costs 2 × delay more (bandwidth is not limited). There is
 no netem here, and this needs no privileges. Used by the benchmarks to put the rpc workers of a
-pool "behind a network".
+pool "behind a network" (run as a script), and by the proxy tests (`serve`). A test and bench tool,
+so it lives here and not in the shipped package.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def _address(text: str) -> tuple[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tightwad.netdelay", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="netdelay.py", description=__doc__.splitlines()[0])
     p.add_argument("--listen", type=_address, required=True, help="host:port to accept connections on")
     p.add_argument("--to", type=_address, required=True, help="host:port to forward them to")
     p.add_argument("--delay-ms", type=float, default=2.0, help="added latency each way")

@@ -1,5 +1,6 @@
 """Several hosts on one machine, for tests and benchmarks: network namespaces on a bridge, built by
-scripts/netns-hosts.sh (which nothing here duplicates). Only meaningful in a checkout, as root."""
+scripts/netns-hosts.sh (which nothing here duplicates). Only meaningful in a checkout, as root; the
+swarm tests and bench/swarm.py use it."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "netns-hosts.sh"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "netns-hosts.sh"
 
 
 @dataclass(frozen=True)
