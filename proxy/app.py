@@ -52,17 +52,17 @@ from tightwad.proxy.conversations import ConversationPool
 from tightwad.proxy.costmodel import Costs
 from tightwad.proxy.dashboard import DASHBOARD_HTML, live_stats
 from tightwad.proxy.detok import Vocabulary
-from tightwad.proxy.drafter import Drafter
+from tightwad.proxy.drafters.base import Drafter
+from tightwad.proxy.drafters.guard import GuardedDrafter
+from tightwad.proxy.drafters.llama_server import LlamaServerDrafter
+from tightwad.proxy.drafters.ngram import NgramDrafter
+from tightwad.proxy.drafters.race import RaceDrafter
+from tightwad.proxy.drafters.text import OllamaDrafter, OpenAIDrafter
 from tightwad.proxy.gate import Endpoint, Gate
-from tightwad.proxy.guard import GuardedDrafter
-from tightwad.proxy.llama_server_drafter import LlamaServerDrafter
-from tightwad.proxy.ngram_drafter import NgramDrafter
-from tightwad.proxy.race import RaceDrafter
 from tightwad.proxy.replies import Delta, TextReply
 from tightwad.proxy.requests import Params, parse_messages, parse_params, parse_prompt, passthrough_reason
 from tightwad.proxy.speculate import Job, Settings, Speculator
 from tightwad.proxy.telemetry import Telemetry
-from tightwad.proxy.text_drafters import OllamaDrafter, OpenAIDrafter
 from tightwad.proxy.upstream import EngineClient, EngineInfo, EngineUnavailable
 
 OPEN_PATHS = ("/health", "/ready", "/dashboard")  # /dashboard: a page with no data in it

@@ -16,7 +16,7 @@ Around that loop:
   round n is accepted (it drafts one token more, its guess of the target's bonus token); when the
   verdict proves the guess right the next round starts with its draft ready, otherwise it is dropped.
 
-Several drafters per round (race.py): the drafter answers `Candidates`, a round sends them all as
+Several drafters per round (drafters/race.py): the drafter answers `Candidates`, a round sends them all as
 a list of proposals and the verdict says which one won (`draft_index`). Consensus (APPROXIMATE,
 opt-in, consensus.py): when the candidates agree under `Settings.consensus`, the agreed tokens are
 emitted without the target (`Step.skipped`), and sent to the engine with the next verify.
@@ -34,9 +34,9 @@ from tightwad.proxy.consensus import agreed
 from tightwad.proxy.controller import Controller
 from tightwad.proxy.conversations import ConversationPool, Lease
 from tightwad.proxy.detok import Vocabulary
-from tightwad.proxy.drafter import DraftRequest, Proposal
-from tightwad.proxy.guard import GuardedDrafter
-from tightwad.proxy.race import Candidates, RaceDrafter
+from tightwad.proxy.drafters.base import DraftRequest, Proposal
+from tightwad.proxy.drafters.guard import GuardedDrafter
+from tightwad.proxy.drafters.race import Candidates, RaceDrafter
 from tightwad.proxy.sampling import Sampling
 from tightwad.proxy.telemetry import Telemetry
 from tightwad.proxy.upstream import ConversationLost, EngineClient, Verdict

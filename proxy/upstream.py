@@ -20,7 +20,7 @@ import httpx
 
 from tightwad.openai import OpenAIError, Unavailable, UpstreamError, from_upstream
 from tightwad.proxy.detok import Vocabulary
-from tightwad.proxy.drafter import Proposal
+from tightwad.proxy.drafters.base import Proposal
 from tightwad.proxy.sampling import Sampling
 
 VERIFY_PATH = "/tightwad/v1/verify"

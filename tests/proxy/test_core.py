@@ -17,11 +17,11 @@ from tightwad.proxy.controller import Controller, Policy
 from tightwad.proxy.conversations import ConversationPool
 from tightwad.proxy.costmodel import Costs, choose, expected_tokens
 from tightwad.proxy.detok import TextStream, Vocabulary
-from tightwad.proxy.drafter import DrafterError, DraftRequest, Proposal
+from tightwad.proxy.drafters.base import DrafterError, DraftRequest, Proposal
+from tightwad.proxy.drafters.guard import GuardedDrafter, sanitise
+from tightwad.proxy.drafters.llama_server import LlamaServerDrafter, parse_completion
+from tightwad.proxy.drafters.ngram import prompt_lookup
 from tightwad.proxy.estimates import Acceptance, Line, LineFit
-from tightwad.proxy.guard import GuardedDrafter, sanitise
-from tightwad.proxy.llama_server_drafter import LlamaServerDrafter, parse_completion
-from tightwad.proxy.ngram_drafter import prompt_lookup
 from tightwad.proxy.requests import parse_params, parse_prompt, passthrough_reason
 from tightwad.proxy.sampling import Sampling
 from tightwad.stops import StopMatcher

@@ -18,8 +18,8 @@ from tightwad.errors import TightwadError
 from tightwad.launch import free_port
 from tightwad.proxy.cli import build_parser, config_from_args
 from tightwad.proxy.detok import Vocabulary
-from tightwad.proxy.drafter import DrafterError, DraftRequest
-from tightwad.proxy.text_drafters import OllamaDrafter, OpenAIDrafter
+from tightwad.proxy.drafters.base import DrafterError, DraftRequest
+from tightwad.proxy.drafters.text import OllamaDrafter, OpenAIDrafter
 from tightwad.proxy.upstream import EngineClient, EngineUnavailable
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "local.yaml"

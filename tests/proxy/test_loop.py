@@ -11,8 +11,8 @@ import pytest
 from tightwad.proxy.controller import Controller, Policy
 from tightwad.proxy.conversations import ConversationPool
 from tightwad.proxy.detok import Vocabulary
-from tightwad.proxy.drafter import DrafterError, DraftRequest, Proposal
-from tightwad.proxy.guard import GuardedDrafter
+from tightwad.proxy.drafters.base import DrafterError, DraftRequest, Proposal
+from tightwad.proxy.drafters.guard import GuardedDrafter
 from tightwad.proxy.replies import TextReply
 from tightwad.proxy.sampling import Sampling
 from tightwad.proxy.speculate import Job, Settings, Speculator

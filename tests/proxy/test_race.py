@@ -14,9 +14,16 @@ from support.proxy_fakes import N_VOCAB, MultiDraftEngine, ScriptedDrafter, make
 from tightwad.proxy.app import create_app
 from tightwad.proxy.config import DrafterConfig, ProxyConfig
 from tightwad.proxy.costmodel import Costs
-from tightwad.proxy.drafter import DrafterError, DraftRequest, Proposal
-from tightwad.proxy.guard import GuardedDrafter
-from tightwad.proxy.race import MAX_GRACE, MIN_GRACE, Candidates, RaceDrafter, Scoreboard, grace_seconds
+from tightwad.proxy.drafters.base import DrafterError, DraftRequest, Proposal
+from tightwad.proxy.drafters.guard import GuardedDrafter
+from tightwad.proxy.drafters.race import (
+    MAX_GRACE,
+    MIN_GRACE,
+    Candidates,
+    RaceDrafter,
+    Scoreboard,
+    grace_seconds,
+)
 
 EXPECTED = target_alone([5, 9, 13], 48)
 

@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator, Sequence
 from tightwad.proxy.controller import Controller, Policy
 from tightwad.proxy.conversations import ConversationPool
 from tightwad.proxy.detok import Vocabulary
-from tightwad.proxy.drafter import DraftRequest, Proposal
-from tightwad.proxy.guard import GuardedDrafter
-from tightwad.proxy.race import RaceDrafter
+from tightwad.proxy.drafters.base import DraftRequest, Proposal
+from tightwad.proxy.drafters.guard import GuardedDrafter
+from tightwad.proxy.drafters.race import RaceDrafter
 from tightwad.proxy.sampling import Sampling
 from tightwad.proxy.speculate import Job, Settings, Speculator
 from tightwad.proxy.telemetry import Telemetry

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tightwad.proxy.drafter import Drafter, DraftRequest, Proposal
+from tightwad.proxy.drafters.base import Drafter, DraftRequest, Proposal
 
 BASE_BACKOFF = 0.5
 MAX_BACKOFF = 30.0

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from tightwad.proxy.drafter import DrafterError, DraftRequest, Proposal
+from tightwad.proxy.drafters.base import DrafterError, DraftRequest, Proposal
 
 Tokenize = Callable[[str], Awaitable[list[int]]]  # text -> the target's token ids (no BOS)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from tightwad.proxy.drafter import DrafterError, DraftRequest, Proposal
+from tightwad.proxy.drafters.base import DrafterError, DraftRequest, Proposal
 
 SAMPLED_TOP_K = 32  # the drafter's top-k when sampling: every surviving token's probability comes back
 

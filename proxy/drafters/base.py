@@ -1,7 +1,7 @@
 """What every drafter takes and gives: anything that proposes the target's next tokens as token ids
-of the target's vocabulary. The kinds live in llama_server_drafter.py, text_drafters.py and
-ngram_drafter.py; guard.py makes any of them fail soft. Exactness never depends on a drafter: the
-engine verifies every token."""
+of the target's vocabulary. The kinds live in llama_server.py, text.py and ngram.py beside this
+file; guard.py makes any of them fail soft. Exactness never depends on a drafter: the engine
+verifies every token."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Protocol
 
+from tightwad.errors import TightwadError
 from tightwad.proxy.detok import Vocabulary
 from tightwad.proxy.sampling import Sampling
 
 
-class DrafterError(Exception):
+class DrafterError(TightwadError):
     """The drafter could not propose (down, slow, or an answer we cannot read)."""
 
 

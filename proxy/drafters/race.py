@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tightwad.proxy.costmodel import Costs
-from tightwad.proxy.drafter import DraftRequest, Proposal
-from tightwad.proxy.guard import GuardedDrafter
+from tightwad.proxy.drafters.base import DraftRequest, Proposal
+from tightwad.proxy.drafters.guard import GuardedDrafter
 
 MIN_GRACE = 0.005  # seconds a slower drafter always gets after the first proposal
 MAX_GRACE = 1.0

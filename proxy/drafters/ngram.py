@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tightwad.proxy.drafter import DraftRequest, Proposal
+from tightwad.proxy.drafters.base import DraftRequest, Proposal
 
 
 def prompt_lookup(history: Sequence[int], k: int, n_max: int = 3, n_min: int = 1) -> list[int]:
