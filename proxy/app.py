@@ -47,9 +47,7 @@ from tightwad.openai import (
     usage,
 )
 from tightwad.proxy.config import DrafterConfig, ProxyConfig
-from tightwad.proxy.controller import Controller, Policy
 from tightwad.proxy.conversations import ConversationPool
-from tightwad.proxy.costmodel import Costs
 from tightwad.proxy.dashboard import DASHBOARD_HTML, live_stats
 from tightwad.proxy.detok import Vocabulary
 from tightwad.proxy.drafters.base import Drafter
@@ -59,6 +57,8 @@ from tightwad.proxy.drafters.ngram import NgramDrafter
 from tightwad.proxy.drafters.race import RaceDrafter
 from tightwad.proxy.drafters.text import OllamaDrafter, OpenAIDrafter
 from tightwad.proxy.gate import Endpoint, Gate
+from tightwad.proxy.kpolicy.controller import KController, KPolicy
+from tightwad.proxy.kpolicy.costmodel import Costs
 from tightwad.proxy.replies import Delta, TextReply
 from tightwad.proxy.requests import Params, parse_messages, parse_params, parse_prompt, passthrough_reason
 from tightwad.proxy.speculate import Job, Settings, Speculator
@@ -106,7 +106,7 @@ class Proxy:
         self.backend: Backend | None = None
         self._loading = asyncio.Lock()
         self.speculator: Speculator | None = None
-        self.controller: Controller | None = None
+        self.controller: KController | None = None
         self.drafter: GuardedDrafter | RaceDrafter | None = None
         if config.mode in SPECULATING_MODES and config.drafters:
             if config.mode == "speculate":
@@ -120,7 +120,7 @@ class Proxy:
                 ]
                 self.drafter = RaceDrafter(guards, costs=self._costs)
                 pipelined = config.pipeline  # drafts the next round on the best-guess candidate
-            self.controller = Controller(Policy(fixed_k=config.max_draft_tokens, pipelined=pipelined))
+            self.controller = KController(KPolicy(fixed_k=config.max_draft_tokens, pipelined=pipelined))
             self.speculator = Speculator(
                 self.engine,
                 self.drafter,

@@ -31,12 +31,12 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from tightwad.proxy.consensus import agreed
-from tightwad.proxy.controller import Controller
 from tightwad.proxy.conversations import ConversationPool, Lease
 from tightwad.proxy.detok import Vocabulary
 from tightwad.proxy.drafters.base import DraftRequest, Proposal
 from tightwad.proxy.drafters.guard import GuardedDrafter
 from tightwad.proxy.drafters.race import Candidates, RaceDrafter
+from tightwad.proxy.kpolicy.controller import KController
 from tightwad.proxy.sampling import Sampling
 from tightwad.proxy.telemetry import Telemetry
 from tightwad.proxy.upstream import ConversationLost, EngineClient, Verdict
@@ -79,7 +79,7 @@ class Speculator:
         self,
         engine: EngineClient,
         drafter: GuardedDrafter | RaceDrafter,
-        controller: Controller,
+        controller: KController,
         conversations: ConversationPool,
         telemetry: Telemetry,
         settings: Settings | None = None,

@@ -9,7 +9,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
-from tightwad.proxy.estimates import Average
+from tightwad.proxy.kpolicy.estimates import Average
 
 disable_created_metrics()  # no `*_created` series: they double the output and nobody graphs them
 

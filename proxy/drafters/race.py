@@ -23,9 +23,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tightwad.proxy.costmodel import Costs
 from tightwad.proxy.drafters.base import DraftRequest, Proposal
 from tightwad.proxy.drafters.guard import GuardedDrafter
+from tightwad.proxy.kpolicy.costmodel import Costs
 
 MIN_GRACE = 0.005  # seconds a slower drafter always gets after the first proposal
 MAX_GRACE = 1.0

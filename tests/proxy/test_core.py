@@ -11,17 +11,17 @@ import pytest
 from tightwad.errors import TightwadError
 from tightwad.manifest import load_manifest
 from tightwad.openai import InvalidRequest
-from tightwad.proxy import costmodel
 from tightwad.proxy.config import ProxyConfig, from_manifest
-from tightwad.proxy.controller import Controller, Policy
 from tightwad.proxy.conversations import ConversationPool
-from tightwad.proxy.costmodel import Costs, choose, expected_tokens
 from tightwad.proxy.detok import TextStream, Vocabulary
 from tightwad.proxy.drafters.base import DrafterError, DraftRequest, Proposal
 from tightwad.proxy.drafters.guard import GuardedDrafter, sanitise
 from tightwad.proxy.drafters.llama_server import LlamaServerDrafter, parse_completion
 from tightwad.proxy.drafters.ngram import prompt_lookup
-from tightwad.proxy.estimates import Acceptance, Line, LineFit
+from tightwad.proxy.kpolicy import costmodel
+from tightwad.proxy.kpolicy.controller import KController, KPolicy
+from tightwad.proxy.kpolicy.costmodel import Costs, choose, expected_tokens
+from tightwad.proxy.kpolicy.estimates import Acceptance, Line, LineFit
 from tightwad.proxy.requests import parse_params, parse_prompt, passthrough_reason
 from tightwad.proxy.sampling import Sampling
 from tightwad.stops import StopMatcher
@@ -107,7 +107,7 @@ def test_line_fit_recovers_cost_per_token_and_keeps_the_prior_shape_without_spre
 
 
 # the policy -------------------------------------------------------------------------------------
-def feed(c: Controller, rounds: int, accepted: float, draft_per_token: float, verify: float = 0.05) -> None:
+def feed(c: KController, rounds: int, accepted: float, draft_per_token: float, verify: float = 0.05) -> None:
     for i in range(rounds):
         k = c.next_k() or 4
         n = round(accepted * k) if i % 2 else k
@@ -118,14 +118,14 @@ def feed(c: Controller, rounds: int, accepted: float, draft_per_token: float, ve
 
 
 def test_controller_drafts_while_it_pays() -> None:
-    c = Controller(Policy(k_max=16))
+    c = KController(KPolicy(k_max=16))
     assert c.next_k() == 4  # nothing measured yet
     feed(c, 40, accepted=0.9, draft_per_token=0.004)
     assert not c.off and c.next_k() > 1
 
 
 def test_controller_switches_off_for_a_bad_drafter_and_probes_later_with_growing_gaps() -> None:
-    c = Controller(Policy(k_max=16, probe_after=32, probe_rounds=2, max_probe_after=128))
+    c = KController(KPolicy(k_max=16, probe_after=32, probe_rounds=2, max_probe_after=128))
     c.record_engine(33, 32, 32 * 0.02)  # the target alone: 50 tok/s, faster than any round here
     feed(c, 40, accepted=0.0, draft_per_token=0.02)
     assert c.off and c.next_k() == 0 and c.off_chunk() == 32
@@ -141,7 +141,7 @@ def test_controller_switches_off_for_a_bad_drafter_and_probes_later_with_growing
 
 
 def test_controller_keeps_a_fixed_k() -> None:
-    c = Controller(Policy(fixed_k=6))
+    c = KController(KPolicy(fixed_k=6))
     feed(c, 20, accepted=0.9, draft_per_token=0.002)
     assert c.next_k() == 6
 

@@ -8,11 +8,11 @@ from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
-from tightwad.proxy.controller import Controller, Policy
 from tightwad.proxy.conversations import ConversationPool
 from tightwad.proxy.detok import Vocabulary
 from tightwad.proxy.drafters.base import DrafterError, DraftRequest, Proposal
 from tightwad.proxy.drafters.guard import GuardedDrafter
+from tightwad.proxy.kpolicy.controller import KController, KPolicy
 from tightwad.proxy.replies import TextReply
 from tightwad.proxy.sampling import Sampling
 from tightwad.proxy.speculate import Job, Settings, Speculator
@@ -135,12 +135,12 @@ class FakeDrafter:
 
 
 def make(
-    engine: FakeEngine, drafter: FakeDrafter, pipeline: bool = True, policy: Policy | None = None
+    engine: FakeEngine, drafter: FakeDrafter, pipeline: bool = True, policy: KPolicy | None = None
 ) -> Speculator:
     guard = GuardedDrafter(drafter, n_vocab=lambda: N_VOCAB)
     settings = Settings(pipeline=pipeline, draft_timeout=0.05, first_draft_timeout=0.2, fallback_chunk=4)
     return Speculator(
-        engine, guard, Controller(policy or Policy()), ConversationPool(2), Telemetry(), settings
+        engine, guard, KController(policy or KPolicy()), ConversationPool(2), Telemetry(), settings
     )
 
 
@@ -218,7 +218,7 @@ def test_a_drafter_that_dies_mid_reply() -> None:
 
 def test_speculation_turns_itself_off_for_a_useless_drafter() -> None:
     engine = FakeEngine(decode_s=0.002)
-    policy = Policy(probe_after=16, warmup_rounds=3)
+    policy = KPolicy(probe_after=16, warmup_rounds=3)
     spec = make(engine, FakeDrafter("garbage"), pipeline=False, policy=policy)
     spec.controller.record_engine(20, 19, 19 * 0.002)  # the target alone is fast
     assert run(spec, PROMPT, 60) == target_alone(PROMPT, 60)

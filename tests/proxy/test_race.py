@@ -13,7 +13,6 @@ from support.proxy_fakes import N_VOCAB, MultiDraftEngine, ScriptedDrafter, make
 
 from tightwad.proxy.app import create_app
 from tightwad.proxy.config import DrafterConfig, ProxyConfig
-from tightwad.proxy.costmodel import Costs
 from tightwad.proxy.drafters.base import DrafterError, DraftRequest, Proposal
 from tightwad.proxy.drafters.guard import GuardedDrafter
 from tightwad.proxy.drafters.race import (
@@ -24,6 +23,7 @@ from tightwad.proxy.drafters.race import (
     Scoreboard,
     grace_seconds,
 )
+from tightwad.proxy.kpolicy.costmodel import Costs
 
 EXPECTED = target_alone([5, 9, 13], 48)
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 
-from tightwad.proxy.controller import Controller, Policy
 from tightwad.proxy.conversations import ConversationPool
 from tightwad.proxy.detok import Vocabulary
 from tightwad.proxy.drafters.base import DraftRequest, Proposal
 from tightwad.proxy.drafters.guard import GuardedDrafter
 from tightwad.proxy.drafters.race import RaceDrafter
+from tightwad.proxy.kpolicy.controller import KController, KPolicy
 from tightwad.proxy.sampling import Sampling
 from tightwad.proxy.speculate import Job, Settings, Speculator
 from tightwad.proxy.telemetry import Telemetry
@@ -140,7 +140,7 @@ def make_race(
     pipeline: bool = False,
 ) -> Speculator:
     guards = [GuardedDrafter(d, n_vocab=lambda: N_VOCAB) for d in drafters]
-    controller = Controller(Policy(fixed_k=k))
+    controller = KController(KPolicy(fixed_k=k))
     race = RaceDrafter(guards, costs=controller.costs)
     settings = Settings(
         pipeline=pipeline, draft_timeout=0.5, first_draft_timeout=0.5, first_patience=0.5, consensus=consensus

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tightwad.proxy.costmodel import Choice, Costs, choose, rate
-from tightwad.proxy.estimates import Acceptance, Average, Line, LineFit
+from tightwad.proxy.kpolicy.costmodel import Choice, Costs, choose, rate
+from tightwad.proxy.kpolicy.estimates import Acceptance, Average, Line, LineFit
 
 # Shape priors (ratio of a token's cost to the fixed cost), used until the spread of measured K
 # shows the real slope: a verify of 9 positions costs ~1.7x a one-token decode (measured on CPU);
@@ -27,7 +27,9 @@ DRAFT_RATIO = 1.0
 
 
 @dataclass(frozen=True)
-class Policy:
+class KPolicy:
+    """The rules `KController` chooses K under: its range, the warm-up, and the off/probe schedule."""
+
     k_max: int = 16  # the most tokens `auto` may draft
     fixed_k: int | None = None  # the user's fixed K (None = auto)
     initial_k: int = 4  # before anything is measured
@@ -39,9 +41,11 @@ class Policy:
     pipelined: bool = False
 
 
-class Controller:
-    def __init__(self, policy: Policy | None = None) -> None:
-        self.policy = policy or Policy()
+class KController:
+    """Measurements of one drafter and engine in, the next round's K out."""
+
+    def __init__(self, policy: KPolicy | None = None) -> None:
+        self.policy = policy or KPolicy()
         self.acceptance = Acceptance()
         self.draft = LineFit(Line(0.0, 0.0), DRAFT_RATIO)
         self.verify = LineFit(Line(0.0, 0.0), VERIFY_RATIO)
