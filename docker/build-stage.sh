@@ -5,7 +5,9 @@
 #                           into /opt/llama
 #   build-stage.sh python   Tightwad with llama-cpp-python (bindings only, pointed at /opt/llama)
 #                           into the virtual environment /opt/venv
-set -euo pipefail
+set -Eeuo pipefail
+# Fail loudly: name the command and the line that failed, never just a bare non-zero exit.
+trap 'echo "error: $0: line $LINENO: \`$BASH_COMMAND\` failed (exit $?)" >&2' ERR
 
 export TIGHTWAD_CACHE=/tmp/cache
 case "${1:-}" in

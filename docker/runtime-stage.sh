@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The runtime stage shared by all images: only what running needs, and an unprivileged user that
 # owns the model volume.
-set -euo pipefail
+set -Eeuo pipefail
+# Fail loudly: name the command and the line that failed, never just a bare non-zero exit.
+trap 'echo "error: $0: line $LINENO: \`$BASH_COMMAND\` failed (exit $?)" >&2' ERR
 
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq

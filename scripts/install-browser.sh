@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # playwright-core (the driver only, no browser download) into the cache, for the dashboard's
 # headless-browser test; the browser is Debian's chromium (scripts/install-system-deps.sh).
-set -euo pipefail
+set -Eeuo pipefail
+# Fail loudly: name the command and the line that failed, never just a bare non-zero exit.
+trap 'echo "error: $0: line $LINENO: \`$BASH_COMMAND\` failed (exit $?)" >&2' ERR
 
 version=1.65.1
 cache="${TIGHTWAD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tightwad}"

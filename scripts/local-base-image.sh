@@ -4,7 +4,9 @@
 # The Dockerfiles take their base images as build arguments, so this tag builds their CPU variants.
 #
 #   DOCKER_HOST=unix://... scripts/local-base-image.sh [TAG]    # default tag: tightwad-local/debian:bookworm
-set -euo pipefail
+set -Eeuo pipefail
+# Fail loudly: name the command and the line that failed, never just a bare non-zero exit.
+trap 'echo "error: $0: line $LINENO: \`$BASH_COMMAND\` failed (exit $?)" >&2' ERR
 
 tag="${1:-tightwad-local/debian:bookworm}"
 cache="${TIGHTWAD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tightwad}"

@@ -14,7 +14,9 @@
 # It prints one line per host: "NAMESPACE ADDRESS". Run a command on a host with
 # `ip netns exec NAME-1 COMMAND`. `down` deletes every namespace of NAME (their interfaces go with
 # them) and is safe to repeat. Needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN) and iproute2.
-set -euo pipefail
+set -Eeuo pipefail
+# Fail loudly: name the command and the line that failed, never just a bare non-zero exit.
+trap 'echo "error: $0: line $LINENO: \`$BASH_COMMAND\` failed (exit $?)" >&2' ERR
 
 usage() {
   sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//' >&2

@@ -12,7 +12,9 @@
 # not kubectl. TIGHTWAD_CRD_APISERVER overrides the binary; TIGHTWAD_CRD_APISERVER_ARGS adds flags
 # (the tests pass --watch-cache=false so that a compacted etcd revision expires watches at once).
 # DIR/etcd.url and DIR/apiserver.url say where each listens.
-set -euo pipefail
+set -Eeuo pipefail
+# Fail loudly: name the command and the line that failed, never just a bare non-zero exit.
+trap 'echo "error: $0: line $LINENO: \`$BASH_COMMAND\` failed (exit $?)" >&2' ERR
 
 stop() {
   local dir="$1" pidfile pid

@@ -14,7 +14,9 @@
 # listens on TCP inside that namespace (its containers then live on that namespace's address):
 #   TIGHTWAD_DOCKERD_ROOT=DIR TIGHTWAD_DOCKERD_NETNS=NAME TIGHTWAD_DOCKERD_LISTEN=tcp://IP:2375 \
 #     scripts/start-dockerd.sh          # prints the tcp:// endpoint
-set -euo pipefail
+set -Eeuo pipefail
+# Fail loudly: name the command and the line that failed, never just a bare non-zero exit.
+trap 'echo "error: $0: line $LINENO: \`$BASH_COMMAND\` failed (exit $?)" >&2' ERR
 
 cache=${TIGHTWAD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tightwad}
 root=${TIGHTWAD_DOCKERD_ROOT:-$cache/dockerd}

@@ -6,11 +6,42 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import leftovers
 from support.engines import INVARIANT_ENGINE, EngineProcess, LocalDrafter, start_engine
 from support.procs import Processes
 
 from tightwad import toolchain as toolchain_module
 from tightwad.toolchain import Toolchain
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_subreaper] = leftovers.become_subreaper()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Whatever needs the pinned llama.cpp build is an integration test, however it gets there.
+    for item in items:
+        if "toolchain" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Every fixture has been torn down by now: anything the suite started that still runs leaked."""
+    if not session.config.stash.get(_subreaper, False) or hasattr(session.config, "workerinput"):
+        return
+    found = leftovers.leftovers_after(grace=5.0)
+    if not found:
+        return
+    lines = "\n".join(f"  {leftover}" for leftover in found)
+    session.config.get_terminal_writer().line(
+        f"\nerror: {len(found)} process(es) started by the tests outlived them (now killed):\n{lines}",
+        red=True,
+    )
+    leftovers.end(found)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+_subreaper = pytest.StashKey[bool]()
 
 
 @pytest.fixture(scope="session")

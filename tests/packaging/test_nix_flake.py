@@ -18,7 +18,7 @@ NIX_ENV = {**os.environ, "NIX_CONFIG": "build-users-group =\nexperimental-featur
 
 def nix(*args: str) -> subprocess.CompletedProcess[str]:
     if not shutil.which("nix"):
-        pytest.fail("nix is missing; `make system` installs Debian's nix-bin")
+        pytest.fail("nix is missing; `scripts/install-system-deps.sh test` installs Debian's nix-bin")
     return subprocess.run(["nix", *args], env=NIX_ENV, capture_output=True, text=True, timeout=300)
 
 

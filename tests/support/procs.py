@@ -1,7 +1,15 @@
-"""Real processes for tests: started with their output in log files, always reaped."""
+"""Real processes for tests: started with their output in log files, always reaped.
+
+Each process gets its own process group, so stopping it ends everything it started too (a
+supervisor's children, a shell's pipeline). Stopping is SIGTERM to the group, then SIGKILL after a
+grace period. `preexec` restores the default SIGINT and SIGTERM dispositions: a test run launched
+from a background job (`make test &`, nohup, some CI runners) has SIGINT ignored, and children
+would inherit that.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -11,9 +19,33 @@ from pathlib import Path
 from tightwad.launch import free_port, rpc_worker_command, wait_for_port
 from tightwad.toolchain import Toolchain
 
+GRACE_SECONDS = 10.0
+
+
+def default_signals() -> None:
+    """In the child, before exec: the default dispositions, whatever the test runner inherited."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def stop_group(process: subprocess.Popen[bytes], grace: float = GRACE_SECONDS) -> None:
+    """SIGTERM the process's group, then SIGKILL it if it has not exited after `grace` seconds."""
+    if process.poll() is None:
+        _signal_group(process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=grace)
+    # The leader may have exited while its group lives on (a child it did not wait for).
+    _signal_group(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, sig)
+
 
 class Processes:
-    """Starts real processes with their output in log files and kills them all at teardown."""
+    """Starts real processes with their output in log files and stops them all at teardown."""
 
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
@@ -30,20 +62,18 @@ class Processes:
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **(env or {})},
                 start_new_session=True,
+                preexec_fn=default_signals,
             )
         self.running.append(process)
         return process, log
 
     def stop_all(self) -> None:
+        # Signal every group first so they wind down together, then wait for each in turn.
         for process in self.running:
             if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
+                _signal_group(process.pid, signal.SIGTERM)
         for process in self.running:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            stop_group(process)
 
 
 def start_rpc_workers(procs: Processes, toolchain: Toolchain, count: int) -> list[str]:
