@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -36,7 +37,7 @@ def listener() -> Iterator[int]:
 
 
 def test_a_listening_port_names_its_holder(listener: int) -> None:
-    comm = open(f"/proc/{os.getpid()}/comm").read().strip()
+    comm = Path(f"/proc/{os.getpid()}/comm").read_text().strip()
     assert ports.in_use("127.0.0.1", listener) == (
         f"port {listener} on 127.0.0.1 is in use (held by pid {os.getpid()}, {comm})"
     )
