@@ -3,7 +3,7 @@
   GET  /health, /ready          open (no token): the proxy, and whether the engine answers
   GET  /v1/models               the engine's model, with the proxy's mode in `meta.proxy`
                                 (mode consensus is APPROXIMATE: `exact: false`, `approximate: consensus`)
-  POST /v1/completions          speculative when it can be (see requests.py), else passed through
+  POST /v1/completions          speculative when it can be (see request_parsing.py), else passed through
   POST /v1/chat/completions     the same; chat prompts need the engine's template (see upstream.py)
   POST /tightwad/v1/gate/chat/completions   the quality gate (gate.py), when configured
   GET  /tightwad/v1/stats       live numbers for `tightwad proxy status`
@@ -59,9 +59,15 @@ from tightwad.proxy.drafters.text import OllamaDrafter, OpenAIDrafter
 from tightwad.proxy.gate import Endpoint, Gate
 from tightwad.proxy.kpolicy.controller import KController, KPolicy
 from tightwad.proxy.kpolicy.costmodel import Costs
-from tightwad.proxy.replies import Delta, TextReply
-from tightwad.proxy.requests import Params, parse_messages, parse_params, parse_prompt, passthrough_reason
-from tightwad.proxy.speculate import Job, Settings, Speculator
+from tightwad.proxy.replies import ReplyDelta, TextReply
+from tightwad.proxy.request_parsing import (
+    Params,
+    parse_messages,
+    parse_params,
+    parse_prompt,
+    passthrough_reason,
+)
+from tightwad.proxy.speculate import Job, SpeculationSettings, Speculator
 from tightwad.proxy.telemetry import Telemetry
 from tightwad.proxy.upstream import EngineClient, EngineInfo, EngineUnavailable
 
@@ -127,7 +133,7 @@ class Proxy:
                 self.controller,
                 ConversationPool(4),
                 self.telemetry,
-                Settings(
+                SpeculationSettings(
                     pipeline=pipelined,
                     draft_timeout=config.draft_timeout,
                     consensus=config.consensus_policy if config.mode == "consensus" else None,
@@ -442,7 +448,7 @@ class Proxy:
             events = self._events(first, deltas, reply, params, base, chat, len(prompt))
             return EventSourceResponse(events, ping=15, headers=self._mode_headers())
         texts, tokens = [], []
-        delta: Delta | None = first
+        delta: ReplyDelta | None = first
         try:
             while delta is not None:
                 texts.append(delta.text)
@@ -481,7 +487,7 @@ class Proxy:
     def _mode_headers(self) -> dict[str, str]:
         return {APPROXIMATE_HEADER: "consensus"} if self.approximate else {}
 
-    async def _first(self, deltas: _Timed) -> Delta | None:
+    async def _first(self, deltas: _Timed) -> ReplyDelta | None:
         try:
             return await deltas.next()
         except OpenAIError as exc:
@@ -495,7 +501,7 @@ class Proxy:
 
     async def _events(
         self,
-        first: Delta | None,
+        first: ReplyDelta | None,
         deltas: _Timed,
         reply: TextReply,
         params: Params,
@@ -505,7 +511,7 @@ class Proxy:
     ) -> AsyncIterator[str]:
         obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(delta: Delta | None, finish: str | None, role: bool = False) -> str:
+        def chunk(delta: ReplyDelta | None, finish: str | None, role: bool = False) -> str:
             choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
             if chat:
                 body: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
@@ -552,7 +558,7 @@ def _pieces(text: str, size: int = 16) -> list[str]:
 class _Timed:
     """Pulls deltas one at a time and records time to first token and gaps between tokens."""
 
-    def __init__(self, deltas: AsyncIterator[Delta], telemetry: Telemetry, started: float) -> None:
+    def __init__(self, deltas: AsyncIterator[ReplyDelta], telemetry: Telemetry, started: float) -> None:
         self.deltas = deltas
         self.telemetry = telemetry
         self.started = started
@@ -560,7 +566,7 @@ class _Timed:
         self.last = started
         self.tokens_after_first = 0
 
-    async def next(self) -> Delta | None:
+    async def next(self) -> ReplyDelta | None:
         try:
             delta = await anext(self.deltas)
         except StopAsyncIteration:

@@ -66,7 +66,9 @@ class Endpoint:
 
 
 @dataclass(frozen=True)
-class Verdict:
+class ReviewVerdict:
+    """The reviewer's judgement of one agent's answer (not the engine's verify verdict)."""
+
     verdict: str  # approve | correct | reject
     answer: str | None = None  # the corrected answer (correct)
     reason: str = ""
@@ -93,7 +95,7 @@ class AgentRecord:
         }
 
 
-def parse_verdict(text: str) -> Verdict | None:
+def parse_verdict(text: str) -> ReviewVerdict | None:
     """The reviewer's verdict from its reply: the first JSON object in it (a code fence is fine);
     None when there is no readable verdict (the gate then fails closed)."""
     for match in re.finditer(r"\{", text):
@@ -109,8 +111,8 @@ def parse_verdict(text: str) -> Verdict | None:
         answer = body.get("answer")
         answer = answer if isinstance(answer, str) and answer.strip() else None
         if verdict == "correct" and answer is None:
-            return Verdict("reject", None, "a correction without an answer")  # the reviewer rewrites
-        return Verdict(verdict, answer, str(body.get("reason", "")))
+            return ReviewVerdict("reject", None, "a correction without an answer")  # the reviewer rewrites
+        return ReviewVerdict(verdict, answer, str(body.get("reason", "")))
     return None
 
 

@@ -16,7 +16,9 @@ from tightwad.proxy.speculate import Step
 
 
 @dataclass(frozen=True)
-class Delta:
+class ReplyDelta:
+    """The next piece of a reply: text that may be sent now and the token ids it came from."""
+
     text: str
     tokens: list[int]
 
@@ -36,7 +38,7 @@ class TextReply:
         self.finish_reason: str | None = None
         self._last: int | None = None
 
-    async def deltas(self) -> AsyncIterator[Delta]:
+    async def deltas(self) -> AsyncIterator[ReplyDelta]:
         """Text deltas (non-empty, or carrying tokens), then `finish_reason` is set."""
         try:
             async for step in self.steps:
@@ -55,7 +57,7 @@ class TextReply:
                         self.finish_reason = "stop"
                         break
                 if text or tokens:
-                    yield Delta("".join(text), tokens)
+                    yield ReplyDelta("".join(text), tokens)
                 if self.finish_reason is not None:
                     return
                 if step.eog:
@@ -69,7 +71,7 @@ class TextReply:
                 self.finish_reason = "length"  # max_tokens, or the context is full
             rest = self.stream.finish()
             if rest:
-                yield Delta(rest, [])
+                yield ReplyDelta(rest, [])
         finally:
             with contextlib.suppress(Exception):
                 await self.steps.aclose()  # type: ignore[attr-defined]

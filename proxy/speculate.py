@@ -18,7 +18,7 @@ Around that loop:
 
 Several drafters per round (drafters/race.py): the drafter answers `Candidates`, a round sends them all as
 a list of proposals and the verdict says which one won (`draft_index`). Consensus (APPROXIMATE,
-opt-in, consensus.py): when the candidates agree under `Settings.consensus`, the agreed tokens are
+opt-in, consensus.py): when the candidates agree under `SpeculationSettings.consensus`, the agreed tokens are
 emitted without the target (`Step.skipped`), and sent to the engine with the next verify.
 """
 
@@ -43,7 +43,9 @@ from tightwad.proxy.upstream import ConversationLost, EngineClient, Verdict
 
 
 @dataclass(frozen=True)
-class Settings:
+class SpeculationSettings:
+    """The loop's deadlines, patience and fallback sizes (the K policy has its own: KPolicy)."""
+
     pipeline: bool = True
     # A draft call slower than its deadline counts as a failure (the drafter backs off):
     draft_timeout: float = 2.0  # the least deadline of a call in a running reply
@@ -82,14 +84,14 @@ class Speculator:
         controller: KController,
         conversations: ConversationPool,
         telemetry: Telemetry,
-        settings: Settings | None = None,
+        settings: SpeculationSettings | None = None,
     ) -> None:
         self.engine = engine
         self.drafter = drafter
         self.controller = controller
         self.conversations = conversations
         self.telemetry = telemetry
-        self.settings = settings or Settings()
+        self.settings = settings or SpeculationSettings()
         self.skipped_rounds = 0  # consensus (approximate): rounds and tokens the target never saw
         self.skipped_tokens = 0
 
@@ -134,8 +136,8 @@ class _Pending:
 class _Reply:
     """The state of one request's loop."""
 
-    def __init__(self, owner: Speculator, job: Job, lease: Lease) -> None:
-        self.o = owner
+    def __init__(self, speculator: Speculator, job: Job, lease: Lease) -> None:
+        self.speculator = speculator
         self.job = job
         self.lease = lease
         self.history = list(job.prompt)
@@ -145,36 +147,36 @@ class _Reply:
         self.rounds = 0
         self.drafts = 0
         self.pending: _Pending | None = None
-        self.pipelined = owner.settings.pipeline and owner.drafter.kind != "ngram"
+        self.pipelined = speculator.settings.pipeline and speculator.drafter.kind != "ngram"
         self.ok = False
 
     async def close(self) -> None:
         self._drop_pending()
         if self.ok or self.synced:
-            self.o.conversations.release(self.lease, self.history)
+            self.speculator.conversations.release(self.lease, self.history)
         else:
-            self.o.conversations.forget(self.lease)
+            self.speculator.conversations.forget(self.lease)
 
     # the loop -----------------------------------------------------------------------------------
     async def steps(self) -> AsyncIterator[Step]:
-        o, job = self.o, self.job
+        spec, job = self.speculator, self.job
         while self.produced < job.max_tokens:
             room = job.n_ctx - len(self.history) - 1
             if room <= 0:
                 return  # the context is full: the reply ends with finish_reason "length"
             remaining = job.max_tokens - self.produced
-            if not o.drafter.available():
-                o.telemetry.fallback("drafter_backoff")
-                async for step in self._target_alone(min(o.settings.fallback_chunk, remaining)):
+            if not spec.drafter.available():
+                spec.telemetry.fallback("drafter_backoff")
+                async for step in self._target_alone(min(spec.settings.fallback_chunk, remaining)):
                     yield step
                     if step.eog:
                         return
                 continue
-            k = o.controller.next_k()
-            o.telemetry.policy(k, o.controller.acceptance.alpha)
+            k = spec.controller.next_k()
+            spec.telemetry.policy(k, spec.controller.acceptance.alpha)
             if k == 0:
-                o.telemetry.fallback("speculation_off")
-                async for step in self._target_alone(min(o.controller.off_chunk(), remaining)):
+                spec.telemetry.fallback("speculation_off")
+                async for step in self._target_alone(min(spec.controller.off_chunk(), remaining)):
                     yield step
                     if step.eog:
                         return
@@ -186,7 +188,7 @@ class _Reply:
                 return
 
     async def _round(self, k: int) -> Step:
-        o = self.o
+        spec = self.speculator
         if self.pipelined and self.rounds == 0 and self.pending is None and k > 0:
             # The first round verifies the prompt alone, so the first token comes as fast as from
             # the target alone, while the drafter reads the prompt and drafts the second round
@@ -196,7 +198,7 @@ class _Reply:
         else:
             draft = await self._take_draft(k)
         proposal = draft or Proposal(())
-        if o.settings.consensus and isinstance(proposal, Candidates):
+        if spec.settings.consensus and isinstance(proposal, Candidates):
             skipped = self._consensus(proposal, k)
             if skipped is not None:
                 return skipped
@@ -212,8 +214,8 @@ class _Reply:
         drafted = len(winner.tokens)
         if isinstance(proposal, Candidates):
             proposal.settle(verdict.draft_index, verdict.accepted, verdict.tokens)
-        o.controller.record_round(drafted, verdict.accepted, verify_seconds)
-        o.telemetry.round(drafted, verdict.accepted, len(verdict.tokens))
+        spec.controller.record_round(drafted, verdict.accepted, verify_seconds)
+        spec.telemetry.round(drafted, verdict.accepted, len(verdict.tokens))
         self.rounds += 1
         if verdict.eog or verdict.accepted < drafted:
             self._drop_pending()  # it continued tokens the target did not accept
@@ -223,10 +225,10 @@ class _Reply:
         """APPROXIMATE: the tokens the drafters agree on, emitted without the target; None when
         they do not agree (the round is verified as usual). Special tokens (an end of turn) are
         never skipped: the target decides where the reply ends."""
-        assert self.o.settings.consensus is not None
-        n = len(self.o.drafter.drafters) if isinstance(self.o.drafter, RaceDrafter) else 1
+        assert self.speculator.settings.consensus is not None
+        n = len(self.speculator.drafter.drafters) if isinstance(self.speculator.drafter, RaceDrafter) else 1
         drafts = [c.tokens for c in candidates.candidates()]
-        tokens = agreed(drafts, self.o.settings.consensus, n)[:k]
+        tokens = agreed(drafts, self.speculator.settings.consensus, n)[:k]
         special = self.job.vocabulary.special
         cut = next((i for i, t in enumerate(tokens) if t in special), len(tokens))
         tokens = tokens[:cut]
@@ -234,8 +236,8 @@ class _Reply:
             return None
         step = self._advance(tokens, False)
         self.unsent += step.tokens
-        self.o.skipped_rounds += 1
-        self.o.skipped_tokens += len(step.tokens)
+        self.speculator.skipped_rounds += 1
+        self.speculator.skipped_tokens += len(step.tokens)
         return Step(step.tokens, False, skipped=True)
 
     def _advance(self, tokens: list[int], eog: bool) -> Step:
@@ -246,14 +248,14 @@ class _Reply:
 
     # drafting -----------------------------------------------------------------------------------
     def _expected_draft(self, k: int) -> float:
-        costs = self.o.controller.costs()
+        costs = self.speculator.controller.costs()
         return costs.draft_fixed + costs.draft_per_token * k
 
     def _launch(self, assumed: Sequence[int], k: int) -> None:
         """Start a draft call; the drafter's own deadline (a failure, then backoff) is generous,
         the reply's patience with it is not (see _take_draft)."""
         self._drop_pending()
-        s = self.o.settings
+        s = self.speculator.settings
         first = self.drafts == 0
         self.drafts += 1
         hard = s.first_draft_timeout if first else max(s.draft_timeout, 5.0 * self._expected_draft(k))
@@ -261,9 +263,9 @@ class _Reply:
         started = time.perf_counter()
 
         async def draft() -> Proposal | None:
-            proposal = await self.o.drafter.propose(request, hard)
+            proposal = await self.speculator.drafter.propose(request, hard)
             if proposal is not None and not first:
-                self.o.controller.record_draft(k, time.perf_counter() - started)
+                self.speculator.controller.record_draft(k, time.perf_counter() - started)
             return proposal
 
         self.pending = _Pending(asyncio.create_task(draft()), tuple(assumed), k, started, first)
@@ -272,25 +274,25 @@ class _Reply:
         """The draft for this round: the one in flight if it fits the history, else a fresh one.
         A reply never waits for a drafter much longer than the drafter usually takes: past that,
         the round goes ahead without a draft and the call may still be used by a later round."""
-        o = self.o
+        spec = self.speculator
         fresh = self.pending is None
         if fresh:
             self._launch(self.history, k)
         pending = self.pending
         assert pending is not None
         if pending.first:
-            patience = o.settings.first_patience
+            patience = spec.settings.first_patience
         else:
-            patience = max(o.settings.min_patience, 2.0 * self._expected_draft(pending.k))
+            patience = max(spec.settings.min_patience, 2.0 * self._expected_draft(pending.k))
         wait = pending.started + patience - time.perf_counter()
         done, _ = await asyncio.wait({pending.task}, timeout=max(wait, 0.0))
         if not done:
-            o.telemetry.fallback("drafter_slow")
+            spec.telemetry.fallback("drafter_slow")
             return None
         self.pending = None
         proposal = pending.task.result()
         if proposal is None:
-            o.telemetry.fallback("drafter_failed")
+            spec.telemetry.fallback("drafter_failed")
             return None
         usable = pending.usable_for(self.history, proposal)
         if usable is None and not fresh:
@@ -304,7 +306,7 @@ class _Reply:
 
     # the engine ---------------------------------------------------------------------------------
     async def _verify(self, proposals: list[Proposal]) -> Verdict:
-        engine, job, lease = self.o.engine, self.job, self.lease
+        engine, job, lease = self.speculator.engine, self.job, self.lease
         if self.synced:
             try:
                 verdict = await engine.verify(
@@ -327,7 +329,7 @@ class _Reply:
         first: float | None = None
         last = 0.0
         count = 0
-        chunks = self.o.engine.generate(self.history, self.job.sampling, n)
+        chunks = self.speculator.engine.generate(self.history, self.job.sampling, n)
         async with contextlib.aclosing(chunks):
             async for tokens, finish in chunks:
                 if tokens:
@@ -335,10 +337,10 @@ class _Reply:
                     first = now if first is None else first
                     last = now
                     count += len(tokens)
-                    self.o.telemetry.engine_tokens(len(tokens))
+                    self.speculator.telemetry.engine_tokens(len(tokens))
                     yield self._advance(tokens, False)
                 if finish == "stop":  # the target's end of generation (no stop strings are sent)
                     yield Step([], True)
                     break
         steady = last - first if first is not None else 0.0
-        self.o.controller.record_engine(count, max(count - 1, 0), steady)
+        self.speculator.controller.record_engine(count, max(count - 1, 0), steady)

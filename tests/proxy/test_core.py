@@ -22,7 +22,7 @@ from tightwad.proxy.kpolicy import costmodel
 from tightwad.proxy.kpolicy.controller import KController, KPolicy
 from tightwad.proxy.kpolicy.costmodel import Costs, choose, expected_tokens
 from tightwad.proxy.kpolicy.estimates import Acceptance, Line, LineFit
-from tightwad.proxy.requests import parse_params, parse_prompt, passthrough_reason
+from tightwad.proxy.request_parsing import parse_params, parse_prompt, passthrough_reason
 from tightwad.proxy.sampling import Sampling
 from tightwad.stops import StopMatcher
 

@@ -15,7 +15,7 @@ from tightwad.proxy.drafters.guard import GuardedDrafter
 from tightwad.proxy.kpolicy.controller import KController, KPolicy
 from tightwad.proxy.replies import TextReply
 from tightwad.proxy.sampling import Sampling
-from tightwad.proxy.speculate import Job, Settings, Speculator
+from tightwad.proxy.speculate import Job, SpeculationSettings, Speculator
 from tightwad.proxy.telemetry import Telemetry
 from tightwad.proxy.upstream import ConversationLost, EngineClient, Verdict
 
@@ -138,7 +138,9 @@ def make(
     engine: FakeEngine, drafter: FakeDrafter, pipeline: bool = True, policy: KPolicy | None = None
 ) -> Speculator:
     guard = GuardedDrafter(drafter, n_vocab=lambda: N_VOCAB)
-    settings = Settings(pipeline=pipeline, draft_timeout=0.05, first_draft_timeout=0.2, fallback_chunk=4)
+    settings = SpeculationSettings(
+        pipeline=pipeline, draft_timeout=0.05, first_draft_timeout=0.2, fallback_chunk=4
+    )
     return Speculator(
         engine, guard, KController(policy or KPolicy()), ConversationPool(2), Telemetry(), settings
     )

@@ -14,7 +14,7 @@ from tightwad.proxy.drafters.guard import GuardedDrafter
 from tightwad.proxy.drafters.race import RaceDrafter
 from tightwad.proxy.kpolicy.controller import KController, KPolicy
 from tightwad.proxy.sampling import Sampling
-from tightwad.proxy.speculate import Job, Settings, Speculator
+from tightwad.proxy.speculate import Job, SpeculationSettings, Speculator
 from tightwad.proxy.telemetry import Telemetry
 from tightwad.proxy.upstream import ConversationLost, EngineClient, Verdict
 
@@ -142,7 +142,7 @@ def make_race(
     guards = [GuardedDrafter(d, n_vocab=lambda: N_VOCAB) for d in drafters]
     controller = KController(KPolicy(fixed_k=k))
     race = RaceDrafter(guards, costs=controller.costs)
-    settings = Settings(
+    settings = SpeculationSettings(
         pipeline=pipeline, draft_timeout=0.5, first_draft_timeout=0.5, first_patience=0.5, consensus=consensus
     )
     return Speculator(engine, race, controller, ConversationPool(2), Telemetry(), settings)

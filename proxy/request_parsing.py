@@ -1,4 +1,4 @@
-"""OpenAI request bodies -> what the speculation loop needs, or why it cannot serve them: pure.
+"""Parsing OpenAI request bodies: what the speculation loop needs, or why it cannot serve them. Pure.
 
 Speculation serves one choice of plain text from a prompt or chat messages, greedy or sampled with
 temperature / top_p / top_k / seed, with stop sequences and max_tokens. Anything else (tools,
