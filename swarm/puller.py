@@ -1,9 +1,10 @@
 """The puller: one file, fetched piece by piece from every peer that holds pieces of it.
 
-The decisions are pure functions elsewhere (selection.py: which piece; scoring.py: which peer is
-trusted and how fast; delta.py: which bytes already exist locally). This module does the I/O:
-have-map refresh, parallel range requests, verification, commits, endgame races, and the final
-atomic rename. Every piece's SHA-256 is checked before it is recorded or served to anyone.
+The decisions and the state are pure and live elsewhere (piecebook.py: where each piece stands
+and which comes next; tally.py: bytes and pieces moved; scoring.py: which peer is trusted and how
+fast; delta.py: which bytes already exist locally). This module does the I/O: have-map refresh,
+parallel range requests, verification, commits, endgame races, and the final atomic rename. Every
+piece's SHA-256 is checked before it is recorded or served to anyone.
 """
 
 from __future__ import annotations
@@ -21,14 +22,15 @@ from typing import Any
 from tightwad.errors import TightwadError
 from tightwad.swarm.bitfield import Bitfield
 from tightwad.swarm.client import NotHeld, PeerError, SwarmClient, Unauthorized
-from tightwad.swarm.delta import Fetch, Step, is_fetch_only, plan_all
+from tightwad.swarm.delta import Fetch, is_fetch_only, plan_all
 from tightwad.swarm.library import Entry, Library, store_manifest
+from tightwad.swarm.piecebook import PieceBook
 from tightwad.swarm.pieces import PieceManifest
 from tightwad.swarm.progress import EventLog, NoProgress, ProgressView
 from tightwad.swarm.reuse import assemble_local, content_index, existing_copy, feed_local
 from tightwad.swarm.scoring import PeerScore
-from tightwad.swarm.selection import availability, pick_endgame, pick_piece
 from tightwad.swarm.storage import DownloadCorrupt, PartialDownload, saved_manifest
+from tightwad.swarm.tally import Tally
 from tightwad.swarm.tracker import normalise_peer_url
 
 FLUSH = 1 << 20  # hash and write received bytes in 1 MiB batches, in a worker thread
@@ -90,7 +92,33 @@ class PullResult:
         )
 
 
+class BackgroundDigest:
+    """Hashes the file's verified prefix in a worker thread, one run at a time, so the final check is
+    nearly free. A run takes in whatever prefix is verified when it starts; later pieces start the
+    next run."""
+
+    def __init__(self) -> None:
+        self.running = False
+        self.task: asyncio.Future[None] | None = None  # held so the loop does not drop the task
+
+    def advance(self, download: PartialDownload) -> None:
+        if self.running:
+            return
+        self.running = True
+
+        async def run() -> None:
+            try:
+                await asyncio.to_thread(download.advance_digest)
+            finally:
+                self.running = False
+
+        self.task = asyncio.ensure_future(run())
+
+
 class Puller:
+    """One pull: finds the manifest, opens (or resumes) the partial file, keeps every usable peer's
+    request slots busy, and renames the verified file into place."""
+
     def __init__(
         self,
         folder: Path,
@@ -117,32 +145,17 @@ class Puller:
         self.on_state = on_state
         self.rng = random.Random(options.rng_seed)
         self.me = normalise_peer_url(options.advertise) if options.advertise else None
+        self.client: SwarmClient | None = None
+        self.download: PartialDownload | None = None
+        self.book: PieceBook[asyncio.Task[None]] | None = None  # both set once the manifest is known
         self.peers: dict[str, PeerState] = {}
         for url in options.peers:
             self._add_peer(url)
         self.trackers = [u for u in (normalise_peer_url(t) for t in options.trackers) if u]
-        self.client: SwarmClient | None = None
-        self.download: PartialDownload | None = None
-        self.plans: dict[int, tuple[Step, ...]] = {}
-        self.wanted: set[int] = set()
-        self.in_flight: dict[int, dict[str, asyncio.Task[None]]] = {}
-        self.started: dict[int, float] = {}
-        self.receiving: dict[asyncio.Task[None], int] = {}
-        self.committing: set[int] = set()
-        self.local_pending: set[int] = set()
+        self.tally = Tally()
+        self.digest = BackgroundDigest()
         self.wake = asyncio.Event()
         self.fatal: BaseException | None = None
-        self.endgame_bytes = 0
-        self.bytes_fetched = 0
-        self.bytes_local = 0
-        self.pieces_fetched = 0
-        self.pieces_local = 0
-        self.pieces_resumed = 0
-        self.last_progress = time.monotonic()
-        self.piece_seconds = 0.0  # moving average of one successful piece request
-        self._counts: list[int] | None = None
-        self._digest_running = False
-        self._digest_task: asyncio.Future[None] | None = None
         self._next_announce = 0.0
 
     # -- peers
@@ -151,7 +164,11 @@ class Puller:
         normal = normalise_peer_url(url)
         if normal and normal != self.me and normal not in self.peers:
             self.peers[normal] = PeerState(normal, PeerScore(corrupt_limit=self.options.corrupt_limit))
-            self._counts = None
+            self._peers_changed()
+
+    def _peers_changed(self) -> None:
+        if self.book is not None:
+            self.book.peers_changed()
 
     async def _discover(self, sha256: str) -> None:
         assert self.client is not None
@@ -176,7 +193,7 @@ class Puller:
             peer.score.banned = True
             peer.reason = reason
             peer.have = None
-            self._counts = None
+            self._peers_changed()
             self.events.emit("peer-banned", peer=peer.url, reason=reason)
 
     async def _refresh_have(self, peer: PeerState, manifest: PieceManifest) -> None:
@@ -192,7 +209,7 @@ class Puller:
                 self.events.emit("peer-unreachable", peer=peer.url, error=str(exc))
             peer.score.on_failure(time.monotonic())
             peer.have = None
-        self._counts = None
+        self._peers_changed()
 
     async def _refresh_loop(self, manifest: PieceManifest) -> None:
         # Peers that start together announce together: ask the trackers again soon, then less often.
@@ -245,22 +262,18 @@ class Puller:
     # -- local bytes (delta)
 
     async def _local_worker(self, pieces: list[int]) -> None:
-        assert self.download is not None
+        assert self.download is not None and self.book is not None
+        book = self.book
         for piece in pieces:
-            steps = self.plans[piece]
+            steps = book.plans[piece]
             ok = await asyncio.to_thread(assemble_local, self.download, piece, steps)
-            self.local_pending.discard(piece)
+            book.local_done(piece, ok)
             if ok:
                 self.download.mark_have(piece)
-                length = self.download.manifest.piece_length(piece)
-                self.bytes_local += length
-                self.pieces_local += 1
-                self.last_progress = time.monotonic()
+                self.tally.local_piece(self.download.manifest.piece_length(piece), time.monotonic())
                 self.events.emit("piece-local", piece=piece)
-                self._advance_digest()
-            else:  # a local file changed since its manifest was taken: fetch the piece instead
-                self.plans.pop(piece, None)
-                self.wanted.add(piece)
+                self.digest.advance(self.download)
+            else:  # a local file changed since its manifest was taken: the book wants it fetched
                 self.events.emit("piece-local-failed", piece=piece)
             self.wake.set()
 
@@ -268,11 +281,11 @@ class Puller:
 
     async def _transfer(self, peer: PeerState, piece: int, duplicate: bool) -> tuple[int, bool]:
         """Fetch, verify and commit one piece from `peer`: (bytes received, whether this request won)."""
-        assert self.client is not None and self.download is not None
-        download = self.download
+        assert self.client is not None and self.download is not None and self.book is not None
+        download, book = self.download, self.book
         manifest = download.manifest
         start, end = manifest.span(piece)
-        steps = self.plans.get(piece) or (Fetch(start, end - start),)
+        steps = book.steps(piece)
         writer = object()
         buffer = bytearray(end - start) if duplicate else None
         if buffer is None:
@@ -303,8 +316,7 @@ class Puller:
                 async for chunk in chunks:
                     pending += chunk
                     received += len(chunk)
-                    self.bytes_fetched += len(chunk)
-                    self.receiving[task] = received
+                    self.tally.received(task, len(chunk), received)
                     if len(pending) >= FLUSH:
                         await asyncio.to_thread(absorb, position, pending)
                         position += len(pending)
@@ -313,34 +325,33 @@ class Puller:
                 await asyncio.to_thread(absorb, position, pending)
         if digest.hexdigest() != manifest.pieces[piece]:
             if not is_fetch_only(steps):
-                self.plans.pop(piece, None)  # maybe the local part was stale: next time fetch it all
+                book.drop_plan(piece)  # maybe the local part was stale: next time fetch it all
                 raise PeerError(f"piece {piece} rebuilt from local bytes did not verify; fetching it whole")
             raise _Corrupt(f"piece {piece} from {peer.url} does not match its SHA-256")
-        if lost or piece in download.have or piece in self.committing:
+        if lost or not book.can_commit(piece):
             return received, False  # another request for this piece won the race
-        self.committing.add(piece)
+        book.begin_commit(piece)
         try:
-            for url, other in list(self.in_flight.get(piece, {}).items()):
-                if other is not task:
-                    other.cancel()
-                    self.events.emit("fetch-cancel", piece=piece, peer=url)
+            for url, other in book.rivals(piece, task):
+                other.cancel()
+                self.events.emit("fetch-cancel", piece=piece, peer=url)
             if buffer is not None:
                 download.claim(piece, writer)
                 await asyncio.to_thread(download.write, piece, writer, start, buffer)
             await asyncio.to_thread(download.commit, piece)
         finally:
-            self.committing.discard(piece)
+            book.end_commit(piece)
         download.mark_have(piece)
-        self.bytes_local += sum(step.length for step in steps if not isinstance(step, Fetch))
-        self.pieces_fetched += 1
-        self.last_progress = time.monotonic()
-        self._advance_digest()
+        local = sum(step.length for step in steps if not isinstance(step, Fetch))
+        self.tally.fetched_piece(local, time.monotonic())
+        self.digest.advance(download)
         return received, True
 
     async def _fetch(self, peer: PeerState, piece: int, duplicate: bool) -> None:
         """One request, with its outcome recorded in the peer's score. Never raises but CancelledError."""
+        assert self.book is not None
+        book = self.book
         began = time.monotonic()
-        length = self.download.manifest.piece_length(piece) if self.download else 0
         self.events.emit("fetch", piece=piece, peer=peer.url, duplicate=duplicate)
         try:
             received, committed = await self._transfer(peer, piece, duplicate)
@@ -356,12 +367,12 @@ class Puller:
         except NotHeld:
             if peer.have is not None:
                 peer.have.discard(piece)
-                self._counts = None
+                book.peers_changed()
             self.events.emit("fetch-not-held", piece=piece, peer=peer.url)
         except PeerError as exc:
             peer.score.on_failure(time.monotonic())
             peer.have = None
-            self._counts = None
+            book.peers_changed()
             self.events.emit("fetch-error", piece=piece, peer=peer.url, error=str(exc))
         except Exception as exc:  # a local failure (disk full, ...): stop the whole pull
             self.fatal = exc
@@ -369,116 +380,75 @@ class Puller:
             seconds = time.monotonic() - began
             if committed:
                 peer.score.on_success(received, seconds)
-                self.piece_seconds = (
-                    seconds if not self.piece_seconds else 0.8 * self.piece_seconds + 0.2 * seconds
-                )
+                self.tally.request_took(seconds)
                 self.events.emit("piece-ok", piece=piece, peer=peer.url, bytes=received, duplicate=duplicate)
             else:
                 self.events.emit("piece-lost-race", piece=piece, peer=peer.url, bytes=received)
         finally:
-            task = asyncio.current_task()
-            fetchers = self.in_flight.get(piece, {})
-            fetchers.pop(peer.url, None)
-            if not fetchers:
-                self.in_flight.pop(piece, None)
-                self.started.pop(piece, None)
+            book.finish(piece, peer.url, duplicate=duplicate)
             peer.active.pop(piece, None)
+            task = asyncio.current_task()
             if task is not None:
-                self.receiving.pop(task, None)
-            if duplicate:
-                self.endgame_bytes -= length
-            if self.download and piece not in self.download.have and piece not in self.in_flight:
-                self.wanted.add(piece)
+                self.tally.request_ended(task)
             self.wake.set()
 
     def _start(self, peer: PeerState, piece: int, duplicate: bool) -> None:
+        assert self.book is not None
         task = asyncio.ensure_future(self._fetch(peer, piece, duplicate))
-        self.in_flight.setdefault(piece, {})[peer.url] = task
-        self.started.setdefault(piece, time.monotonic())
+        self.book.start(piece, peer.url, task, now=time.monotonic(), duplicate=duplicate)
         peer.active[piece] = task
-        self.wanted.discard(piece)
-        if duplicate and self.download:
-            self.endgame_bytes += self.download.manifest.piece_length(piece)
 
     def _assign(self) -> None:
-        assert self.download is not None
-        manifest = self.download.manifest
+        """Fill every usable peer's free request slots: best-ranked peers first, rarest pieces first,
+        then (once every piece is requested) endgame duplicates of the slowest requests."""
+        assert self.book is not None
+        book = self.book
         now = time.monotonic()
         live = [p for p in self.peers.values() if p.have is not None and p.score.usable(now)]
-        if self._counts is None:
-            self._counts = availability(manifest.count, (p.have for p in live if p.have is not None))
+        book.count_holders(p.have for p in live if p.have is not None)
         self.rng.shuffle(live)  # equal ranks in random order
         live.sort(key=lambda p: p.score.rank(), reverse=True)
-        random_first = len(self.download.have) == 0
         slots = self.options.slots_per_peer
         for peer in live:
             assert peer.have is not None
-            while len(peer.active) < slots and self.wanted:
-                piece = pick_piece(
-                    peer.have,
-                    self.wanted,
-                    self._counts,
-                    self.rng,
-                    random_first=random_first,
-                    excluded=peer.score.excluded,
-                )
+            while len(peer.active) < slots and book.wanted:
+                piece = book.next_piece(peer.have, self.rng, peer.score.excluded)
                 if piece is None:
                     break
                 self._start(peer, piece, duplicate=False)
-        if self.wanted or self.local_pending:
+        if not book.all_requested:
             return
         for peer in live:  # endgame: everything missing is requested; race the slow ones
             assert peer.have is not None
             while len(peer.active) < slots:
-                piece = pick_endgame(
+                piece = book.next_duplicate(
                     peer.url,
                     peer.have,
-                    self.in_flight,
-                    self.started,
                     now=now,
-                    min_age=max(0.5, 2 * self.piece_seconds),
+                    min_age=max(0.5, 2 * self.tally.piece_seconds),
+                    memory=self.options.endgame_memory,
                     excluded=peer.score.excluded,
                 )
-                if (
-                    piece is None
-                    or self.endgame_bytes + manifest.piece_length(piece) > self.options.endgame_memory
-                ):
+                if piece is None:
                     break
                 self.events.emit("endgame", piece=piece, peer=peer.url)
                 self._start(peer, piece, duplicate=True)
 
-    def _advance_digest(self) -> None:
-        """Hash the file's verified prefix in the background, so the final check is nearly free."""
-        if self._digest_running or self.download is None:
-            return
-        self._digest_running = True
-        download = self.download
-
-        async def run() -> None:
-            try:
-                await asyncio.to_thread(download.advance_digest)
-            finally:
-                self._digest_running = False
-
-        self._digest_task = asyncio.ensure_future(run())
-
     # -- the whole pull
 
     def _done_bytes(self) -> int:
-        assert self.download is not None
-        manifest = self.download.manifest
-        held = sum(manifest.piece_length(i) for i in self.download.have)
-        return min(manifest.size, held + sum(self.receiving.values()))
+        assert self.book is not None
+        return min(self.book.manifest.size, self.book.held_bytes() + self.tally.in_progress)
 
     def _check_stall(self) -> None:
-        assert self.download is not None
+        assert self.book is not None
         if self.fatal is not None:
             raise self.fatal
-        if self.peers and all(p.score.banned for p in self.peers.values()) and not self.local_pending:
+        if self.peers and all(p.score.banned for p in self.peers.values()) and not self.book.local_pending:
             reasons = "; ".join(f"{p.url}: {p.reason}" for p in self.peers.values())
             raise PullError(f"every peer is banned or refused us: {reasons}")
-        if time.monotonic() - self.last_progress > self.options.stall_timeout:
-            missing = self.download.manifest.count - len(self.download.have)
+        if self.tally.idle(time.monotonic()) > self.options.stall_timeout:
+            missing = self.book.missing
             states = ", ".join(f"{p.url} ({_describe(p)})" for p in self.peers.values()) or "none"
             raise PullError(
                 f"no progress for {self.options.stall_timeout:.0f}s with {missing} pieces missing; "
@@ -509,40 +479,42 @@ class Puller:
         """Open (or resume) the partial file, offer it to our server, and plan what is local."""
         download = PartialDownload(self.folder, manifest)
         self.download = download
+        book: PieceBook[asyncio.Task[None]] = PieceBook(manifest, download.have)
+        self.book = book
         resumed = await asyncio.to_thread(download.open)
-        self.pieces_resumed = len(resumed)
+        self.tally.pieces_resumed = len(resumed)
         entry = Entry(manifest, download.partial_path, download.have)
         if self.library is not None:
             self.library.add(entry)
         folders = [self.folder, *self.options.reuse]
         final = self.folder / manifest.name
         index = await asyncio.to_thread(content_index, manifest, folders, current, final)
-        self.plans = {i: s for i, s in plan_all(manifest, index).items() if i not in resumed}
-        self.local_pending = {i for i, s in self.plans.items() if not any(isinstance(x, Fetch) for x in s)}
-        self.wanted = set(resumed.missing()) - self.local_pending
+        book.plan(resumed, plan_all(manifest, index))
         self.events.emit(
             "start",
             sha256=manifest.sha256,
             pieces=manifest.count,
             resumed=len(resumed),
-            local=len(self.local_pending),
-            partial=len(self.plans) - len(self.local_pending),
+            local=len(book.local_pending),
+            partial=book.partly_local,
         )
         self.progress.start(manifest.name, manifest.size, sum(manifest.piece_length(i) for i in resumed))
         return entry
 
     async def _download(self, download: PartialDownload) -> Path:
         """Fetch every missing piece, then check and rename the file into place."""
+        assert self.book is not None
+        book = self.book
         manifest = download.manifest
         await self._discover(manifest.sha256)
-        if not self.peers and self.wanted:
+        if not self.peers and book.wanted:
             raise PullError("no peers to fetch from: give --peer URL or --tracker URL")
         await self._announce(manifest.sha256)
         await asyncio.gather(*(self._refresh_have(p, manifest) for p in self.peers.values()))
         background = [asyncio.ensure_future(self._refresh_loop(manifest))]
-        if self.local_pending:
-            background.append(asyncio.ensure_future(self._local_worker(sorted(self.local_pending))))
-        self._advance_digest()
+        if book.local_pending:
+            background.append(asyncio.ensure_future(self._local_worker(sorted(book.local_pending))))
+        self.digest.advance(download)
         try:
             while not download.have.complete:
                 self._check_stall()
@@ -552,7 +524,7 @@ class Puller:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), timeout=0.25)
         finally:
-            leftover = background + [t for f in self.in_flight.values() for t in f.values()]
+            leftover = background + book.handles()
             for task in leftover:
                 task.cancel()
             await asyncio.gather(*leftover, return_exceptions=True)
@@ -600,11 +572,11 @@ class Puller:
             path=path,
             manifest=manifest,
             seconds=time.monotonic() - began,
-            bytes_fetched=self.bytes_fetched,
-            bytes_local=self.bytes_local,
-            pieces_fetched=self.pieces_fetched,
-            pieces_local=self.pieces_local,
-            pieces_resumed=self.pieces_resumed,
+            bytes_fetched=self.tally.bytes_fetched,
+            bytes_local=self.tally.bytes_local,
+            pieces_fetched=self.tally.pieces_fetched,
+            pieces_local=self.tally.pieces_local,
+            pieces_resumed=self.tally.pieces_resumed,
             peers={
                 p.url: {
                     "bytes": p.score.bytes_received,
