@@ -86,20 +86,18 @@ class Agent:
         try:
             entry = manifest.host(self.host)
         except KeyError:
-            names = ", ".join(h["name"] for h in manifest.hosts)
+            names = ", ".join(h.name for h in manifest.hosts)
             raise AgentError(f"host {self.host!r} is not in the manifest (it has {names})") from None
-        if entry.get("runtime", "process") not in ("native", "process"):
+        if entry.runtime not in ("native", "process"):
             raise AgentError(
-                f"host {self.host!r} has runtime {entry['runtime']}: agents run native/process hosts"
+                f"host {self.host!r} has runtime {entry.runtime}: agents run native/process hosts"
             )
 
     def configure(self, manifest: Manifest) -> None:
         if self.remote:
             self.copy.write_text(yaml.safe_dump(manifest.data, sort_keys=False))
-        model_dirs = {h["name"]: h.get("modelDir") for h in manifest.hosts}
-        self.driver.checker.configure(
-            self.driver.checker.base_dir, model_dirs, bool(manifest.swarm.get("enabled"))
-        )
+        model_dirs: dict[str, str | None] = {h.name: h.model_dir for h in manifest.hosts}
+        self.driver.checker.configure(self.driver.checker.base_dir, model_dirs, manifest.swarm.enabled)
 
     def desired(self) -> Desired:
         return desired_state(self.manifest, components=available_components())

@@ -26,7 +26,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _up(args: argparse.Namespace) -> int:
-    from tightwad.up import up
+    from tightwad.operator.up import up
 
     return up(args.manifest, keep_running=args.keep_running, agents_listen=args.agents)
 

@@ -3,7 +3,9 @@
 One rpc worker per device of every host, one engine on the target host (behind the engine router, the
 stable address its clients use), one llama-server per `llama-server` drafter, the proxy, and a swarm
 sidecar per host when the swarm is enabled. Ports the manifest leaves out are assigned here,
-deterministically, so every planner (process, docker, kubernetes) agrees on them.
+deterministically, so every planner (process, docker, kubernetes) agrees on them, and always below
+32768: Linux hands ports from 32768 up to outgoing connections, so a server assigned one there could
+find it taken by an unrelated client (and Kubernetes keeps 30000-32767 for NodePorts).
 
 The workers and the engine form a STACK, described twice: slot "a" on the manifest's ports and
 slot "b" on spare ones. An rpc worker serves one client at a time, so a new engine cannot share the
@@ -20,11 +22,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tightwad.manifest import Manifest, parse_size
+from tightwad.errors import TightwadError
+from tightwad.manifest import Manifest
+from tightwad.manifest_views import Gpu, Host
 from tightwad.operator.units import ENGINE_ROUTER, PROXY, Kind, ModelRef, Unit, digest, url_for
 
-FIRST_WORKER_PORT = 50052
+FIRST_WORKER_PORT = 18052
 FIRST_DRAFTER_PORT = 8081
+# Assigned ports stay below this: from 32768 up is the kernel's range for outgoing connections.
+ASSIGNED_PORT_LIMIT = 32768
 # Components that may not be installed yet; `available_components()` says which are.
 OPTIONAL_COMPONENTS = ("proxy", "swarm")
 
@@ -115,7 +121,7 @@ def bind_address(address: str) -> str:
 
 def model_ref(manifest: Manifest, name: str) -> ModelRef:
     model = manifest.model(name)
-    return ModelRef(model["name"], model["source"], model.get("sha256"))
+    return ModelRef(model.name, model.source, model.sha256)
 
 
 class _Ports:
@@ -127,29 +133,36 @@ class _Ports:
             self.taken[host].add(port)
 
     def assign(self, host: str, wanted: int | None, first: int) -> int:
+        """`wanted` when the manifest gives it, else the first free port from `first` (from
+        FIRST_WORKER_PORT when `first` is not below the limit, e.g. next to an explicit 50052)."""
         if wanted is not None:
             return wanted
-        port = first
+        port = first if first < ASSIGNED_PORT_LIMIT else FIRST_WORKER_PORT
         while port in self.taken[host]:
             port += 1
+        if port >= ASSIGNED_PORT_LIMIT:
+            raise TightwadError(
+                f"host {host!r} has no free port left below {ASSIGNED_PORT_LIMIT} to assign; "
+                "give the units on it explicit ports"
+            )
         self.taken[host].add(port)
         return port
 
 
 def _explicit_ports(manifest: Manifest) -> Iterable[tuple[str, int]]:
     for host in manifest.hosts:
-        for gpu in host.get("gpus", []):
-            if "port" in gpu:
-                yield host["name"], int(gpu["port"])
-    yield manifest.target["host"], int(manifest.target["port"])
+        for gpu in host.gpus:
+            if gpu.port is not None:
+                yield host.name, gpu.port
+    yield manifest.target.host, manifest.target.port
     for drafter in manifest.drafters:
-        if drafter["kind"] == "llama-server" and "port" in drafter:
-            yield drafter["host"], int(drafter["port"])
+        if drafter.runs_here and drafter.host is not None and drafter.port is not None:
+            yield drafter.host, drafter.port
     if manifest.proxy:
-        yield manifest.proxy["host"], int(manifest.proxy["port"])
-    if manifest.swarm.get("enabled"):
+        yield manifest.proxy.host, manifest.proxy.port
+    if manifest.swarm.enabled:
         for host in manifest.hosts:
-            yield host["name"], int(manifest.swarm["port"])
+            yield host.name, manifest.swarm.port
 
 
 def desired_state(
@@ -163,7 +176,7 @@ def desired_state(
     token = manifest.token
     fingerprint = token_fingerprint(token)
     secrets = {"TIGHTWAD_TOKEN": token} if token else {}
-    hosts = {host["name"]: host for host in manifest.hosts}
+    hosts = {host.name: host for host in manifest.hosts}
     ports = _Ports(_explicit_ports(manifest))
     notes: list[str] = []
 
@@ -180,8 +193,8 @@ def desired_state(
             name=name,
             kind=kind,
             host=host,
-            runtime=entry.get("runtime", "process"),
-            address=entry["address"],
+            runtime=entry.runtime,
+            address=entry.address,
             spec=spec,
             needs=tuple(needs),
             models=tuple(models),
@@ -190,44 +203,46 @@ def desired_state(
 
     # rpc workers: one per device. No auth in the RPC protocol: they listen on the host's address only.
     # Slot b's ports are assigned after every explicit one, so they never collide.
-    devices: list[tuple[dict[str, Any], int, dict[str, Any], int]] = []
+    devices: list[tuple[Host, int, Gpu, int]] = []
     declared: list[int | None] = []
     for host in manifest.hosts:
-        for i, gpu in enumerate(host.get("gpus", [])):
-            devices.append((host, i, gpu, ports.assign(host["name"], gpu.get("port"), FIRST_WORKER_PORT)))
-            declared.append(parse_size(gpu["memory"]) if "memory" in gpu else None)
+        for i, gpu in enumerate(host.gpus):
+            devices.append((host, i, gpu, ports.assign(host.name, gpu.port, FIRST_WORKER_PORT)))
+            declared.append(gpu.memory_bytes)
     target = manifest.target
-    engine_ports = {"a": ports.assign(target["host"], None, int(target["port"]) + 1)}
-    engine_ports["b"] = ports.assign(target["host"], None, int(target["port"]) + 1)
+    engine_ports = {"a": ports.assign(target.host, None, target.port + 1)}
+    engine_ports["b"] = ports.assign(target.host, None, target.port + 1)
     worker_ports = {"a": [port for *_, port in devices]}
-    worker_ports["b"] = [ports.assign(host["name"], None, port + 1) for host, _, _, port in devices]
+    worker_ports["b"] = [ports.assign(host.name, None, port + 1) for host, _, _, port in devices]
 
-    target_host = hosts[target["host"]]
-    split = target.get("tensorSplit", "auto")
-    engine_models = (model_ref(manifest, target["model"]),)
+    target_host = hosts[target.host]
+    split = target.tensor_split
+    engine_models = (model_ref(manifest, target.model),)
     stacks: dict[str, Stack] = {}
     for slot in SLOTS:
         suffix = "" if slot == "a" else f"-{slot}"
         workers = []
         for (host, i, gpu, _), port, memory in zip(devices, worker_ports[slot], declared, strict=True):
             spec = {
-                "backend": gpu["backend"],
-                "index": int(gpu.get("index", 0)),
+                "backend": gpu.backend,
+                "index": gpu.index,
                 "port": port,
-                "bind": bind_address(host["address"]),
-                "threads": gpu.get("threads"),
+                "bind": bind_address(host.address),
+                "threads": gpu.threads,
                 "memory": memory,
                 "slot": slot,
             }
-            workers.append(unit(f"worker-{host['name']}-{i}{suffix}", Kind.WORKER, host["name"], spec))
+            workers.append(unit(f"worker-{host.name}-{i}{suffix}", Kind.WORKER, host.name, spec))
+        # One KV sequence per conversation: the engine's `--parallel`, each with a whole context.
+        conversations = target.max_conversations
         engine_spec = {
-            "model": target["model"],
-            "alias": target["model"],
-            "ctx": manifest.context_size * int(target["maxConversations"]),
-            "parallel": int(target["maxConversations"]),
+            "model": target.model,
+            "alias": target.model,
+            "ctx": manifest.context_size * conversations,
+            "parallel": conversations,
             "rpc": [w.endpoint for w in workers],
-            "tensorSplit": split if split == "auto" else ",".join(str(x) for x in split),
-            "bind": bind_address(target_host["address"]),
+            "tensorSplit": split if isinstance(split, str) else ",".join(str(x) for x in split),
+            "bind": bind_address(target_host.address),
             "port": engine_ports[slot],
             "token": fingerprint,
             "slot": slot,
@@ -237,7 +252,7 @@ def desired_state(
         engine = unit(
             f"engine-{content[:8]}",
             Kind.ENGINE,
-            target["host"],
+            target.host,
             engine_spec,
             needs=[w.name for w in workers],
             models=engine_models,
@@ -245,52 +260,53 @@ def desired_state(
         stacks[slot] = Stack(slot, tuple(workers), engine)
 
     router_spec = {
-        "port": int(target["port"]),
-        "bind": bind_address(target_host["address"]),
+        "port": target.port,
+        "bind": bind_address(target_host.address),
         "token": fingerprint,
     }
-    router = unit(ENGINE_ROUTER, Kind.ROUTER, target["host"], router_spec)
+    router = unit(ENGINE_ROUTER, Kind.ROUTER, target.host, router_spec)
 
     # Drafters Tightwad runs; other kinds (openai, ollama, ngram) are the proxy's business.
     drafters: list[Unit] = []
     for drafter in manifest.drafters:
-        if drafter["kind"] != "llama-server":
+        # The schema requires model and host of a llama-server drafter.
+        if not drafter.runs_here or drafter.host is None or drafter.model is None:
             continue
-        host = hosts[drafter["host"]]
-        model = manifest.model(drafter["model"])
-        cpu_threads = [g["threads"] for g in host.get("gpus", []) if g["backend"] == "cpu" and "threads" in g]
+        host = hosts[drafter.host]
+        model = manifest.model(drafter.model)
+        cpu_threads = [g.threads for g in host.gpus if g.backend == "cpu" and g.threads is not None]
         spec = {
-            "model": drafter["model"],
-            "port": ports.assign(drafter["host"], drafter.get("port"), FIRST_DRAFTER_PORT),
-            "bind": bind_address(host["address"]),
-            "ctx": int(model["contextSize"]),
+            "model": drafter.model,
+            "port": ports.assign(drafter.host, drafter.port, FIRST_DRAFTER_PORT),
+            "bind": bind_address(host.address),
+            "ctx": model.context_size,
             # Lend the drafter what the host lends its CPU workers, not every core.
             "threads": min(cpu_threads) if cpu_threads else None,
-            "modelDir": host.get("modelDir"),
+            "modelDir": host.model_dir,
         }
-        ref = model_ref(manifest, drafter["model"])
-        drafters.append(unit(f"drafter-{drafter['name']}", Kind.DRAFTER, drafter["host"], spec, models=[ref]))
+        ref = model_ref(manifest, drafter.model)
+        drafters.append(unit(f"drafter-{drafter.name}", Kind.DRAFTER, drafter.host, spec, models=[ref]))
 
     units: list[Unit] = [router, *drafters]
     endpoint = router.url
     proxy = manifest.proxy
     if proxy:
-        host = hosts[proxy["host"]]
-        reachable = host["address"] if proxy["bind"] in ("0.0.0.0", "::") else proxy["bind"]
-        endpoint = url_for(reachable, int(proxy["port"]))
+        host = hosts[proxy.host]
+        reachable = host.address if proxy.bind in ("0.0.0.0", "::") else proxy.bind
+        endpoint = url_for(reachable, proxy.port)
         spec: dict[str, Any] = {
-            "port": int(proxy["port"]),
-            "bind": proxy["bind"],
+            "port": proxy.port,
+            "bind": proxy.bind,
             "token": fingerprint,
             "target": router.url,
         }
         if "proxy" in components:
             # The proxy reads drafters, limits and mode from the manifest itself, but only finds
             # llama-server drafters whose port the manifest spells out; else it gets flags.
-            spelled = all("port" in d for d in manifest.drafters if d["kind"] == "llama-server")
+            spelled = all(d.port is not None for d in manifest.drafters if d.runs_here)
             spec |= {
                 "impl": "proxy",
-                "mode": proxy["mode"],
+                "mode": proxy.mode,
                 "drafts": [d.url for d in drafters],
                 "manifest": spelled,  # read the manifest file where it runs (its path is the driver's)
             }
@@ -298,30 +314,30 @@ def desired_state(
             # The proxy component is not installed: the front door forwards to the engine.
             spec |= {"impl": "router"}
             notes.append("the proxy component is not installed; the front door forwards to the engine")
-        units.append(unit(PROXY, Kind.PROXY, proxy["host"], spec, needs=[ENGINE_ROUTER]))
+        units.append(unit(PROXY, Kind.PROXY, proxy.host, spec, needs=[ENGINE_ROUTER]))
 
     swarm = manifest.swarm
-    if swarm.get("enabled"):
+    if swarm.enabled:
         for host in manifest.hosts:
             users = (*drafters, stacks["a"].engine)
-            wanted = sorted({m.name for u in users if u.host == host["name"] for m in u.models})
+            wanted = sorted({m.name for u in users if u.host == host.name for m in u.models})
             spec = {
-                "port": int(swarm["port"]),
-                "bind": bind_address(host["address"]),
-                "modelDir": host.get("modelDir"),
-                "pieceSize": swarm.get("pieceSize"),
-                "peers": list(swarm.get("peers", [])),
-                "trackers": list(swarm.get("trackers", [])),
+                "port": swarm.port,
+                "bind": bind_address(host.address),
+                "modelDir": host.model_dir,
+                "pieceSize": swarm.piece_size,
+                "peers": list(swarm.peers),
+                "trackers": list(swarm.trackers),
                 "models": wanted,
                 "token": fingerprint,
                 "installed": "swarm" in components,
             }
-            units.append(unit(f"swarm-{host['name']}", Kind.SWARM, host["name"], spec))
+            units.append(unit(f"swarm-{host.name}", Kind.SWARM, host.name, spec))
 
     pool_bytes = sum(d for d in declared if d) if declared and all(declared) else None
     return Desired(
         cluster=manifest.name,
-        spec_hash=digest(manifest.spec)[:16],
+        spec_hash=digest(manifest.data["spec"])[:16],
         services=tuple(units),
         stacks=stacks,
         endpoint=endpoint,

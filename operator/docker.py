@@ -29,6 +29,7 @@ import docker
 from tightwad import __version__, models
 from tightwad.errors import TightwadError
 from tightwad.manifest import Manifest
+from tightwad.manifest_views import Host
 from tightwad.operator import health
 from tightwad.operator.commands import Binaries, CannotRun, command, environment
 from tightwad.operator.driver import DriverUnavailable
@@ -123,22 +124,22 @@ def container_config(
     return config
 
 
-def _client(host: dict[str, Any]) -> docker.DockerClient:
-    settings = host.get("docker")
-    if not settings:
+def _client(host: Host) -> docker.DockerClient:
+    access = host.docker
+    if access is None:
         return docker.from_env()
-    endpoint = settings["endpoint"]
     tls: Any = False
-    if "tls" in settings:
-        t = settings["tls"]
-        tls = docker.tls.TLSConfig(client_cert=(t["cert"], t["key"]), ca_cert=t["ca"], verify=True)
+    if access.tls is not None:
+        t = access.tls
+        tls = docker.tls.TLSConfig(client_cert=(t.cert, t.key), ca_cert=t.ca, verify=True)
+    endpoint = access.endpoint
     return docker.DockerClient(base_url=endpoint, tls=tls, use_ssh_client=endpoint.startswith("ssh://"))
 
 
-def _shares_our_network(host: dict[str, Any]) -> bool:
+def _shares_our_network(host: Host) -> bool:
     """A daemon on a unix socket here runs host-network containers in our network namespace."""
-    endpoint = (host.get("docker") or {}).get("endpoint", "unix://")
-    return str(endpoint).startswith("unix://")
+    endpoint = host.docker.endpoint if host.docker is not None else "unix://"
+    return endpoint.startswith("unix://")
 
 
 @dataclass
@@ -164,7 +165,7 @@ class DockerDriver:
     def __init__(
         self,
         client: docker.DockerClient,
-        host: dict[str, Any],
+        host: Host,
         cluster: str,
         *,
         images: Images | None = None,
@@ -175,7 +176,7 @@ class DockerDriver:
     ) -> None:
         self.client = client
         self.host = host
-        self.name = host["name"]
+        self.name = host.name
         self.cluster = cluster
         self.images = images or Images.from_env()
         self.local = _shares_our_network(host) if local_network is None else local_network
@@ -189,12 +190,12 @@ class DockerDriver:
         self.health: dict[str, tuple[Health, float]] = {}
 
     @classmethod
-    def for_host(cls, host: dict[str, Any], manifest: Manifest, state_dir: Path) -> DockerDriver:
+    def for_host(cls, host: Host, manifest: Manifest, state_dir: Path) -> DockerDriver:
         try:
             client = _client(host)
         except DockerException as exc:
-            raise TightwadError(f"host {host['name']}: cannot reach its Docker daemon: {exc}") from None
-        return cls(client, host, manifest.name, swarm=bool(manifest.swarm.get("enabled")))
+            raise TightwadError(f"host {host.name}: cannot reach its Docker daemon: {exc}") from None
+        return cls(client, host, manifest.name, swarm=manifest.swarm.enabled)
 
     def _filters(self) -> dict[str, Any]:
         return {"label": [f"{LABEL}/cluster={self.cluster}", f"{LABEL}/host={self.name}"]}
@@ -282,7 +283,7 @@ class DockerDriver:
         try:
             if previous is not None:
                 self._remove(previous)
-            config = container_config(unit, self.cluster, self.images, self.host.get("modelDir"), failures)
+            config = container_config(unit, self.cluster, self.images, self.host.model_dir, failures)
             if not self._have_image(config["image"]):
                 self._fail(unit, self.pulls.get(config["image"], "pulling"), failures)
                 return
@@ -401,7 +402,7 @@ class DockerDriver:
             self.checks.results[key] = check
 
     def _check_in_container(self, ref: ModelRef) -> ModelCheck:
-        folder = self.host.get("modelDir")
+        folder = self.host.model_dir
         if not folder:
             return ModelCheck(ModelState.MISSING, reason=f"host {self.name} has no modelDir")
         name = model_file(ref)

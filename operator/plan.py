@@ -1,10 +1,10 @@
-"""`plan(desired, observed) -> Plan`: what to do next to move the cluster towards the manifest.
+"""`plan(desired, observed) -> ReconcilePlan`: what to do next to move the cluster towards the manifest.
 
 Pure and level-triggered: it looks only at the two states it is given (and `observed.now`), never at
 what it planned before, so any pass can be the first (an operator restart adopts and carries on) and
 running it twice on the same states gives the same actions. Drivers execute the actions; the next
 pass observes the result. Ordering falls out of that: a unit whose needs are not healthy yet, or
-whose models are not verified, waits, with the reason in `Plan.waiting`.
+whose models are not verified, waits, with the reason in `ReconcilePlan.waiting`.
 
 The engine is the one unit with a life cycle of its own (hot-swap): a changed target gets a NEW
 engine unit (its name carries its content hash), verified before anything stops, loaded beside the
@@ -63,7 +63,7 @@ _ACTION_ORDER = {Stop: 0, Route: 1, VerifyModel: 2, Start: 3}  # free ports/memo
 
 
 @dataclass(frozen=True)
-class Problem:
+class Fault:
     """Something that keeps the cluster from its desired state until a person acts."""
 
     reason: str  # CamelCase, as in Kubernetes conditions
@@ -71,7 +71,7 @@ class Problem:
 
 
 @dataclass(frozen=True)
-class Policy:
+class PlannerPolicy:
     """Timings the plan uses; defaults suit real clusters, tests shorten them."""
 
     backoff_base: float = 1.0  # seconds before the second restart; doubles per failure
@@ -97,10 +97,10 @@ class Policy:
 
 
 @dataclass(frozen=True)
-class Plan:
+class ReconcilePlan:
     actions: tuple[Action, ...]
     waiting: Mapping[str, str]  # unit -> why it is not started or changed yet
-    problems: tuple[Problem, ...]
+    problems: tuple[Fault, ...]
     serving: str | None  # the engine unit the router sends requests to
     swap: str | None  # a hot-swap in progress, in words
     converged: bool  # nothing to do and everything desired is healthy
@@ -112,15 +112,19 @@ def plan(
     observed: Observed,
     *,
     scope: Iterable[str] | None = None,
-    policy: Policy | None = None,
-) -> Plan:
+    policy: PlannerPolicy | None = None,
+) -> ReconcilePlan:
     """Actions for the units on hosts in `scope` (default: every host). Units elsewhere (another
     agent's, another driver's) are only read, as dependencies."""
-    return _Planner(desired, observed, None if scope is None else frozenset(scope), policy or Policy()).run()
+    return _Planner(
+        desired, observed, None if scope is None else frozenset(scope), policy or PlannerPolicy()
+    ).run()
 
 
 class _Planner:
-    def __init__(self, desired: Desired, observed: Observed, scope: frozenset[str] | None, policy: Policy):
+    def __init__(
+        self, desired: Desired, observed: Observed, scope: frozenset[str] | None, policy: PlannerPolicy
+    ):
         self.desired = desired
         self.observed = observed
         self.scope = scope
@@ -129,7 +133,7 @@ class _Planner:
         self.actions: list[Action] = []
         self.verifying: set[VerifyModel] = set()
         self.waiting: dict[str, str] = {}
-        self.problems: list[Problem] = []
+        self.problems: list[Fault] = []
         self.swap: str | None = None
         self.serving: str | None = None
         self.engine_ready = False
@@ -369,7 +373,7 @@ class _Planner:
             self.actions.append(Stop(state.unit, why))
 
     def problem(self, reason: str, message: str) -> None:
-        problem = Problem(reason, message)
+        problem = Fault(reason, message)
         if problem not in self.problems:
             self.problems.append(problem)
 
@@ -400,7 +404,7 @@ class _Planner:
 
     # -- the whole pass --------------------------------------------------------------------------
 
-    def run(self) -> Plan:
+    def run(self) -> ReconcilePlan:
         desired_names = {unit.name for unit in self.desired.services}
         self.stack()  # the foundations first: workers, then the engine
         for unit in sorted(self.desired.services, key=lambda u: KIND_ORDER[u.kind]):
@@ -429,7 +433,7 @@ class _Planner:
             and self.engine_ready
             and self.ready(ENGINE_ROUTER)
         )
-        return Plan(
+        return ReconcilePlan(
             actions=tuple(actions),
             waiting=dict(self.waiting),
             problems=tuple(self.problems),

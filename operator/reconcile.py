@@ -29,12 +29,13 @@ import httpx
 from tightwad import toolchain
 from tightwad.errors import TightwadError
 from tightwad.manifest import Manifest, ManifestError, is_loopback, load_manifest
+from tightwad.manifest_views import DockerAccess, Host
 from tightwad.operator.commands import Binaries
 from tightwad.operator.desired import Desired, available_components, desired_state
 from tightwad.operator.driver import Driver, DriverUnavailable
 from tightwad.operator.modelcheck import ModelChecker
 from tightwad.operator.observed import ModelCheck, ModelKey, Observed, UnitState
-from tightwad.operator.plan import Action, Plan, Policy, Route, Start, Stop, VerifyModel, plan
+from tightwad.operator.plan import Action, PlannerPolicy, ReconcilePlan, Route, Start, Stop, VerifyModel, plan
 from tightwad.operator.process import ProcessDriver
 from tightwad.operator.router import ROUTE_PATH
 from tightwad.operator.status import StatusFile, status_path_for
@@ -70,12 +71,11 @@ def is_local_address(address: str) -> bool:
     return False
 
 
-def host_driver_kind(host: dict[str, Any]) -> str:
+def host_driver_kind(host: Host) -> str:
     """Who runs a host's units: "process", "docker", "agent" or "kubernetes"."""
-    runtime = host.get("runtime", "process")
-    if runtime == "process":
-        return "process" if is_local_address(host["address"]) else "agent"
-    return "agent" if runtime == "native" else runtime
+    if host.runtime == "process":
+        return "process" if is_local_address(host.address) else "agent"
+    return "agent" if host.runtime == "native" else host.runtime
 
 
 def local_free_bytes() -> int | None:
@@ -101,7 +101,7 @@ def pinned_binaries() -> Binaries:
 class PassResult:
     desired: Desired | None
     observed: Observed
-    plan: Plan | None
+    plan: ReconcilePlan | None
     manifest_error: str | None
     executed: list[str] = field(default_factory=list)
     status: dict[str, Any] = field(default_factory=dict)
@@ -114,15 +114,15 @@ class Reconciler:
         self,
         manifest_path: str | Path,
         *,
-        policy: Policy | None = None,
+        policy: PlannerPolicy | None = None,
         components: frozenset[str] | None = None,
         events: Events | None = None,
         binaries: Binaries | None = None,
-        docker_factory: Callable[[dict[str, Any], Manifest], Driver] | None = None,
+        docker_factory: Callable[[Host, Manifest], Driver] | None = None,
         lock: bool = True,
     ) -> None:
         self.path = Path(manifest_path).resolve()
-        self.policy = policy or Policy()
+        self.policy = policy or PlannerPolicy()
         self.components = available_components() if components is None else components
         self.events = events or (lambda line: None)
         self.binaries = binaries or pinned_binaries()
@@ -134,7 +134,7 @@ class Reconciler:
         self.manifest_digest = ""
         self.host_kinds: dict[str, str] = {}
         self.docker: dict[str, Driver] = {}  # per host; kept after the host leaves, to remove its units
-        self.docker_settings: dict[str, Any] = {}
+        self.docker_settings: dict[str, DockerAccess | None] = {}
         self.host_errors: dict[str, str] = {}  # docker hosts whose daemon could not be reached at all
         self.unreachable: dict[str, str] = {}  # hosts whose driver could not observe this pass
         self.agent_reports: dict[str, tuple[float, dict[str, UnitState], dict[ModelKey, ModelCheck]]] = {}
@@ -222,14 +222,14 @@ class Reconciler:
         manifest = self.manifest
         if manifest is None:
             return
-        self.host_kinds = {h["name"]: host_driver_kind(h) for h in manifest.hosts}
-        model_dirs = {h["name"]: h.get("modelDir") for h in manifest.hosts}
-        self.process.checker.configure(self.path.parent, model_dirs, bool(manifest.swarm.get("enabled")))
+        self.host_kinds = {h.name: host_driver_kind(h) for h in manifest.hosts}
+        model_dirs: dict[str, str | None] = {h.name: h.model_dir for h in manifest.hosts}
+        self.process.checker.configure(self.path.parent, model_dirs, manifest.swarm.enabled)
         for host in manifest.hosts:
-            name = host["name"]
+            name = host.name
             if self.host_kinds[name] != "docker":
                 continue
-            if name in self.docker and self.docker_settings.get(name) == host.get("docker"):
+            if name in self.docker and self.docker_settings.get(name) == host.docker:
                 continue
             if name in self.docker:  # a new endpoint: talk to the new daemon from now on
                 self.docker.pop(name).close()
@@ -245,7 +245,7 @@ class Reconciler:
                 continue
             self.host_errors.pop(name, None)
             self.docker[name] = driver
-            self.docker_settings[name] = host.get("docker")
+            self.docker_settings[name] = host.docker
 
     def driver_for(self, host: str) -> Driver | None:
         kind = self.host_kinds.get(host)

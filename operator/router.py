@@ -48,13 +48,13 @@ _DROP_RESPONSE = {"connection", "keep-alive", "te", "trailer", "transfer-encodin
 
 
 @dataclass
-class Backend:
+class EngineBackend:
     url: str
     unit: str
 
 
 class Router:
-    def __init__(self, backend: Backend | None, token: str | None) -> None:
+    def __init__(self, backend: EngineBackend | None, token: str | None) -> None:
         self.backend = backend
         self.token = token
         self.inflight: Counter[str] = Counter()
@@ -85,7 +85,9 @@ class Router:
                 return _error(401, "missing or wrong bearer token", "invalid_api_key")
         try:
             body = await request.json()
-            self.backend = Backend(str(body["backend"]).rstrip("/"), str(body.get("unit") or body["backend"]))
+            self.backend = EngineBackend(
+                str(body["backend"]).rstrip("/"), str(body.get("unit") or body["backend"])
+            )
         except (ValueError, KeyError, TypeError):
             return _error(400, 'send {"backend": "http://HOST:PORT", "unit": "NAME"}', "invalid_request")
         return JSONResponse(self.status())
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--backend", default=None, help="initial backend URL")
     args = parser.parse_args(argv)
-    backend = Backend(args.backend.rstrip("/"), args.backend.rstrip("/")) if args.backend else None
+    backend = EngineBackend(args.backend.rstrip("/"), args.backend.rstrip("/")) if args.backend else None
     router = Router(backend, os.environ.get("TIGHTWAD_TOKEN") or None)
 
     import uvicorn

@@ -19,7 +19,7 @@ from typing import Any
 
 from tightwad.operator.desired import Desired
 from tightwad.operator.observed import Health, Observed, UnitState
-from tightwad.operator.plan import Plan, Start, Stop
+from tightwad.operator.plan import ReconcilePlan, Start, Stop
 from tightwad.operator.units import ENGINE_ROUTER, KIND_ORDER, PROXY, Kind
 
 STATUS_FORMAT = 1
@@ -54,7 +54,7 @@ def _observed_word(state: UnitState | None) -> str:
 def conditions(
     desired: Desired | None,
     observed: Observed,
-    plan: Plan | None,
+    plan: ReconcilePlan | None,
     manifest_error: str | None,
     extra_problems: Sequence[tuple[str, str]] = (),
 ) -> list[Condition]:
@@ -102,7 +102,9 @@ def conditions(
     return [ready, progressing, degraded]
 
 
-def unit_rows(desired: Desired | None, observed: Observed, plan: Plan | None) -> list[dict[str, Any]]:
+def unit_rows(
+    desired: Desired | None, observed: Observed, plan: ReconcilePlan | None
+) -> list[dict[str, Any]]:
     """One row per unit desired or observed: the stack the plan converges to, plus everything else."""
     wanted: dict[str, Any] = {}
     if desired is not None:
@@ -169,7 +171,7 @@ class StatusFile:
         manifest_digest: str,
         desired: Desired | None,
         observed: Observed,
-        plan: Plan | None,
+        plan: ReconcilePlan | None,
         manifest_error: str | None,
         problems: Sequence[tuple[str, str]] = (),
         operator: dict[str, Any] | None = None,

@@ -122,66 +122,62 @@ def from_manifest(manifest: Manifest) -> ProxyConfig:
     if section is None:
         raise TightwadError(f"{manifest.source} has no spec.proxy section: add one, or pass --target/--draft")
     target = manifest.target
-    target_url = _url(manifest.host(target["host"])["address"], int(target.get("port", 8080)))
+    target_url = _url(manifest.host(target.host).address, target.port)
     notes: list[str] = []
     drafters = []
     for d in manifest.drafters:
-        kind = d["kind"]
-        url = d.get("url")
-        if kind == "llama-server":
-            if not d.get("port"):
+        url = d.url
+        if d.runs_here:
+            if not d.port or d.host is None:
                 raise TightwadError(
-                    f"drafter {d['name']!r} has no port: set spec.drafters[].port so the proxy can find it"
+                    f"drafter {d.name!r} has no port: set spec.drafters[].port so the proxy can find it"
                 )
-            url = _url(manifest.host(d["host"])["address"], int(d["port"]))
+            url = _url(manifest.host(d.host).address, d.port)
         drafters.append(
             DrafterConfig(
-                kind=kind,
+                kind=d.kind,
                 url=url,
-                name=d["name"],
-                remote_model=d.get("remoteModel"),
-                api_key=d.get("apiKey"),
-                ngram_n=int((d.get("ngram") or {}).get("n", 3)),
+                name=d.name,
+                remote_model=d.remote_model,
+                api_key=d.api_key,
+                ngram_n=d.ngram_n,
             )
         )
-    mode = section.get("mode", "speculate")
-    policy = (section.get("consensus") or {}).get("policy", "strict")
+    mode = section.mode
+    policy = section.consensus_policy
     if mode == "consensus":
         notes.append(APPROXIMATE_NOTE.format(policy=policy))
     gate = None
-    gate_section = manifest.spec.get("gate") or {}
-    if gate_section.get("enabled"):
-        reviewer = gate_section.get("reviewer") or {}
-        review_url = reviewer.get("url", "engine")
+    gate_section = manifest.gate
+    if gate_section.enabled:
+        reviewer = gate_section.reviewer
+        review_url = reviewer.url
         gate = GateConfig(
-            agents=[
-                GateEndpointConfig(a["name"], a["url"], a.get("model"), a.get("apiKey"))
-                for a in gate_section.get("agents") or []
-            ],
+            agents=[GateEndpointConfig(a.name, a.url, a.model, a.api_key) for a in gate_section.agents],
             reviewer=GateEndpointConfig(
                 "engine" if review_url == "engine" else "reviewer",
                 target_url if review_url == "engine" else review_url,
-                reviewer.get("model"),
-                manifest.token if review_url == "engine" else reviewer.get("apiKey"),
+                reviewer.model,
+                manifest.token if review_url == "engine" else reviewer.api_key,
             ),
-            fail_closed=bool(gate_section.get("failClosed", True)),
-            cache_size=int(gate_section.get("cacheSize", 256)),
+            fail_closed=gate_section.fail_closed,
+            cache_size=gate_section.cache_size,
         )
-    limits = section.get("limits") or {}
-    max_draft = section.get("maxDraftTokens", "auto")
+    limits = section.limits
+    max_draft = section.max_draft_tokens
     return ProxyConfig(
         target_url=target_url,
         drafters=drafters[:1] if mode == "speculate" else drafters,
-        host=section.get("bind", "127.0.0.1"),
-        port=int(section.get("port", 8088)),
+        host=section.bind,
+        port=section.port,
         token=manifest.token,
         target_token=manifest.token,
         mode=mode,
         consensus_policy=policy,
         gate=gate,
         max_draft_tokens=parse_max_draft(max_draft),
-        max_body_bytes=int(limits.get("maxBodyBytes", DEFAULT_MAX_BODY)),
-        max_tokens=limits.get("maxTokens"),
+        max_body_bytes=limits.max_body_bytes,
+        max_tokens=limits.max_tokens,
         notes=notes,
     )
 

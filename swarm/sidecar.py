@@ -65,22 +65,20 @@ def models_for_host(manifest: Manifest, host: str) -> list[NeededModel]:
     """The models whose files must be in `host`'s model volume, in manifest order (pure but for the
     existence checks of local sources)."""
     wanted = []
-    if manifest.target["host"] == host:
-        wanted.append(manifest.target["model"])
+    if manifest.target.host == host:
+        wanted.append(manifest.target.model)
     for drafter in manifest.drafters:
-        if drafter.get("kind") == "llama-server" and drafter.get("host") == host and drafter.get("model"):
-            wanted.append(drafter["model"])
+        if drafter.runs_here and drafter.host == host and drafter.model:
+            wanted.append(drafter.model)
     needed = []
     for name in dict.fromkeys(wanted):
         model = manifest.model(name)
-        source = model["source"]
+        source = model.source
         try:
             file_name = _file_name(source)
         except (ManifestInvalid, KeyError):
             raise TightwadError(f"model {name!r}: cannot derive a file name from source {source!r}") from None
-        needed.append(
-            NeededModel(name, file_name, model.get("sha256"), _local_source(source, manifest.base_dir))
-        )
+        needed.append(NeededModel(name, file_name, model.sha256, _local_source(source, manifest.base_dir)))
     return needed
 
 
@@ -94,28 +92,28 @@ class Sidecar:
         self, manifest: Manifest, host: str, bind: str | None = None, console: Console | None = None
     ):
         swarm = manifest.swarm
-        if not swarm.get("enabled", True):
+        if not swarm.enabled:
             raise TightwadError("spec.swarm.enabled is false in the manifest: there is no sidecar to run")
         try:
             me = manifest.host(host)
         except KeyError:
-            names = ", ".join(h["name"] for h in manifest.hosts)
+            names = ", ".join(h.name for h in manifest.hosts)
             raise TightwadError(f"no host {host!r} in the manifest; hosts are: {names}") from None
-        port = int(swarm.get("port", 8089))
+        port = swarm.port
         self.host = host
-        self.folder = Path(me["modelDir"]).expanduser()
+        self.folder = Path(me.model_dir).expanduser()
         self.console = console or Console(stderr=True, highlight=False)
-        self.piece_size = parse_size(swarm.get("pieceSize", "64MiB"))
+        self.piece_size = parse_size(swarm.piece_size)
         self.node_options = NodeOptions(
-            bind=bind or me["address"],
+            bind=bind or me.address,
             port=port,
             token=manifest.token,
             piece_size=self.piece_size,
-            trackers=list(swarm.get("trackers", [])),
-            advertise=f"http://{me['address']}:{port}",
+            trackers=list(swarm.trackers),
+            advertise=f"http://{me.address}:{port}",
         )
-        self.peers = [f"http://{h['address']}:{port}" for h in manifest.hosts if h["name"] != host]
-        self.peers += list(swarm.get("peers", []))
+        self.peers = [f"http://{h.address}:{port}" for h in manifest.hosts if h.name != host]
+        self.peers += list(swarm.peers)
         self.needed = models_for_host(manifest, host)
         self.states: dict[str, dict[str, Any]] = {
             m.name: {"file": m.file_name, "state": "waiting", "sha256": m.sha256} for m in self.needed

@@ -69,7 +69,7 @@ def _component(name: str, argv: list[str]) -> int:
     import importlib
 
     if name == "operator":  # the in-cluster Kubernetes controller (what the Helm chart runs)
-        return int(importlib.import_module("tightwad.operator.kubernetes_operator").main(argv))
+        return int(importlib.import_module("tightwad.operator.kubernetes.controller").main(argv))
     if name == "gate":  # the gate is served by the proxy process (POST /tightwad/v1/gate/...)
         rest = argv[1:] if argv[:1] == ["start"] else argv
         return int(importlib.import_module("tightwad.proxy.cli").main(["start", *rest]))

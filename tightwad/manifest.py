@@ -16,7 +16,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,19 @@ from yaml.error import Mark
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from tightwad.errors import TightwadError
+from tightwad.manifest_views import (
+    ClusterSpec,
+    Drafter,
+    GateSpec,
+    Host,
+    Metadata,
+    ModelSpec,
+    ProxySpec,
+    SwarmSpec,
+    Target,
+    build_view,
+)
+from tightwad.manifest_views import parse_size as parse_size  # re-exported: a manifest's sizes
 
 API_VERSION = "tightwad.dev/v1alpha1"
 KIND = "TightwadCluster"
@@ -43,7 +56,7 @@ _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 @dataclass(frozen=True)
-class Problem:
+class ManifestProblem:
     """One thing wrong with a manifest, and where: `path` in document notation, 1-based line/column."""
 
     path: str
@@ -60,7 +73,7 @@ class Problem:
 class ManifestError(TightwadError):
     """A manifest that cannot be used; `problems` lists everything wrong with it, in file order."""
 
-    def __init__(self, source: str, problems: Sequence[Problem]) -> None:
+    def __init__(self, source: str, problems: Sequence[ManifestProblem]) -> None:
         self.source = source
         self.problems = list(problems)
         super().__init__("\n".join(problem.format(source) for problem in self.problems))
@@ -70,80 +83,80 @@ class ManifestError(TightwadError):
 class Manifest:
     """A validated manifest with the schema's defaults filled in.
 
-    `data` is the whole document (environment variables already interpolated); treat it as
-    read-only. The accessors return parts of it, so they are cheap and always agree with it.
+    `data` is the whole document (environment variables already interpolated), kept for what must
+    reproduce it exactly (the CRD, the copy agents and pods read); treat it as read-only. Everything
+    else reads the typed views: `metadata`, `spec` and the shortcuts below, built once from `data`.
     """
 
     data: dict[str, Any]
     source: str = "<string>"
     base_dir: Path | None = None  # folder that relative model paths are resolved against
+    metadata: Metadata = field(init=False, repr=False, compare=False)
+    spec: ClusterSpec = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "metadata", build_view(Metadata, self.data["metadata"]))
+        object.__setattr__(self, "spec", build_view(ClusterSpec, self.data["spec"]))
 
     @property
     def name(self) -> str:
-        return str(self.data["metadata"]["name"])
+        return self.metadata.name
 
     @property
-    def spec(self) -> dict[str, Any]:
-        return self.data["spec"]
+    def hosts(self) -> tuple[Host, ...]:
+        return self.spec.hosts
 
-    @property
-    def hosts(self) -> list[dict[str, Any]]:
-        return self.spec["hosts"]
-
-    def host(self, name: str) -> dict[str, Any]:
+    def host(self, name: str) -> Host:
         """The host called `name`; KeyError if there is none."""
-        for host in self.hosts:
-            if host["name"] == name:
-                return host
-        raise KeyError(name)
+        return self.spec.host(name)
 
     @property
-    def models(self) -> dict[str, dict[str, Any]]:
+    def models(self) -> dict[str, ModelSpec]:
         """Models by name, in file order."""
-        return {model["name"]: model for model in self.spec["models"]}
+        return {model.name: model for model in self.spec.models}
 
-    def model(self, name: str) -> dict[str, Any]:
+    def model(self, name: str) -> ModelSpec:
         """The model called `name`; KeyError if there is none."""
-        return self.models[name]
+        return self.spec.model(name)
 
     @property
-    def target(self) -> dict[str, Any]:
-        return self.spec["target"]
+    def target(self) -> Target:
+        return self.spec.target
 
     @property
-    def target_model(self) -> dict[str, Any]:
-        return self.model(self.target["model"])
+    def target_model(self) -> ModelSpec:
+        return self.model(self.target.model)
 
     @property
-    def target_host(self) -> dict[str, Any]:
-        return self.host(self.target["host"])
+    def target_host(self) -> Host:
+        return self.host(self.target.host)
 
     @property
     def context_size(self) -> int:
         """The target's context window: its own `contextSize`, else its model's."""
-        return int(self.target.get("contextSize", self.target_model["contextSize"]))
+        return self.spec.context_size
 
     @property
-    def drafters(self) -> list[dict[str, Any]]:
-        return self.spec["drafters"]
+    def drafters(self) -> tuple[Drafter, ...]:
+        return self.spec.drafters
 
     @property
-    def proxy(self) -> dict[str, Any] | None:
+    def proxy(self) -> ProxySpec | None:
         """The proxy section, or None when the engine is served without one."""
-        return self.spec.get("proxy")
+        return self.spec.proxy
 
     @property
-    def gate(self) -> dict[str, Any]:
-        return self.spec["gate"]
+    def gate(self) -> GateSpec:
+        return self.spec.gate
 
     @property
-    def swarm(self) -> dict[str, Any]:
-        return self.spec["swarm"]
+    def swarm(self) -> SwarmSpec:
+        return self.spec.swarm
 
     @property
     def token(self) -> str | None:
         """The bearer token servers beyond loopback require, or None when none is set."""
-        return self.spec["auth"].get("token") or None
+        return self.spec.token
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,14 +169,16 @@ def load_manifest(path: str | os.PathLike[str], *, environ: Mapping[str, str] | 
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ManifestError(source, [Problem("", "no such file; check the path")]) from None
+        raise ManifestError(source, [ManifestProblem("", "no such file; check the path")]) from None
     except IsADirectoryError:
-        raise ManifestError(source, [Problem("", "is a folder; give the manifest file itself")]) from None
+        raise ManifestError(
+            source, [ManifestProblem("", "is a folder; give the manifest file itself")]
+        ) from None
     except UnicodeDecodeError as exc:
         message = f"is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
-        raise ManifestError(source, [Problem("", message)]) from None
+        raise ManifestError(source, [ManifestProblem("", message)]) from None
     except OSError as exc:
-        raise ManifestError(source, [Problem("", f"cannot be read: {exc.strerror or exc}")]) from None
+        raise ManifestError(source, [ManifestProblem("", f"cannot be read: {exc.strerror or exc}")]) from None
     return parse_manifest(text, source, environ=environ, base_dir=Path(path).resolve().parent)
 
 
@@ -208,19 +223,6 @@ def load_schema() -> dict[str, Any]:
     return json.loads(text)
 
 
-_SIZE = re.compile(r"^([0-9]+(?:\.[0-9]+)?) ?(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-_UNITS |= {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """Bytes in a manifest size such as `8GiB`, `12GB` or `512MiB`."""
-    match = _SIZE.match(text)
-    if not match:
-        raise ValueError(f"{text!r} is not a size; write a number and a unit, e.g. 8GiB")
-    return int(float(match.group(1)) * _UNITS[match.group(2)])
-
-
 def is_loopback(address: str) -> bool:
     """True for addresses only this machine can reach: 127.x, ::1 and localhost."""
     if address.lower() == "localhost":
@@ -254,14 +256,16 @@ def _compose(text: str, source: str) -> Node:
     except yaml.MarkedYAMLError as exc:
         raise ManifestError(source, [_yaml_problem(exc)]) from None
     except yaml.YAMLError as exc:  # errors without a position, e.g. bad characters
-        raise ManifestError(source, [Problem("", f"invalid YAML: {exc}")]) from None
+        raise ManifestError(source, [ManifestProblem("", f"invalid YAML: {exc}")]) from None
     if root is None:
         message = f"the file is empty; a manifest starts with `apiVersion: {API_VERSION}`"
-        raise ManifestError(source, [Problem("", message, 1, 1)])
+        raise ManifestError(source, [ManifestProblem("", message, 1, 1)])
     return root
 
 
-def _yaml_problem(exc: yaml.MarkedYAMLError, hint: str = "check the indentation and quoting") -> Problem:
+def _yaml_problem(
+    exc: yaml.MarkedYAMLError, hint: str = "check the indentation and quoting"
+) -> ManifestProblem:
     mark = exc.problem_mark or exc.context_mark
     detail = f"{exc.problem} ({exc.context})" if exc.context else str(exc.problem)
     if "'\\t'" in detail:
@@ -269,7 +273,7 @@ def _yaml_problem(exc: yaml.MarkedYAMLError, hint: str = "check the indentation 
     elif "another document" in detail:
         hint = "a manifest is one YAML document; put each cluster in its own file"
     message = f"invalid YAML: {detail}; {hint}"
-    return Problem("", message, mark.line + 1 if mark else None, mark.column + 1 if mark else None)
+    return ManifestProblem("", message, mark.line + 1 if mark else None, mark.column + 1 if mark else None)
 
 
 class _Loader(yaml.SafeLoader):
@@ -291,7 +295,7 @@ class _Places:
         self.values: dict[DocPath, Mark] = {}
         self.keys: dict[DocPath, Mark] = {}
 
-    def problem(self, path: DocPath, message: str, *, at_key: bool = False) -> Problem:
+    def problem(self, path: DocPath, message: str, *, at_key: bool = False) -> ManifestProblem:
         mark = self.keys.get(path) if at_key else None
         # A value that was never written (a default, a missing key) points at its nearest parent.
         probe = path
@@ -301,8 +305,8 @@ class _Places:
                 break
             probe = probe[:-1]
         if mark is None:
-            return Problem(format_path(path), message)
-        return Problem(format_path(path), message, mark.line + 1, mark.column + 1)
+            return ManifestProblem(format_path(path), message)
+        return ManifestProblem(format_path(path), message, mark.line + 1, mark.column + 1)
 
     def written(self, path: DocPath) -> bool:
         return path in self.values
@@ -350,7 +354,7 @@ class _Walker:
     def __init__(self, environ: Mapping[str, str]) -> None:
         self.environ = environ
         self.places = _Places()
-        self.problems: list[Problem] = []
+        self.problems: list[ManifestProblem] = []
         self.failed_paths: set[str] = set()
         self._done: set[int] = set()  # scalars already interpolated (an alias reaches a node twice)
         self._loader = _Loader("")  # only for resolving tags and constructing keys
@@ -381,7 +385,9 @@ class _Walker:
             if key in seen:
                 message = f"duplicate key {key!r}; YAML keeps only the last one, so remove the other"
                 mark = key_node.start_mark
-                self.problems.append(Problem(format_path(child), message, mark.line + 1, mark.column + 1))
+                self.problems.append(
+                    ManifestProblem(format_path(child), message, mark.line + 1, mark.column + 1)
+                )
             seen.add(key)
             self.places.keys.setdefault(child, key_node.start_mark)
             # For a nested mapping or list, the line of its key is the natural place to point at.
@@ -408,7 +414,9 @@ class _Walker:
         if errors:
             mark = node.start_mark
             for error in errors:
-                self.problems.append(Problem(format_path(path), error, mark.line + 1, mark.column + 1))
+                self.problems.append(
+                    ManifestProblem(format_path(path), error, mark.line + 1, mark.column + 1)
+                )
             self.failed_paths.add(format_path(path))
             return
         node.value = value
@@ -416,14 +424,14 @@ class _Walker:
             node.tag = self._loader.resolve(ScalarNode, value, (True, False))
 
 
-def _raise_if_any(source: str, problems: Iterable[Problem]) -> None:
+def _raise_if_any(source: str, problems: Iterable[ManifestProblem]) -> None:
     unique = list(dict.fromkeys(problems))
     if unique:
         unique.sort(key=lambda p: (p.line or 0, p.column or 0))
         raise ManifestError(source, unique)
 
 
-def _check(data: Any, places: _Places) -> list[Problem]:
+def _check(data: Any, places: _Places) -> list[ManifestProblem]:
     """Schema problems, then the rules a schema cannot express (on the document with defaults)."""
     errors = list(_validator().iter_errors(data))
     # A value of the wrong type fails its other keywords too; the type is the one thing to say.
@@ -493,7 +501,7 @@ _TYPE_WORDS = {
 _ALIASES = {"nvidia": "cuda", "amd": "rocm", "hip": "rocm", "apple": "metal", "mps": "metal"}
 
 
-def _explain(error: ValidationError, places: _Places) -> Iterator[Problem]:
+def _explain(error: ValidationError, places: _Places) -> Iterator[ManifestProblem]:
     path = tuple(error.absolute_path)
     if error.validator == "additionalProperties" and isinstance(error.instance, dict):
         allowed = list(error.schema.get("properties", {}))

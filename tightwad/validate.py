@@ -48,7 +48,7 @@ def validate_files(paths: list[str]) -> int:
             continue
         summary = (
             f"{path}: ok ({_count(len(manifest.hosts), 'host')}, "
-            f"{_count(len(manifest.models), 'model')}, target {manifest.target['model']})"
+            f"{_count(len(manifest.models), 'model')}, target {manifest.target.model})"
         )
         console.print(summary, style="green", markup=False)
         if unset:

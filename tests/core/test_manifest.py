@@ -20,7 +20,7 @@ from tightwad.errors import TightwadError
 from tightwad.manifest import (
     Manifest,
     ManifestError,
-    Problem,
+    ManifestProblem,
     is_loopback,
     load_manifest,
     load_schema,
@@ -28,6 +28,7 @@ from tightwad.manifest import (
     parse_manifest,
     parse_size,
 )
+from tightwad.manifest_views import GateReviewer, ProxyLimits, ProxySpec, SwarmSpec
 
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 BROKEN = sorted((REPO / "tests" / "manifests" / "broken").glob("*.yaml"))
@@ -48,20 +49,20 @@ spec:
       address: 127.0.0.1
       gpus:
         - backend: cpu
-          port: 50152
+          port: 18152
   target:
     model: tiny
     host: local
 """
 
 
-def problems_of(text: str, environ: Mapping[str, str] | None = None) -> list[Problem]:
+def problems_of(text: str, environ: Mapping[str, str] | None = None) -> list[ManifestProblem]:
     with pytest.raises(ManifestError) as caught:
         parse_manifest(text, "test.yaml", environ=environ or {})
     return caught.value.problems
 
 
-def only_problem(text: str, environ: Mapping[str, str] | None = None) -> Problem:
+def only_problem(text: str, environ: Mapping[str, str] | None = None) -> ManifestProblem:
     problems = problems_of(text, environ)
     assert len(problems) == 1, problems
     return problems[0]
@@ -75,7 +76,7 @@ def only_problem(text: str, environ: Mapping[str, str] | None = None) -> Problem
 def test_every_example_validates(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TIGHTWAD_TOKEN", "test-token")
     manifest = load_manifest(path)
-    assert manifest.target_model["name"] == manifest.target["model"]
+    assert manifest.target_model.name == manifest.target.model
     assert manifest.base_dir == path.parent
 
 
@@ -87,17 +88,18 @@ def test_local_example_is_one_cpu_machine_on_loopback(monkeypatch: pytest.Monkey
     monkeypatch.delenv("TIGHTWAD_MODEL_DIR", raising=False)
     manifest = load_manifest(REPO / "examples" / "local.yaml")
     [host] = manifest.hosts
-    assert host["address"] == "127.0.0.1" and host["runtime"] == "process"
-    assert host["modelDir"] == "~/.cache/tightwad/models"
-    assert [gpu["backend"] for gpu in host["gpus"]] == ["cpu", "cpu"]
-    assert len({gpu["port"] for gpu in host["gpus"]}) == 2
-    assert manifest.target_model["source"] == "catalog:smollm2-135m-f32"
-    assert manifest.model(manifest.drafters[0]["model"])["source"] == "catalog:smollm2-135m-q4_1"
+    assert host.address == "127.0.0.1" and host.runtime == "process"
+    assert host.model_dir == "~/.cache/tightwad/models"
+    assert [gpu.backend for gpu in host.gpus] == ["cpu", "cpu"]
+    assert len({gpu.port for gpu in host.gpus}) == 2
+    assert manifest.target_model.source == "catalog:smollm2-135m-f32"
+    drafter_model = manifest.drafters[0].model
+    assert drafter_model is not None and manifest.model(drafter_model).source == "catalog:smollm2-135m-q4_1"
     assert manifest.context_size == 2048
-    assert manifest.proxy is not None and manifest.proxy["bind"] == "127.0.0.1"
-    assert manifest.proxy["port"] == 8088
-    assert manifest.swarm["enabled"] is False
-    assert manifest.gate["enabled"] is False
+    assert manifest.proxy is not None and manifest.proxy.bind == "127.0.0.1"
+    assert manifest.proxy.port == 8088
+    assert manifest.swarm.enabled is False
+    assert manifest.gate.enabled is False
     assert manifest.token is None
 
 
@@ -112,9 +114,9 @@ def test_homelab_example_needs_its_token(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("TIGHTWAD_TOKEN", "s3cret")
     manifest = load_manifest(REPO / "examples" / "homelab.yaml")
     assert manifest.token == "s3cret"
-    backends = {gpu["backend"] for host in manifest.hosts for gpu in host["gpus"]}
+    backends = {gpu.backend for host in manifest.hosts for gpu in host.gpus}
     assert backends == {"cuda", "rocm", "metal", "cpu"}
-    assert manifest.host("macbook")["runtime"] == "native"
+    assert manifest.host("macbook").runtime == "native"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,7 +194,7 @@ def test_alternatives_explain_the_branch_that_was_meant() -> None:
 
 
 def test_pattern_message_says_the_form() -> None:
-    problem = only_problem(MINIMAL.replace("port: 50152", "port: 50152\n          memory: 8 gigs"))
+    problem = only_problem(MINIMAL.replace("port: 18152", "port: 18152\n          memory: 8 gigs"))
     assert problem.message.startswith("'8 gigs' is not a valid size; write a number and a unit")
 
 
@@ -222,7 +224,7 @@ def test_empty_and_unreadable_files(tmp_path: Path) -> None:
     assert "UTF-8" in load_problem(binary).message
 
 
-def load_problem(path: Path) -> Problem:
+def load_problem(path: Path) -> ManifestProblem:
     with pytest.raises(ManifestError) as caught:
         load_manifest(path)
     [problem] = caught.value.problems
@@ -241,30 +243,30 @@ def test_manifest_error_is_a_tightwad_error_that_reads_as_lines() -> None:
 
 
 def with_port(value: str) -> str:
-    return MINIMAL.replace("port: 50152", f"port: {value}")
+    return MINIMAL.replace("port: 18152", f"port: {value}")
 
 
 def rpc_port(value: str, environ: Mapping[str, str]) -> Any:
-    return parse_manifest(with_port(value), environ=environ).hosts[0]["gpus"][0]["port"]
+    return parse_manifest(with_port(value), environ=environ).hosts[0].gpus[0].port
 
 
 def test_interpolation_uses_the_environment_then_the_default() -> None:
     # An unquoted value is typed after interpolation, so the port is an integer.
-    assert rpc_port("${RPC_PORT:-50200}", {"RPC_PORT": "50300"}) == 50300
-    assert rpc_port("${RPC_PORT:-50200}", {}) == 50200
+    assert rpc_port("${RPC_PORT:-18200}", {"RPC_PORT": "18300"}) == 18300
+    assert rpc_port("${RPC_PORT:-18200}", {}) == 18200
     # Like the shell's `:-`, an empty variable also takes the default.
-    assert rpc_port("${RPC_PORT:-50200}", {"RPC_PORT": ""}) == 50200
+    assert rpc_port("${RPC_PORT:-18200}", {"RPC_PORT": ""}) == 18200
 
 
 def test_interpolation_inside_a_longer_string_and_escaping() -> None:
     text = MINIMAL.replace("catalog:smollm2-135m-q4_1", "${MODELS}/tiny-$${NOT_A_VAR}.gguf")
     manifest = parse_manifest(text, environ={"MODELS": "/srv/models"})
-    assert manifest.model("tiny")["source"] == "/srv/models/tiny-${NOT_A_VAR}.gguf"
+    assert manifest.model("tiny").source == "/srv/models/tiny-${NOT_A_VAR}.gguf"
 
 
 def test_quoted_values_stay_strings_after_interpolation() -> None:
-    problem = only_problem(with_port('"${RPC_PORT}"'), environ={"RPC_PORT": "50300"})
-    assert problem.message == "expected an integer, got '50300'"
+    problem = only_problem(with_port('"${RPC_PORT}"'), environ={"RPC_PORT": "18300"})
+    assert problem.message == "expected an integer, got '18300'"
 
 
 def test_missing_variable_names_the_field_and_the_variable() -> None:
@@ -293,11 +295,13 @@ def test_defaults_are_filled_in() -> None:
     drafter_and_proxy = "  drafters:\n    - {name: lookup, kind: ngram}\n  proxy:\n    host: local\n"
     manifest = parse_manifest(MINIMAL + drafter_and_proxy)
     assert isinstance(manifest, Manifest)
-    assert manifest.model("tiny")["contextSize"] == 4096
-    assert manifest.host("local")["runtime"] == "process"
-    assert manifest.host("local")["modelDir"] == "/var/lib/tightwad/models"
-    assert manifest.target["port"] == 8080 and manifest.target["tensorSplit"] == "auto"
-    assert manifest.proxy == {
+    assert manifest.model("tiny").context_size == 4096
+    assert manifest.host("local").runtime == "process"
+    assert manifest.host("local").model_dir == "/var/lib/tightwad/models"
+    assert manifest.target.port == 8080 and manifest.target.tensor_split == "auto"
+    # Filled into the document itself (what the CRD and the pods' copy carry), and into the views.
+    spec = manifest.data["spec"]
+    assert spec["proxy"] == {
         "host": "local",
         "bind": "127.0.0.1",
         "port": 8088,
@@ -305,8 +309,12 @@ def test_defaults_are_filled_in() -> None:
         "maxDraftTokens": "auto",
         "limits": {"maxBodyBytes": 8388608},
     }
-    assert manifest.swarm == {"enabled": True, "port": 8089, "pieceSize": "64MiB", "peers": []}
-    assert manifest.gate["enabled"] is False and manifest.gate["reviewer"] == {"url": "engine"}
+    assert spec["swarm"] == {"enabled": True, "port": 8089, "pieceSize": "64MiB", "peers": []}
+    assert spec["gate"]["enabled"] is False and spec["gate"]["reviewer"] == {"url": "engine"}
+    assert manifest.proxy == ProxySpec(host="local")
+    assert manifest.proxy.limits == ProxyLimits(max_body_bytes=8388608, max_tokens=None)
+    assert manifest.swarm == SwarmSpec(enabled=True, port=8089, piece_size="64MiB", peers=())
+    assert manifest.gate.enabled is False and manifest.gate.reviewer == GateReviewer(url="engine")
 
 
 def test_proxy_speculating_without_drafters_is_a_problem() -> None:
@@ -336,7 +344,7 @@ def test_metal_inside_a_container_is_a_problem() -> None:
 
 def test_manifest_from_dict_validates_parsed_objects() -> None:
     data = yaml.safe_load(MINIMAL)
-    assert manifest_from_dict(data).target["port"] == 8080
+    assert manifest_from_dict(data).target.port == 8080
     data["spec"]["target"]["model"] = "nope"
     with pytest.raises(ManifestError) as caught:
         manifest_from_dict(data, "cluster/tiny")

@@ -48,7 +48,7 @@ def _docker_manifest(backends: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def test_nvidia_workers_get_a_device_request_for_their_gpu() -> None:
-    d = desired_state(manifest_from_dict(_docker_manifest([{"backend": "cuda", "index": 1, "port": 50052}])))
+    d = desired_state(manifest_from_dict(_docker_manifest([{"backend": "cuda", "index": 1, "port": 18052}])))
     worker = d.stacks["a"].workers[0]
     config = container_config(worker, "gpus", Images(), "/srv/models")
     assert config["device_requests"] == [DeviceRequest(device_ids=["1"], capabilities=[["gpu"]])]
@@ -59,7 +59,7 @@ def test_nvidia_workers_get_a_device_request_for_their_gpu() -> None:
 
 
 def test_amd_workers_get_kfd_dri_and_the_video_render_groups() -> None:
-    d = desired_state(manifest_from_dict(_docker_manifest([{"backend": "rocm", "port": 50052}])))
+    d = desired_state(manifest_from_dict(_docker_manifest([{"backend": "rocm", "port": 18052}])))
     config = container_config(d.stacks["a"].workers[0], "gpus", Images(), "/srv/models")
     assert config["devices"] == ["/dev/kfd:/dev/kfd:rwm", "/dev/dri:/dev/dri:rwm"]
     assert config["group_add"] == ["video", "render"] and "device_requests" not in config
@@ -67,7 +67,7 @@ def test_amd_workers_get_kfd_dri_and_the_video_render_groups() -> None:
 
 
 def test_model_units_mount_the_hosts_model_volume_read_only() -> None:
-    data = _docker_manifest([{"backend": "cpu", "port": 50052}])
+    data = _docker_manifest([{"backend": "cpu", "port": 18052}])
     d = desired_state(manifest_from_dict(data))
     engine = d.stacks["a"].engine
     config = container_config(engine, "gpus", Images(), "/srv/models")
@@ -79,7 +79,7 @@ def test_model_units_mount_the_hosts_model_volume_read_only() -> None:
 
 
 def test_secrets_travel_in_the_environment_not_the_command_line() -> None:
-    data = _docker_manifest([{"backend": "cpu", "port": 50052}])
+    data = _docker_manifest([{"backend": "cpu", "port": 18052}])
     data["spec"]["auth"] = {"token": "s3cret"}
     d = desired_state(manifest_from_dict(data))
     config = container_config(d.stacks["a"].engine, "gpus", Images(), "/srv/models")
@@ -375,7 +375,7 @@ def test_a_remote_docker_host_over_tcp_create_adopt_drift_remove(
         "address": HOST_IP,
         "runtime": "docker",
         "docker": {"endpoint": far_docker},
-        "gpus": [{"backend": "cpu", "port": 50052, "threads": 1}],
+        "gpus": [{"backend": "cpu", "port": 18052, "threads": 1}],
     }
     spec["hosts"].append(far)
     manifest = tmp_path / "cluster.yaml"

@@ -18,13 +18,13 @@ from kubernetes_asyncio import client
 from support.kubeapi import ROOT, RecordingWorkloads, Server, start_server, stop_server
 
 from tightwad.crd import CRD_NAME, GROUP, PLURAL, VERSION
-from tightwad.operator.kubernetes_api import Rest, connect
-from tightwad.operator.kubernetes_cr import FINALIZER, api_path
-from tightwad.operator.kubernetes_lease import CoordinationLeases, LeaderElector
-from tightwad.operator.kubernetes_operator import Operator, Options
-from tightwad.operator.kubernetes_watch import Backoff
-from tightwad.operator.kubernetes_workloads import Context
-from tightwad.operator.plan import Policy
+from tightwad.operator.kubernetes.api import Rest, connect
+from tightwad.operator.kubernetes.controller import Operator, Options
+from tightwad.operator.kubernetes.cr import FINALIZER, api_path
+from tightwad.operator.kubernetes.lease import CoordinationLeases, LeaderElector
+from tightwad.operator.kubernetes.watch import Backoff
+from tightwad.operator.kubernetes.workloads import Context
+from tightwad.operator.plan import PlannerPolicy
 from tightwad.operator.units import Kind
 
 NS = "default"
@@ -216,7 +216,7 @@ def test_the_operator_follows_a_cluster_through_its_life(server: Server) -> None
                 api,
                 workloads,
                 token="test-token",
-                options=Options(namespace=NS, resync=0.3, watch_timeout=2, policy=Policy()),
+                options=Options(namespace=NS, resync=0.3, watch_timeout=2, policy=PlannerPolicy()),
             )
             operator.watch.backoff = Backoff(base=0.1, cap=0.5)
             stop = asyncio.Event()
@@ -279,7 +279,7 @@ async def lifecycle(
     conflicts_before = operator.counters.conflicts
 
     async def someone_else_edits(context: Context) -> bool:
-        if context.manifest.target["maxConversations"] != 2:
+        if context.manifest.target.max_conversations != 2:
             return False  # not the pass that plans generation 3
         await users.edit(name, {"proxy": {"maxDraftTokens": 8}})
         return True

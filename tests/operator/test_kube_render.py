@@ -14,9 +14,9 @@ from support.kubeapi import ROOT, validate
 
 from tightwad.manifest import Manifest, load_manifest, parse_manifest
 from tightwad.operator.desired import desired_state
-from tightwad.operator.kubernetes_operator import MANIFEST_IN_POD, main
-from tightwad.operator.kubernetes_render import ANNOTATION_UNIT, Owner, Settings, render_all
-from tightwad.operator.kubernetes_workloads import kubernetes_hosts, states_from_objects
+from tightwad.operator.kubernetes.controller import MANIFEST_IN_POD, main
+from tightwad.operator.kubernetes.render import ANNOTATION_UNIT, Owner, RenderSettings, render_all
+from tightwad.operator.kubernetes.workloads import kubernetes_hosts, states_from_objects
 from tightwad.operator.observed import Health
 from tightwad.operator.units import Kind, Unit
 
@@ -38,7 +38,7 @@ def in_cluster_units(m: Manifest) -> list[Unit]:
 @pytest.fixture(scope="module")
 def objects() -> dict[tuple[str, str], dict[str, Any]]:
     rendered = render_all(
-        in_cluster_units(manifest()), manifest(), OWNER, Settings(token_secret="tightwad-token")
+        in_cluster_units(manifest()), manifest(), OWNER, RenderSettings(token_secret="tightwad-token")
     )
     return {(o["kind"], o["metadata"]["name"]): o for o in rendered}
 
@@ -81,7 +81,7 @@ def test_the_native_mac_is_never_scheduled(objects: dict[tuple[str, str], Any]) 
     engine = engine_of(objects)
     args = container(engine)["args"]
     rpc = args[args.index("--rpc") + 1].split(",")
-    assert "192.168.1.20:50052" in rpc, "the engine reaches the Mac's worker over the network"
+    assert "192.168.1.20:18052" in rpc, "the engine reaches the Mac's worker over the network"
     assert len(rpc) == 4
 
 
@@ -94,7 +94,7 @@ def test_gpu_workers_are_pinned_to_their_node_and_request_their_gpu(
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod(cuda)["tolerations"]
     args = container(cuda)["args"]
     assert args[args.index("--device") + 1] == "CUDA0"
-    assert args[args.index("--host") + 1] == "192.168.1.10" and args[args.index("--port") + 1] == "50052"
+    assert args[args.index("--host") + 1] == "192.168.1.10" and args[args.index("--port") + 1] == "18052"
     assert pod(cuda)["hostNetwork"] is True and pod(cuda)["restartPolicy"] == "Always"
 
     rocm = objects[("Pod", "homelab-worker-radeon-0")]
@@ -111,7 +111,7 @@ def test_rpc_worker_readiness_never_connects_to_the_worker(objects: dict[tuple[s
     probe = container(objects[("Pod", "homelab-worker-rtx4070-0")])["readinessProbe"]
     assert "httpGet" not in probe and "tcpSocket" not in probe
     script = probe["exec"]["command"][-1]
-    assert "/proc/net/tcp" in script and ":C384 " in script and " 0A " in script  # 50052, LISTEN
+    assert "/proc/net/tcp" in script and ":4684 " in script and " 0A " in script  # 18052, LISTEN
 
 
 def test_engine_waits_for_its_verified_model_and_has_a_long_startup(
@@ -175,7 +175,9 @@ def test_every_object_belongs_to_its_cluster(objects: dict[tuple[str, str], Any]
 
 def test_a_persistent_volume_claim_replaces_host_paths() -> None:
     m = manifest()
-    rendered = render_all(in_cluster_units(m), m, OWNER, Settings(token_secret="t", model_claim="models"))
+    rendered = render_all(
+        in_cluster_units(m), m, OWNER, RenderSettings(token_secret="t", model_claim="models")
+    )
     for obj in rendered:
         validate(obj)
         if (

@@ -22,6 +22,7 @@ from support.plans import BASE, Sim, manifest_data
 from tightwad import models
 from tightwad.launch import free_port
 from tightwad.manifest import manifest_from_dict
+from tightwad.manifest_views import Host
 from tightwad.operator import router as router_module
 from tightwad.operator.cli import main as operator_main
 from tightwad.operator.commands import Binaries, CannotRun, command, environment
@@ -52,11 +53,11 @@ def test_command_lines_follow_the_specs() -> None:
     )
     worker, engine = d.stacks["a"].workers[0], d.stacks["a"].engine
     assert command(worker, BIN, {}) == [
-        "rpc", "--host", "127.0.0.1", "--port", "50100", "--device", "CPU", "--threads", "1",
+        "rpc", "--host", "127.0.0.1", "--port", "18100", "--device", "CPU", "--threads", "1",
     ]  # fmt: skip
     argv = command(engine, BIN, {"big": "/m/big.gguf"})
     assert argv[:5] == ["py", "-m", "tightwad.cli", "engine", "--model"] and "/m/big.gguf" in argv
-    assert argv[argv.index("--rpc") + 1] == "127.0.0.1:50100,127.0.0.1:50101"
+    assert argv[argv.index("--rpc") + 1] == "127.0.0.1:18100,127.0.0.1:18101"
     assert argv[argv.index("--port") + 1] == "9002" and argv[argv.index("--ctx") + 1] == "2048"
     assert "t0k" not in " ".join(argv) and environment(engine, BIN)["TIGHTWAD_TOKEN"] == "t0k"
     proxy = d.by_name["proxy"]
@@ -388,15 +389,15 @@ def test_a_host_dropped_from_the_manifest_has_its_units_removed(
         "name": "extra",
         "address": "127.0.0.5",
         "runtime": "docker",
-        "gpus": [{"backend": "cpu", "port": 50500}],
+        "gpus": [{"backend": "cpu", "port": 18500}],
     }
     data["spec"]["hosts"].append(extra)
     path = tmp_path / "cluster.yaml"
     path.write_text(json.dumps(data))
     drivers: dict[str, FakeDriver] = {}
 
-    def factory(host: dict[str, Any], manifest: Any) -> FakeDriver:
-        return drivers.setdefault(host["name"], FakeDriver(host["name"]))
+    def factory(host: Host, manifest: Any) -> FakeDriver:
+        return drivers.setdefault(host.name, FakeDriver(host.name))
 
     reconciler = Reconciler(path, docker_factory=factory, components=frozenset({"proxy"}))
     try:

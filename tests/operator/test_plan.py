@@ -14,7 +14,7 @@ from support.plans import NOW, GiB, Sim, desired, manifest_data, names, ok_model
 
 from tightwad.operator.desired import Desired, token_fingerprint
 from tightwad.operator.observed import Health, ModelCheck, ModelState, Observed
-from tightwad.operator.plan import Policy, Route, Start, Stop, VerifyModel, plan
+from tightwad.operator.plan import PlannerPolicy, Route, Start, Stop, VerifyModel, plan
 from tightwad.operator.units import ENGINE_ROUTER, Kind
 
 # ------------------------------------------------------------------------------------------------
@@ -25,7 +25,7 @@ def test_desired_units_one_worker_per_device_engine_router_drafter_proxy() -> No
     d = desired()
     assert [u.name for u in d.units] == ["worker-box-0", "worker-box-1", ENGINE_ROUTER, "drafter-d1", "proxy"]
     assert d.engine.name.startswith("engine-") and d.engine.needs == ("worker-box-0", "worker-box-1")
-    assert d.engine.spec["rpc"] == ["127.0.0.1:50100", "127.0.0.1:50101"]
+    assert d.engine.spec["rpc"] == ["127.0.0.1:18100", "127.0.0.1:18101"]
     assert d.engine.spec["ctx"] == 2048 and d.engine.spec["parallel"] == 2
     assert d.by_name[ENGINE_ROUTER].port == 9000  # clients use the target's port; engines sit behind
     assert d.engine_ports == (9002, 9003)  # 9001 is the drafter's
@@ -45,10 +45,10 @@ def test_ports_left_out_are_assigned_deterministically_around_explicit_ones() ->
     data = manifest_data()
     for gpu in data["spec"]["hosts"][0]["gpus"]:
         del gpu["port"]
-    data["spec"]["hosts"][0]["gpus"][1]["port"] = 50052
+    data["spec"]["hosts"][0]["gpus"][1]["port"] = 18052
     d1, d2 = desired(data), desired(data)
     ports = [u.port for u in d1.units if u.kind is Kind.WORKER]
-    assert ports == [50053, 50052]
+    assert ports == [18053, 18052]
     assert [u.spec_hash for u in d1.units] == [u.spec_hash for u in d2.units]
 
 
@@ -183,7 +183,7 @@ def test_an_exited_unit_restarts_with_exponential_backoff() -> None:
     sim = Sim()
     sim.converge(d)
     worker = sim.units["worker-box-0"]
-    policy = Policy(backoff_base=1.0, backoff_cap=60.0)
+    policy = PlannerPolicy(backoff_base=1.0, backoff_cap=60.0)
     for failures, wait in [(0, 0.0), (1, 1.0), (2, 2.0), (3, 4.0), (10, 60.0)]:
         dead = worker.with_(running=False, health=Health.DOWN, exited_at=NOW, exit_code=1, failures=failures)
         units = {**sim.units, "worker-box-0": dead}
@@ -235,9 +235,11 @@ def test_a_failing_unit_gets_a_grace_period() -> None:
     sim.converge(d)
     sim.units["drafter-d1"] = sim.units["drafter-d1"].with_(health=Health.FAILING, since=NOW + 9)
     sim.now = NOW + 10
-    assert plan(d, sim.observed(), policy=Policy(failing_grace=3)).actions == ()
+    assert plan(d, sim.observed(), policy=PlannerPolicy(failing_grace=3)).actions == ()
     sim.now = NOW + 13
-    assert names(plan(d, sim.observed(), policy=Policy(failing_grace=3)).actions, Start) == ["drafter-d1"]
+    assert names(plan(d, sim.observed(), policy=PlannerPolicy(failing_grace=3)).actions, Start) == [
+        "drafter-d1"
+    ]
 
 
 def test_a_unit_stuck_starting_is_restarted_after_its_kind_timeout() -> None:
@@ -245,7 +247,7 @@ def test_a_unit_stuck_starting_is_restarted_after_its_kind_timeout() -> None:
     sim = Sim()
     sim.converge(d)
     sim.units["drafter-d1"] = sim.units["drafter-d1"].with_(health=Health.STARTING, started_at=NOW)
-    policy = Policy(start_timeout={Kind.DRAFTER: 30.0})
+    policy = PlannerPolicy(start_timeout={Kind.DRAFTER: 30.0})
     sim.now = NOW + 29
     assert plan(d, sim.observed(), policy=policy).waiting["drafter-d1"] == "starting"
     sim.now = NOW + 31
@@ -270,7 +272,7 @@ def test_hot_swap_verifies_loads_beside_routes_drains_then_stops_the_old_stack()
     beside = new.stacks["b"]  # rpc workers serve one client each: the new engine gets its own
     assert beside.engine.name not in (old.engine.name, new.engine.name)
     assert [w.name for w in beside.workers] == ["worker-box-0-b", "worker-box-1-b"]
-    assert [w.port for w in beside.workers] == [50102, 50103] and beside.engine.port == 9003
+    assert [w.port for w in beside.workers] == [18102, 18103] and beside.engine.port == 9003
 
     p = plan(new, sim.observed())  # 1: verify the new model; nothing stops
     assert [a.model.name for a in p.actions if isinstance(a, VerifyModel)] == ["other"]
@@ -435,7 +437,7 @@ def test_scope_limits_actions_to_its_hosts_but_reads_the_others_as_needs() -> No
             "name": "mac",
             "address": "127.0.0.3",
             "runtime": "native",
-            "gpus": [{"backend": "metal", "port": 50200}],
+            "gpus": [{"backend": "metal", "port": 18200}],
         }
     )
     d = desired(data)
@@ -457,7 +459,7 @@ def test_a_thousand_hosts_plan_quickly() -> None:
         {
             "name": f"h{i}",
             "address": f"10.0.{i // 250}.{i % 250 + 1}",
-            "gpus": [{"backend": "cpu", "port": 50052}],
+            "gpus": [{"backend": "cpu", "port": 18052}],
         }
         for i in range(1000)
     ]

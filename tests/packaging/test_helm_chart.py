@@ -65,7 +65,7 @@ def test_helm_template_renders_valid_objects(values: list[str]) -> None:
     assert by_kind(docs, "CustomResourceDefinition") == [crd.crd()]
     (deployment,) = by_kind(docs, "Deployment")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    assert container["command"] == ["python", "-m", "tightwad.operator.kubernetes_operator"]
+    assert container["command"] == ["python", "-m", "tightwad.operator.kubernetes.controller"]
     assert "--namespace=tightwad" in container["args"]
     token = next(e for e in container["env"] if e["name"] == "TIGHTWAD_TOKEN")
     assert token["valueFrom"]["secretKeyRef"]["key"] == "token"

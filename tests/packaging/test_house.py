@@ -75,7 +75,7 @@ def test_the_readme_manifest_example_is_valid(tmp_path) -> None:
     assert example, "README.md should show a manifest"
     path = tmp_path / "readme.yaml"
     path.write_text(example.group(1))
-    assert load_manifest(path).target["model"] == "smollm2-f32"
+    assert load_manifest(path).target.model == "smollm2-f32"
 
 
 def test_the_manifest_reference_is_generated_from_the_schema() -> None:

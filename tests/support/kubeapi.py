@@ -25,9 +25,9 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
-from tightwad.operator.kubernetes_cr import ClusterRef
-from tightwad.operator.kubernetes_render import Settings, render_swarm, render_unit
-from tightwad.operator.kubernetes_workloads import Context, kubernetes_hosts, models_verified_in_pod
+from tightwad.operator.kubernetes.cr import ClusterRef
+from tightwad.operator.kubernetes.render import RenderSettings, render_swarm, render_unit
+from tightwad.operator.kubernetes.workloads import Context, kubernetes_hosts, models_verified_in_pod
 from tightwad.operator.observed import Health, Observed, UnitState
 from tightwad.operator.plan import Action, Route, Start, Stop, VerifyModel
 from tightwad.operator.units import ENGINE_ROUTER, Kind, Unit
@@ -95,7 +95,7 @@ def validate(obj: dict[str, Any]) -> None:
 class RecordingWorkloads:
     """A Workloads driver that renders, validates and records; every started unit is ready."""
 
-    settings: Settings = field(default_factory=lambda: Settings(token_secret="tightwad-token"))
+    settings: RenderSettings = field(default_factory=lambda: RenderSettings(token_secret="tightwad-token"))
     running: dict[str, Unit] = field(default_factory=dict)
     objects: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     actions: list[Action] = field(default_factory=list)
@@ -120,7 +120,7 @@ class RecordingWorkloads:
         }
         # The agents on native hosts report their units up.
         for unit in context.desired.units:
-            if context.hosts[unit.host].get("runtime") == "native":
+            if context.hosts[unit.host].runtime == "native":
                 states[unit.name] = UnitState(unit, running=True, health=Health.OK, started_at=now - 60)
         scope = kubernetes_hosts(context.manifest)
         units = [*context.desired.units, context.desired.engine, *(s.unit for s in states.values())]

@@ -11,7 +11,7 @@ import yaml
 from tightwad.manifest import manifest_from_dict
 from tightwad.operator.desired import Desired, desired_state
 from tightwad.operator.observed import Health, ModelCheck, ModelState, Observed, UnitState
-from tightwad.operator.plan import Plan, Route, Start, Stop, VerifyModel, plan
+from tightwad.operator.plan import ReconcilePlan, Route, Start, Stop, VerifyModel, plan
 from tightwad.operator.units import Unit
 
 NOW = 1_000_000.0
@@ -32,8 +32,8 @@ spec:
     - name: box
       address: 127.0.0.1
       gpus:
-        - {backend: cpu, port: 50100, threads: 1}
-        - {backend: cpu, port: 50101, threads: 1}
+        - {backend: cpu, port: 18100, threads: 1}
+        - {backend: cpu, port: 18101, threads: 1}
   target: {model: big, host: box, port: 9000, maxConversations: 2}
   drafters:
     - {name: d1, kind: llama-server, model: small, host: box, port: 9001}
@@ -88,7 +88,7 @@ class Sim:
             now=self.now, units=dict(self.units), models=dict(self.models), free_bytes=self.free_bytes
         )
 
-    def apply(self, p: Plan) -> None:
+    def apply(self, p: ReconcilePlan) -> None:
         for action in p.actions:
             match action:
                 case Start(unit=unit):
@@ -109,7 +109,7 @@ class Sim:
                     )
                     self.models[(host, model)] = check
 
-    def converge(self, d: Desired, passes: int = 10, **kw: Any) -> Plan:
+    def converge(self, d: Desired, passes: int = 10, **kw: Any) -> ReconcilePlan:
         for _ in range(passes):
             p = plan(d, self.observed(), **kw)
             if p.converged:

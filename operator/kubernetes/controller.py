@@ -13,7 +13,7 @@ the watch reports (and a resync every few seconds, for pods becoming ready) reco
    patch carrying the resourceVersion it planned from: when the CR changed meanwhile (409), read it
    again and plan again, so status never describes a spec it did not see.
 
-Only the replica holding the Lease acts; the others wait for it (kubernetes_lease).
+Only the replica holding the Lease acts; the others wait for it (kubernetes/lease.py).
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from kubernetes_asyncio import client
 
 from tightwad.manifest import Manifest, ManifestError, load_manifest
 from tightwad.operator.desired import Desired, desired_state
-from tightwad.operator.kubernetes_api import Conflict, Rest, connect, merge_patch_between, update_with_retry
-from tightwad.operator.kubernetes_cr import (
+from tightwad.operator.kubernetes.api import Conflict, Rest, connect, merge_patch_between, update_with_retry
+from tightwad.operator.kubernetes.cr import (
     FINALIZER,
     ClusterRef,
     api_path,
@@ -46,20 +46,20 @@ from tightwad.operator.kubernetes_cr import (
     same_status,
     status_document,
 )
-from tightwad.operator.kubernetes_lease import CoordinationLeases, LeaderElector
-from tightwad.operator.kubernetes_render import (
+from tightwad.operator.kubernetes.lease import CoordinationLeases, LeaderElector
+from tightwad.operator.kubernetes.render import (
     CONFIG_DIR,
     CONFIG_FILE,
     CannotRender,
     Images,
     Owner,
-    Settings,
+    RenderSettings,
     render_all,
 )
-from tightwad.operator.kubernetes_watch import ClusterWatch
-from tightwad.operator.kubernetes_workloads import Context, KubernetesWorkloads, Workloads, kubernetes_hosts
+from tightwad.operator.kubernetes.watch import ClusterWatch
+from tightwad.operator.kubernetes.workloads import Context, KubernetesWorkloads, Workloads, kubernetes_hosts
 from tightwad.operator.observed import Observed
-from tightwad.operator.plan import Policy, Problem, plan
+from tightwad.operator.plan import Fault, PlannerPolicy, plan
 
 log = logging.getLogger("tightwad.operator.kubernetes")
 
@@ -92,7 +92,7 @@ class Options:
     namespace: str | None = None  # watch only this namespace (None: all)
     resync: float = 10.0  # seconds between passes over every cluster, changed or not
     watch_timeout: int = 300
-    policy: Policy = field(default_factory=Policy)
+    policy: PlannerPolicy = field(default_factory=PlannerPolicy)
 
 
 class Operator:
@@ -229,15 +229,15 @@ class Operator:
         context = Context(cluster, owner, manifest, desired)
         observed = await self.workloads.observe(context, now)
         result = plan(desired, observed, scope=kubernetes_hosts(manifest), policy=self.options.policy)
-        failures: list[Problem] = []
+        failures: list[Fault] = []
         for action in result.actions:
             try:
                 self._event(f"{cluster.key}: {await self.workloads.execute(context, action)}")
             except CannotRender as exc:
-                failures.append(Problem("CannotRun", str(exc)))
+                failures.append(Fault("CannotRun", str(exc)))
             except client.ApiException as exc:
                 failures.append(
-                    Problem("ApiError", f"{type(action).__name__.lower()}: HTTP {exc.status} {exc.reason}")
+                    Fault("ApiError", f"{type(action).__name__.lower()}: HTTP {exc.status} {exc.reason}")
                 )
         if failures:
             result = dataclasses.replace(result, problems=(*result.problems, *failures), converged=False)
@@ -329,7 +329,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def settings_from(args: argparse.Namespace) -> Settings:
+def settings_from(args: argparse.Namespace) -> RenderSettings:
     images = Images(
         worker_cuda=args.image_worker_cuda,
         worker_rocm=args.image_worker_rocm,
@@ -337,7 +337,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         tightwad=args.image_tightwad,
         pull_policy=args.image_pull_policy,
     )
-    return Settings(
+    return RenderSettings(
         images=images,
         model_claim=args.model_claim,
         token_secret=args.token_secret,
@@ -345,19 +345,18 @@ def settings_from(args: argparse.Namespace) -> Settings:
     )
 
 
-def render_file(path: str, settings: Settings) -> str:
+def render_file(path: str, settings: RenderSettings) -> str:
     """Every object of the cluster in `path` once all its in-cluster units run (first engine port)."""
     manifest = load_manifest(path)
     desired = desired_state(manifest, manifest_path=MANIFEST_IN_POD)
     scope = kubernetes_hosts(manifest)
     engine = desired.engine.with_spec(port=desired.engine_ports[0])
     units = [u for u in (*desired.units, engine) if u.host in scope]
-    namespace = manifest.data["metadata"].get("namespace", "default")
     owner = Owner(
         manifest.name,
-        namespace,
+        manifest.metadata.namespace or "default",
         "00000000-0000-0000-0000-000000000000",
-        manifest.data["metadata"].get("labels", {}),
+        manifest.metadata.labels,
     )
     return yaml.safe_dump_all(render_all(units, manifest, owner, settings), sort_keys=False)
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from tightwad.crd import GROUP, PLURAL, VERSION
-from tightwad.manifest import Manifest, ManifestError, Problem, manifest_from_dict
+from tightwad.manifest import Manifest, ManifestError, ManifestProblem, manifest_from_dict
 from tightwad.operator.desired import Desired
 from tightwad.operator.observed import Observed
-from tightwad.operator.plan import Plan
+from tightwad.operator.plan import ReconcilePlan
 from tightwad.operator.status import conditions, unit_rows
 from tightwad.operator.units import Kind
 
@@ -78,13 +78,13 @@ def cluster_manifest(obj: Mapping[str, Any], token: str | None) -> Manifest:
                 "write `token: ${TIGHTWAD_TOKEN}` here: on Kubernetes the token lives in the chart's "
                 "Secret (helm value token.value), which the operator and every pod read"
             )
-            raise ManifestError(source, [Problem("spec.auth.token", message)])
+            raise ManifestError(source, [ManifestProblem("spec.auth.token", message)])
         if not token:
             message = (
                 "the operator has no token to fill ${TIGHTWAD_TOKEN} with; set the chart's token.value "
                 "(or token.existingSecret) and restart the operator"
             )
-            raise ManifestError(source, [Problem("spec.auth.token", message)])
+            raise ManifestError(source, [ManifestProblem("spec.auth.token", message)])
         auth["token"] = token
     return manifest_from_dict(data, source)
 
@@ -108,7 +108,7 @@ def status_document(
     previous: Mapping[str, Any] | None,
     desired: Desired | None,
     observed: Observed,
-    plan: Plan | None,
+    plan: ReconcilePlan | None,
     manifest_error: str | None,
 ) -> dict[str, Any]:
     """The CR's status: conditions (each with observedGeneration, and lastTransitionTime kept while

@@ -20,7 +20,7 @@ from rich.console import Console
 from tightwad.errors import TightwadError
 from tightwad.manifest import is_loopback
 from tightwad.operator.agent_api import DEFAULT_PORT, AgentServer
-from tightwad.operator.plan import Policy
+from tightwad.operator.plan import PlannerPolicy
 from tightwad.operator.reconcile import PassResult, Reconciler
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -81,7 +81,7 @@ def _agent_server(reconciler: Reconciler, listen: str | None) -> AgentServer | N
             "add `token: ${TIGHTWAD_TOKEN}` under spec.auth and export TIGHTWAD_TOKEN"
         )
     if listen is None:
-        addresses = [reconciler.manifest.host(h)["address"] for h in hosts] if reconciler.manifest else []
+        addresses = [reconciler.manifest.host(h).address for h in hosts] if reconciler.manifest else []
         bind = "127.0.0.1" if all(is_loopback(a) for a in addresses) else "0.0.0.0"
         listen = f"{bind}:{DEFAULT_PORT}"
     bind, _, port = listen.rpartition(":")
@@ -95,7 +95,7 @@ def _agent_server(reconciler: Reconciler, listen: str | None) -> AgentServer | N
 def up(
     manifest_path: str,
     keep_running: bool = False,
-    policy: Policy | None = None,
+    policy: PlannerPolicy | None = None,
     agents_listen: str | None = None,
 ) -> int:
     reconciler = Reconciler(manifest_path, events=_event, policy=policy)

@@ -51,7 +51,7 @@ def path_for(
     try:
         prefix, plural = KINDS[kind]
     except KeyError:
-        raise ValueError(f"unknown kind {kind!r}; add it to kubernetes_api.KINDS") from None
+        raise ValueError(f"unknown kind {kind!r}; add it to tightwad.operator.kubernetes.api.KINDS") from None
     path = f"{prefix}/namespaces/{namespace}/{plural}" if namespace else f"{prefix}/{plural}"
     if name:
         path += f"/{name}"

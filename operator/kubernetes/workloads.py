@@ -1,7 +1,7 @@
 """The kubernetes driver: carries out plan actions as Kubernetes objects, and reports what runs.
 
 `Workloads` is the seam the controller drives; `KubernetesWorkloads` is the real one: Start renders
-the unit (kubernetes_render) and server-side-applies it, Stop deletes it, Route re-points the engine
+the unit (render.py) and server-side-applies it, Stop deletes it, Route re-points the engine
 router over HTTP, and `observe` reads Pods, Deployments and the swarm DaemonSet back into the plan's
 UnitStates. Kubernetes restarts crashed containers itself, so an object that exists counts as
 running; readiness decides health, restarts count as failures, and a container stuck crashing shows
@@ -21,17 +21,18 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from tightwad.manifest import Manifest
+from tightwad.manifest_views import Host
 from tightwad.operator import health
 from tightwad.operator.desired import Desired
-from tightwad.operator.kubernetes_api import Rest, path_for
-from tightwad.operator.kubernetes_cr import ClusterRef
-from tightwad.operator.kubernetes_render import (
+from tightwad.operator.kubernetes.api import Rest, path_for
+from tightwad.operator.kubernetes.cr import ClusterRef
+from tightwad.operator.kubernetes.render import (
     ANNOTATION_UNIT,
     LABEL_CLUSTER,
     LABEL_UNIT,
     SWARM_UNITS,
     Owner,
-    Settings,
+    RenderSettings,
     object_name,
     render_config,
     render_swarm,
@@ -54,8 +55,8 @@ class Context:
     desired: Desired
 
     @property
-    def hosts(self) -> dict[str, dict[str, Any]]:
-        return {h["name"]: h for h in self.manifest.hosts}
+    def hosts(self) -> dict[str, Host]:
+        return {h.name: h for h in self.manifest.hosts}
 
 
 class Workloads(Protocol):
@@ -71,7 +72,7 @@ class Workloads(Protocol):
 
 
 def kubernetes_hosts(manifest: Manifest) -> set[str]:
-    return {h["name"] for h in manifest.hosts if h.get("runtime") == "kubernetes"}
+    return {h.name for h in manifest.hosts if h.runtime == "kubernetes"}
 
 
 def models_verified_in_pod(units: Iterable[Unit], scope: set[str]) -> dict[ModelKey, ModelCheck]:
@@ -208,7 +209,7 @@ def probe_native(unit: Unit, engine_healthy: bool) -> UnitState:
 class KubernetesWorkloads:
     """Runs units as Kubernetes objects in the TightwadCluster's namespace."""
 
-    def __init__(self, rest: Rest, settings: Settings, *, probe_native_hosts: bool = True) -> None:
+    def __init__(self, rest: Rest, settings: RenderSettings, *, probe_native_hosts: bool = True) -> None:
         self.rest = rest
         self.settings = settings
         self.probe_native_hosts = probe_native_hosts
@@ -236,7 +237,7 @@ class KubernetesWorkloads:
         return Observed(now=now, units=states, models=models_verified_in_pod(units, scope))
 
     async def _native(self, context: Context, states: Mapping[str, UnitState]) -> dict[str, UnitState]:
-        native = {h["name"] for h in context.manifest.hosts if h.get("runtime") == "native"}
+        native = {h.name for h in context.manifest.hosts if h.runtime == "native"}
         engine_up = any(s.healthy for s in states.values() if s.unit.kind is Kind.ENGINE)
         units = [u for u in context.desired.units if u.host in native]
         results = await asyncio.gather(*(asyncio.to_thread(probe_native, u, engine_up) for u in units))

@@ -28,6 +28,7 @@ import yaml
 
 from tightwad.crd import GROUP, VERSION
 from tightwad.manifest import KIND, Manifest
+from tightwad.manifest_views import Host
 from tightwad.models import CATALOG_PREFIX, catalog_model
 from tightwad.operator.commands import Binaries, command
 from tightwad.operator.units import Kind, ModelRef, Unit
@@ -75,7 +76,7 @@ class Images:
 
 
 @dataclass(frozen=True)
-class Settings:
+class RenderSettings:
     """How this installation runs units: images, where models live, the token's Secret."""
 
     images: Images = field(default_factory=Images)
@@ -188,7 +189,7 @@ def model_sha256(ref: ModelRef) -> str | None:
 # -- pieces of a pod ------------------------------------------------------------------------------
 
 
-def _token_env(unit: Unit, settings: Settings) -> list[dict[str, Any]]:
+def _token_env(unit: Unit, settings: RenderSettings) -> list[dict[str, Any]]:
     if not unit.secrets.get("TIGHTWAD_TOKEN") or settings.token_secret is None:
         return []
     names = ["TIGHTWAD_TOKEN", "LLAMA_ARG_API_KEY"] if unit.kind is Kind.DRAFTER else ["TIGHTWAD_TOKEN"]
@@ -270,7 +271,7 @@ def _tolerations(unit: Unit) -> list[dict[str, Any]]:
     return []
 
 
-def _model_init(unit: Unit, image: str, settings: Settings, folder: str) -> list[dict[str, Any]]:
+def _model_init(unit: Unit, image: str, settings: RenderSettings, folder: str) -> list[dict[str, Any]]:
     """One init container per model: wait until the file is in the volume, then check its SHA-256."""
     script = (
         'until [ -f "$MODEL" ]; do echo "waiting for $MODEL (the swarm sidecar fetches it)"; sleep 5; done; '
@@ -294,7 +295,7 @@ def _model_init(unit: Unit, image: str, settings: Settings, folder: str) -> list
     return inits
 
 
-def _model_volume(folder: str, settings: Settings) -> dict[str, Any]:
+def _model_volume(folder: str, settings: RenderSettings) -> dict[str, Any]:
     if settings.model_claim:
         return {"name": "models", "persistentVolumeClaim": {"claimName": settings.model_claim}}
     return {"name": "models", "hostPath": {"path": folder, "type": "DirectoryOrCreate"}}
@@ -310,15 +311,12 @@ def _outside_files(unit: Unit, folder: str) -> list[str]:
     return sorted(set(dirs))
 
 
-def node_selector(unit: Unit, hosts: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+def node_selector(unit: Unit, hosts: Mapping[str, Host]) -> dict[str, str]:
     """The node named like the unit's host, and the host's labels."""
-    host = hosts.get(unit.host, {})
-    return {"kubernetes.io/hostname": unit.host, **dict(host.get("labels", {}))}
+    return {"kubernetes.io/hostname": unit.host, **_host_labels(unit, hosts)}
 
 
-def pod_spec(
-    unit: Unit, owner: Owner, settings: Settings, hosts: Mapping[str, Mapping[str, Any]]
-) -> dict[str, Any]:
+def pod_spec(unit: Unit, owner: Owner, settings: RenderSettings, hosts: Mapping[str, Host]) -> dict[str, Any]:
     image = settings.images.for_unit(unit)
     volumes: list[dict[str, Any]] = []
     mounts: list[dict[str, Any]] = []
@@ -377,12 +375,13 @@ def config_name(owner: Owner) -> str:
     return object_name(owner.name, "manifest")
 
 
-def _host_labels(unit: Unit, hosts: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
-    return dict(hosts.get(unit.host, {}).get("labels", {}))
+def _host_labels(unit: Unit, hosts: Mapping[str, Host]) -> dict[str, str]:
+    host = hosts.get(unit.host)
+    return dict(host.labels) if host is not None else {}
 
 
 def render_unit(
-    unit: Unit, owner: Owner, settings: Settings, hosts: Mapping[str, Mapping[str, Any]]
+    unit: Unit, owner: Owner, settings: RenderSettings, hosts: Mapping[str, Host]
 ) -> list[dict[str, Any]]:
     """The objects that run `unit` (the swarm's: see `render_swarm`)."""
     if unit.kind is Kind.SWARM:
@@ -423,7 +422,7 @@ def render_unit(
 
 
 def render_proxy_service(
-    unit: Unit, owner: Owner, settings: Settings, labels: Mapping[str, str]
+    unit: Unit, owner: Owner, settings: RenderSettings, labels: Mapping[str, str]
 ) -> dict[str, Any]:
     """The cluster's front door inside the cluster (ClusterIP). The chart's `proxyService` exposes one
     cluster's proxy outside it (LoadBalancer, NodePort) with the annotations a site needs."""
@@ -446,7 +445,7 @@ def swarm_name(owner: Owner) -> str:
 
 
 def render_swarm(
-    units: Sequence[Unit], owner: Owner, settings: Settings, hosts: Mapping[str, Mapping[str, Any]]
+    units: Sequence[Unit], owner: Owner, settings: RenderSettings, hosts: Mapping[str, Host]
 ) -> dict[str, Any]:
     """One DaemonSet for every swarm sidecar of the cluster, on exactly the nodes of their hosts.
     Each pod finds its host in the manifest by its node's name."""
@@ -556,10 +555,10 @@ def render_config(manifest: Manifest, owner: Owner) -> dict[str, Any]:
 
 
 def render_all(
-    units: Iterable[Unit], manifest: Manifest, owner: Owner, settings: Settings
+    units: Iterable[Unit], manifest: Manifest, owner: Owner, settings: RenderSettings
 ) -> list[dict[str, Any]]:
     """Every object for `units` of `manifest`: for whole-cluster checks and `tightwad operator --render`."""
-    hosts = {h["name"]: h for h in manifest.hosts}
+    hosts = {h.name: h for h in manifest.hosts}
     units = list(units)
     objects = [render_config(manifest, owner)]
     for unit in units:
