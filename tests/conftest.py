@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 
 import pytest
 from support import leftovers
@@ -16,6 +18,13 @@ from tightwad.toolchain import Toolchain
 
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_subreaper] = leftovers.become_subreaper()
+    # A runner that is told to stop (a CI time limit, `kill`) still tears every fixture down, so
+    # what the tests started stops with them: SIGTERM becomes the interrupt pytest cleans up after.
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
