@@ -1,17 +1,22 @@
-"""Parsing OpenAI request bodies: what the speculation loop needs, or why it cannot serve them. Pure.
+"""Parsing OpenAI request bodies: what the speculation loop needs, or why it cannot serve them.
 
 Speculation serves one choice of plain text from a prompt or chat messages, greedy or sampled with
 temperature / top_p / top_k / seed, with stop sequences and max_tokens. Anything else (tools,
 n > 1, logprobs, penalties, JSON modes, ...) would change the output if it were ignored, so such
 requests go to the engine unchanged (`passthrough_reason`).
+
+Pure but for `read_body`, which reads the body off the connection under the proxy's size limit.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
-from tightwad.openai import InvalidRequest
+from starlette.requests import Request
+
+from tightwad.openai import InvalidRequest, PayloadTooLarge
 from tightwad.proxy.sampling import Sampling
 
 # Keys whose presence (with a non-default value) means the speculation path cannot serve a request.
@@ -48,7 +53,28 @@ class Params:
     model: str | None
 
 
+async def read_body(request: Request, limit: int) -> tuple[bytes, dict[str, Any]]:
+    """The raw body (passthrough sends it on unchanged) and its JSON object. Refused once it is
+    over `limit` bytes, by its declared length or while it arrives, so a huge body is never held."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the request body is {declared} bytes; this proxy takes at most {limit}")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            raise PayloadTooLarge(f"the request body is over {limit} bytes; this proxy takes at most {limit}")
+    try:
+        body = json.loads(bytes(raw) or b"{}")
+    except ValueError as exc:
+        raise InvalidRequest(f"the request body is not valid JSON ({exc})") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    return bytes(raw), body
+
+
 def passthrough_reason(body: dict[str, Any]) -> str | None:
+    """Why the speculation loop cannot serve `body` (the engine then serves it), or None."""
     n = body.get("n")
     if n not in (None, 1):
         return "n > 1"

@@ -1,0 +1,182 @@
+"""POST /v1/completions and /v1/chat/completions: the speculative path.
+
+A request the loop can serve (see ../request_parsing.py) becomes a prompt of token ids: the
+completion prompt tokenized by the engine, or the chat messages rendered by the engine's chat
+template. The speculation loop (../speculate.py) yields target tokens, `TextReply` (../replies.py)
+turns them into text with stops and limits, and shaping.py writes the OpenAI body or stream.
+Anything else, and chat with an engine that cannot render chat prompts, is passed through.
+
+Errors before the first byte of a reply get a real status; a stream that breaks later ends with
+one `data: {"error": ...}` event.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+
+from sse_starlette.sse import EventSourceResponse
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from tightwad.openai import InvalidRequest, OpenAIError, error_body
+from tightwad.proxy.replies import ReplyDelta, TextReply
+from tightwad.proxy.request_parsing import (
+    Params,
+    parse_messages,
+    parse_params,
+    parse_prompt,
+    passthrough_reason,
+    read_body,
+)
+from tightwad.proxy.routes.passthrough import pass_through
+from tightwad.proxy.routes.shaping import ReplyShape
+from tightwad.proxy.speculate import Job
+from tightwad.proxy.state import EngineProfile, Proxy
+from tightwad.proxy.telemetry import Telemetry
+
+
+class GenerateRoutes:
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+
+    async def completions(self, request: Request) -> Response:
+        proxy = self.proxy
+        raw, body = await read_body(request, proxy.config.max_body_bytes)
+        if proxy.speculator is None or passthrough_reason(body):
+            return await pass_through(proxy, request, raw, "completions")
+        profile = await proxy.engine_profile()
+        params = parse_params(body, proxy.config.max_tokens, default_max_tokens=16)
+        prompt = parse_prompt(body)
+        if isinstance(prompt, str):
+            tokens = await proxy.engine.tokenize(prompt, add_special=True, parse_special=True)
+        else:
+            tokens = prompt
+        return await self._generate(tokens, params, profile, chat=False)
+
+    async def chat_completions(self, request: Request) -> Response:
+        proxy = self.proxy
+        raw, body = await read_body(request, proxy.config.max_body_bytes)
+        if proxy.speculator is None or passthrough_reason(body):
+            return await pass_through(proxy, request, raw, "chat")
+        profile = await proxy.engine_profile()
+        if not profile.chat_tokens:
+            # An engine without the chat-template rendering (`/tokenize` with `messages`) serves
+            # the chat itself: exact, just not sped up.
+            return await pass_through(proxy, request, raw, "chat")
+        params = parse_params(body, proxy.config.max_tokens, default_max_tokens=None)
+        tokens = await proxy.engine.chat_tokens(parse_messages(body))
+        if tokens is None:
+            return await pass_through(proxy, request, raw, "chat")  # the engine will say what is wrong
+        return await self._generate(tokens, params, profile, chat=True)
+
+    async def _generate(
+        self, prompt: list[int], params: Params, profile: EngineProfile, chat: bool
+    ) -> Response:
+        proxy = self.proxy
+        assert proxy.speculator is not None
+        info = profile.info
+        bad = next((t for t in prompt if not 0 <= t < info.n_vocab), None)
+        if bad is not None:
+            raise InvalidRequest(f"`prompt` holds {bad}, which is not a token id in [0, {info.n_vocab})")
+        if len(prompt) + 1 > info.n_ctx:
+            raise OpenAIError(
+                f"the prompt has {len(prompt)} tokens but the context holds {info.n_ctx}",
+                status=400,
+                code="context_length_exceeded",
+            )
+        room = info.n_ctx - len(prompt)
+        max_tokens = min(params.max_tokens or room, room)
+        job = Job(prompt, params.sampling, max_tokens, info.n_ctx, profile.vocabulary)
+        route = "chat" if chat else "completions"
+        proxy.telemetry.request(route, "speculate")
+        proxy.remember(route, proxy.config.mode, len(prompt), max_tokens)
+        started = time.perf_counter()
+        reply = TextReply(proxy.speculator.run(job), profile.vocabulary, params.stops, profile.eog_tokens)
+        deltas = _Timed(reply.deltas(), proxy.telemetry, started)
+        first = await self._first(deltas)  # errors before the first byte get a real status
+        shape = ReplyShape.of(params, info.model, chat)
+        if params.stream:
+            events = self._events(first, deltas, reply, shape, len(prompt))
+            return EventSourceResponse(events, ping=15, headers=proxy.mode_headers())
+        texts, tokens = [], []
+        delta: ReplyDelta | None = first
+        try:
+            while delta is not None:
+                texts.append(delta.text)
+                tokens.extend(delta.tokens)
+                delta = await deltas.next()
+        except OpenAIError as exc:
+            proxy.reply_failed(exc)
+            raise
+        body = shape.body("".join(texts), tokens, reply.finish_reason, len(prompt), reply.completion_tokens)
+        return JSONResponse(body, headers=proxy.mode_headers())
+
+    async def _first(self, deltas: _Timed) -> ReplyDelta | None:
+        try:
+            return await deltas.next()
+        except OpenAIError as exc:
+            self.proxy.reply_failed(exc)
+            await deltas.close()
+            raise
+
+    async def _events(
+        self, first: ReplyDelta | None, deltas: _Timed, reply: TextReply, shape: ReplyShape, n_prompt: int
+    ) -> AsyncIterator[str]:
+        try:
+            if shape.chat:
+                yield shape.chunk(None, None, role=True)
+            delta = first
+            while delta is not None:
+                yield shape.chunk(delta, None)
+                delta = await deltas.next()
+            yield shape.chunk(None, reply.finish_reason)
+            if shape.include_usage:
+                yield shape.usage_chunk(n_prompt, reply.completion_tokens)
+            yield "[DONE]"
+        except OpenAIError as exc:
+            self.proxy.reply_failed(exc)
+            yield json.dumps(exc.to_json())
+        except Exception as exc:  # a bug must still end the stream with an error, not silence
+            self.proxy.telemetry.error("internal_error")
+            yield json.dumps(error_body(f"internal error: {type(exc).__name__}: {exc}"))
+        finally:
+            await deltas.close()
+
+
+class _Timed:
+    """Pulls deltas one at a time and records time to first token and gaps between tokens."""
+
+    def __init__(self, deltas: AsyncIterator[ReplyDelta], telemetry: Telemetry, started: float) -> None:
+        self.deltas = deltas
+        self.telemetry = telemetry
+        self.started = started
+        self.first: float | None = None
+        self.last = started
+        self.tokens_after_first = 0
+
+    async def next(self) -> ReplyDelta | None:
+        try:
+            delta = await anext(self.deltas)
+        except StopAsyncIteration:
+            if self.first is not None:
+                self.telemetry.reply(self.tokens_after_first, self.last - self.first)
+            return None
+        now_ = time.perf_counter()
+        n = len(delta.tokens)
+        if n:
+            if self.first is None:
+                self.first = now_
+                self.telemetry.first_token(now_ - self.started)
+                self.tokens_after_first += n - 1
+            else:
+                self.telemetry.gap(now_ - self.last, n)
+                self.tokens_after_first += n
+            self.last = now_
+        return delta
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.deltas.aclose()  # type: ignore[attr-defined]
