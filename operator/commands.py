@@ -11,6 +11,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from tightwad.errors import TightwadError
 from tightwad.operator.units import Kind, Unit
 
 # llama.cpp's device names per backend (as `ggml-rpc-server --device` takes them).
@@ -27,7 +28,7 @@ class Binaries:
     env: Mapping[str, str] = field(default_factory=dict)  # e.g. LLAMA_CPP_LIB_PATH for the pinned build
 
 
-class CannotRun(Exception):
+class CannotRun(TightwadError):
     """This unit cannot be run by this driver (a component that is not installed, say)."""
 
 

@@ -133,20 +133,22 @@ class _Ports:
             self.taken[host].add(port)
 
     def assign(self, host: str, wanted: int | None, first: int) -> int:
-        """`wanted` when the manifest gives it, else the first free port from `first` (from
-        FIRST_WORKER_PORT when `first` is not below the limit, e.g. next to an explicit 50052)."""
+        """`wanted` when the manifest gives it, else the first free port from `first`, going on
+        from FIRST_WORKER_PORT at the limit (e.g. after an explicit 50052 or a target on 32767)."""
         if wanted is not None:
             return wanted
-        port = first if first < ASSIGNED_PORT_LIMIT else FIRST_WORKER_PORT
-        while port in self.taken[host]:
+        port = first
+        for _ in range(ASSIGNED_PORT_LIMIT):  # at most one lap
+            if port >= ASSIGNED_PORT_LIMIT:
+                port = FIRST_WORKER_PORT
+            if port not in self.taken[host]:
+                self.taken[host].add(port)
+                return port
             port += 1
-        if port >= ASSIGNED_PORT_LIMIT:
-            raise TightwadError(
-                f"host {host!r} has no free port left below {ASSIGNED_PORT_LIMIT} to assign; "
-                "give the units on it explicit ports"
-            )
-        self.taken[host].add(port)
-        return port
+        raise TightwadError(
+            f"host {host!r} has no free port left below {ASSIGNED_PORT_LIMIT} to assign; "
+            "give the units on it explicit ports"
+        )
 
 
 def _explicit_ports(manifest: Manifest) -> Iterable[tuple[str, int]]:

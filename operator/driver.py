@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from tightwad.errors import TightwadError
 from tightwad.operator.observed import ModelCheck, ModelKey, UnitState
 from tightwad.operator.units import ModelRef, Unit
 
 
-class DriverUnavailable(Exception):
+class DriverUnavailable(TightwadError):
     """The driver cannot see its units right now (a Docker daemon down): act on none of them."""
 
 

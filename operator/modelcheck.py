@@ -27,7 +27,7 @@ GGUF_MAGIC = b"GGUF"
 RECHECK_MISSING_S = 5.0
 
 
-class Unavailable(Exception):
+class ModelUnavailable(Exception):
     """The file is not where it should be; the message says what to do."""
 
 
@@ -37,18 +37,18 @@ def locate(ref: ModelRef, base_dir: Path | None, model_dir: str | None, swarm: b
         try:
             return models.resolve(ref.source.removeprefix(models.CATALOG_PREFIX))
         except TightwadError as exc:
-            raise Unavailable(str(exc)) from None
+            raise ModelUnavailable(str(exc)) from None
     if re.match(r"^https?://", ref.source, flags=re.IGNORECASE):
         folder = Path(model_dir or "/var/lib/tightwad/models").expanduser()
         path = folder / Path(urlparse(ref.source).path).name
         if not path.is_file():
             how = "the swarm sidecar is fetching it" if swarm else "enable spec.swarm or copy the file there"
-            raise Unavailable(f"not in {folder} yet; {how}")
+            raise ModelUnavailable(f"not in {folder} yet; {how}")
         return path
     try:
         return models.resolve_source(ref.source, base_dir)
     except TightwadError as exc:
-        raise Unavailable(str(exc)) from None
+        raise ModelUnavailable(str(exc)) from None
 
 
 def _expected_sha(ref: ModelRef, path: Path) -> str | None:
@@ -151,7 +151,7 @@ class ModelChecker:
     def _verify(self, ref: ModelRef, model_dir: str | None) -> tuple[ModelCheck, tuple[str, int, int] | None]:
         try:
             path = locate(ref, self.base_dir, model_dir, self.swarm)
-        except Unavailable as exc:
+        except ModelUnavailable as exc:
             return ModelCheck(ModelState.MISSING, reason=str(exc)), None
         stamp = _stamp(path)
         if stamp is None:

@@ -24,7 +24,7 @@ from typing import Any
 
 from tightwad.operator import health
 from tightwad.operator.commands import Binaries, CannotRun, command, environment
-from tightwad.operator.modelcheck import ModelChecker, Unavailable, locate
+from tightwad.operator.modelcheck import ModelChecker, ModelUnavailable, locate
 from tightwad.operator.observed import Health, ModelCheck, ModelKey, UnitState
 from tightwad.operator.units import ENGINE_ROUTER, KIND_ORDER, ModelRef, Unit
 
@@ -203,7 +203,7 @@ class ProcessDriver:
                     path = str(
                         locate(ref, self.checker.base_dir, self.checker.model_dirs.get(unit.host), False)
                     )
-                except Unavailable as exc:
+                except ModelUnavailable as exc:
                     raise CannotRun(f"model {ref.name}: {exc}") from None
             paths[ref.name] = path
         return paths

@@ -35,6 +35,7 @@ from typing import Any
 
 import yaml
 
+from tightwad.errors import TightwadError
 from tightwad.manifest import API_VERSION, KIND, load_schema
 
 GROUP, VERSION = API_VERSION.split("/")
@@ -63,7 +64,7 @@ _DROPPED = {"$schema", "$id", "$defs", "$comment", "title", "examples"}
 _STRUCTURE_ONLY = {"type", "description", "default", "title", "nullable", "additionalProperties", "$comment"}
 
 
-class SchemaNotStructural(ValueError):
+class SchemaNotStructural(TightwadError, ValueError):
     """The JSON Schema uses something the generator cannot turn into a structural schema."""
 
 

@@ -14,6 +14,8 @@ from typing import Any
 
 from kubernetes_asyncio import client, config
 
+from tightwad.errors import TightwadError
+
 FIELD_MANAGER = "tightwad-operator"
 MERGE_PATCH = "application/merge-patch+json"
 APPLY_PATCH = "application/apply-patch+yaml"
@@ -30,7 +32,7 @@ KINDS: dict[str, tuple[str, str]] = {
 }
 
 
-class Conflict(Exception):
+class Conflict(TightwadError):
     """A write lost a race (409): the object changed since it was read."""
 
 

@@ -23,10 +23,12 @@ from typing import Protocol
 
 from kubernetes_asyncio import client
 
+from tightwad.errors import TightwadError
+
 log = logging.getLogger("tightwad.operator.kubernetes")
 
 
-class LeaseConflict(Exception):
+class LeaseConflict(TightwadError):
     """Another replica wrote the Lease first."""
 
 

@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 import yaml
 
 from tightwad.crd import GROUP, VERSION
+from tightwad.errors import TightwadError
 from tightwad.manifest import KIND, Manifest
 from tightwad.manifest_views import Host
 from tightwad.models import CATALOG_PREFIX, catalog_model
@@ -51,7 +52,7 @@ SWARM_UNITS = "tightwad.dev/units"  # on the DaemonSet: every swarm unit it runs
 IMAGE_BINARIES = Binaries(python=("python", "-m"), rpc_server="ggml-rpc-server", llama_server="llama-server")
 
 
-class CannotRender(ValueError):
+class CannotRender(TightwadError, ValueError):
     """A unit that cannot run on Kubernetes as written; the message says what to change."""
 
 

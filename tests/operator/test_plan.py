@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from support.plans import NOW, GiB, Sim, desired, manifest_data, names, ok_models, running
@@ -50,6 +51,41 @@ def test_ports_left_out_are_assigned_deterministically_around_explicit_ones() ->
     ports = [u.port for u in d1.units if u.kind is Kind.WORKER]
     assert ports == [18053, 18052]
     assert [u.spec_hash for u in d1.units] == [u.spec_hash for u in d2.units]
+
+
+def _explicit_ports(data: dict[str, Any]) -> set[int]:
+    spec = data["spec"]
+    ports = {gpu["port"] for host in spec["hosts"] for gpu in host.get("gpus", []) if "port" in gpu}
+    ports |= {d["port"] for d in spec.get("drafters", []) if "port" in d}
+    return ports | {spec["target"].get("port", 8080), spec.get("proxy", {}).get("port", 8088)}
+
+
+@pytest.mark.parametrize(
+    "edit",
+    ["as written", "ports left out", "ports in the ephemeral range", "engine port near the limit"],
+)
+def test_every_assigned_port_is_below_the_ephemeral_range(edit: str) -> None:
+    # Linux hands 32768-60999 to outgoing connections: a server there can find its port taken.
+    data = manifest_data(swarm={"enabled": True, "port": 9089})
+    spec = data["spec"]
+    spec["hosts"].append({"name": "far", "address": "127.0.0.2", "gpus": [{"backend": "cpu"}] * 3})
+    if edit == "ports left out":
+        for gpu in spec["hosts"][0]["gpus"]:
+            del gpu["port"]
+        del spec["drafters"][0]["port"]
+    elif edit == "ports in the ephemeral range":  # a manifest may still name such ports itself
+        spec["hosts"][0]["gpus"] = [{"backend": "cpu", "port": 50052}, {"backend": "cpu", "port": 50053}]
+        spec["target"]["port"] = 40000
+    elif edit == "engine port near the limit":
+        spec["target"]["port"] = 32766
+    d = desired(data)
+    explicit = _explicit_ports(data) | {9089}
+    units = {u.name: u for stack in d.stacks.values() for u in stack.units} | d.by_name
+    assigned = {name: u.port for name, u in units.items() if u.port is not None and u.port not in explicit}
+    assert assigned, "the planner assigned no port at all"
+    assert all(port < 32768 for port in assigned.values()), assigned
+    ports = [(u.host, u.port) for u in units.values()]
+    assert len(ports) == len(set(ports)), "two units on one port"
 
 
 def test_token_is_fingerprinted_never_stored_in_specs() -> None:
