@@ -17,66 +17,31 @@ Usage: .venv/bin/python bench/engine_vs_llama_server.py [--tokens 128] [--thread
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import os
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
+from _common import Processes, engine_command, log_folder, sse_chunks, table
 from rich.console import Console
-from rich.table import Table
 
 from tightwad import models, toolchain
 from tightwad.engine import libllama
-from tightwad.launch import free_port, llama_server_command, rpc_worker_command, wait_for_http, wait_for_port
+from tightwad.launch import free_port, llama_server_command, rpc_worker_command, wait_for_http
 
 PROMPT = "<|im_start|>user\nWrite a long story about a lighthouse keeper.<|im_end|>\n<|im_start|>assistant\n"
 console = Console()
 
 
-@contextmanager
-def process(cmd: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-
 def stream_times(url: str, body: dict) -> tuple[list[float], int]:  # type: ignore[type-arg]
     """POST a streaming request; returns the arrival time of each content chunk and the count."""
-    start = time.perf_counter()
-    stamps = []
-    with httpx.stream("POST", url, json=body, timeout=600) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data:"):
-                continue
-            data = line.removeprefix("data:").strip()
-            if data == "[DONE]":
-                break
-            chunk = json.loads(data)
-            if "choices" in chunk:  # the engine (OpenAI shape)
-                tokens = chunk["choices"][0].get("tokens") or []
-            else:  # llama-server /completion
-                tokens = chunk.get("tokens") or []
-            stamps += [time.perf_counter() - start] * len(tokens)
+    stamps: list[float] = []
+    for now, chunk in sse_chunks(url, body):
+        # The engine answers in the OpenAI shape, llama-server's /completion with bare tokens.
+        where = chunk["choices"][0] if "choices" in chunk else chunk
+        stamps += [now] * len(where.get("tokens") or [])
     return stamps, len(stamps)
 
 
@@ -118,13 +83,11 @@ def measure(name: str, url: str, body: dict, n: int, runs: int) -> tuple[list[fl
 def greedy_table(title: str, rates: dict[str, list[float]], walls: dict[str, list[float]]) -> float:
     """Print the table and the engine / llama-server ratio of the best decode rates; return it."""
     best = {name: max(r) for name, r in rates.items()}
-    table = Table(title=title)
-    for column in ("server", "decode tok/s", "end-to-end s", "all runs tok/s"):
-        table.add_column(column)
-    for name in rates:
-        runs = " ".join(f"{r:.1f}" for r in rates[name])
-        table.add_row(name, f"{best[name]:.1f}", f"{min(walls[name]):.2f}", runs)
-    console.print(table)
+    rows = [
+        (name, f"{best[name]:.1f}", f"{min(walls[name]):.2f}", " ".join(f"{r:.1f}" for r in rates[name]))
+        for name in rates
+    ]
+    console.print(table(title, ("server", "decode tok/s", "end-to-end s", "all runs tok/s"), rows))
     ratio = best["engine"] / best["llama-server"]
     verdict = "[green]meets[/]" if ratio >= 0.95 else "[red]misses[/]"
     console.print(f"engine / llama-server decode ratio: [bold]{ratio:.3f}[/] ({verdict} the 0.95 goal)")
@@ -142,17 +105,20 @@ def main(argv: list[str] | None = None) -> int:
     tc = toolchain.find()
     target = models.resolve("smollm2-135m-f32")
     draft_path = models.resolve("smollm2-135m-q4_1")
-    logs = Path(tempfile.mkdtemp(prefix="tightwad-bench-"))
+    logs = log_folder("engine")
     eport, sport = free_port(), free_port()
-    engine_cmd = [sys.executable, "-m", "tightwad.engine.cli", "--model", str(target), "--port", str(eport)]
-    engine_cmd += ["--threads", str(args.threads), "--ctx", "2048", "--parallel", "2"]
+    engine_cmd = engine_command(
+        target, eport, "--threads", str(args.threads), "--ctx", "2048", "--parallel", "2"
+    )
     server_cmd = llama_server_command(tc, target, sport, ctx_size=2048, threads=args.threads)
     engine_url, server_url = f"http://127.0.0.1:{eport}", f"http://127.0.0.1:{sport}"
     console.print(f"model {target.name}, {args.threads} thread(s), logs in {logs}")
 
-    with process(engine_cmd, logs / "engine.log") as eng, process(server_cmd, logs / "server.log") as srv:
-        wait_for_http(f"{engine_url}/ready", timeout=180, process=eng, log=logs / "engine.log")
-        wait_for_http(f"{server_url}/health", timeout=180, process=srv, log=logs / "server.log")
+    with Processes(logs) as procs:
+        eng, engine_log = procs.start("engine", engine_cmd)  # both load at once; then wait for both
+        srv, server_log = procs.start("server", server_cmd)
+        wait_for_http(f"{engine_url}/ready", timeout=180, process=eng, log=engine_log)
+        wait_for_http(f"{server_url}/health", timeout=180, process=srv, log=server_log)
         prompt = httpx.post(
             f"{engine_url}/tokenize", json={"content": PROMPT, "add_special": True}, timeout=30
         ).json()["tokens"]
@@ -170,15 +136,16 @@ def main(argv: list[str] | None = None) -> int:
                 r, w = measure(name, url, body, args.tokens, 1)
                 rates[name] += r
                 walls[name] += w
-        os.killpg(srv.pid, signal.SIGTERM)  # free the core for the verify measurements
+        procs.stop(srv)  # free the core for the verify measurements
         best = {name: max(r) for name, r in rates.items()}
         greedy_table(f"plain greedy, local CPU, {args.tokens} tokens (best of {args.rounds})", rates, walls)
 
         # 2. verify throughput --------------------------------------------------------------------
         rng = np.random.default_rng(0)
-        table = Table(title="verify: one call scores K+1 positions in one decode (cached prefix)")
-        for column in ("K", "ms / verify", "positions / s", "vs 1-token decode"):
-            table.add_column(column)
+        verify = table(
+            "verify: one call scores K+1 positions in one decode (cached prefix)",
+            ("K", "ms / verify", "positions / s", "vs 1-token decode"),
+        )
         with httpx.Client(base_url=engine_url, timeout=120) as client:
             single_ms = 1000 / best["engine"]
             for k in (1, 4, 8, 16):
@@ -197,17 +164,18 @@ def main(argv: list[str] | None = None) -> int:
                     if i >= 2:  # the first calls warm the prefix cache
                         times.append(time.perf_counter() - t0)
                 ms = statistics.median(times) * 1000
-                table.add_row(str(k), f"{ms:.1f}", f"{(k + 1) / ms * 1000:.1f}", f"{ms / single_ms:.2f}x")
-            console.print(table)
+                verify.add_row(str(k), f"{ms:.1f}", f"{(k + 1) / ms * 1000:.1f}", f"{ms / single_ms:.2f}x")
+            console.print(verify)
 
             # 3. speculative greedy through the verify API ---------------------------------------------
             libllama.set_verbose(False)
             drafter = libllama.Model(draft_path)
             dctx = libllama.Context(drafter, n_ctx=2048)
             batch = libllama.Batch(dctx.n_batch)
-            table = Table(title=f"speculative greedy via verify, {args.tokens} tokens (same-model pair)")
-            for column in ("K", "tok/s", "vs plain", "accepted", "tokens / round"):
-                table.add_column(column)
+            speculative = table(
+                f"speculative greedy via verify, {args.tokens} tokens (same-model pair)",
+                ("K", "tok/s", "vs plain", "accepted", "tokens / round"),
+            )
             for k in (4, 8):
                 history, out, held = list(prompt), [], []
                 rounds = accepted = drafted = 0
@@ -235,17 +203,17 @@ def main(argv: list[str] | None = None) -> int:
                     history += result["tokens"]
                     out += result["tokens"]
                     rounds += 1
-                    accepted += result["accepted"]
+                    accepted += result["n_accepted"]
                     drafted += k
                 rate = len(out) / (time.perf_counter() - t0)
-                table.add_row(
+                speculative.add_row(
                     str(k),
                     f"{rate:.1f}",
                     f"{rate / best['engine']:.2f}x",
                     f"{accepted / drafted:.0%}",
                     f"{len(out) / rounds:.2f}",
                 )
-            console.print(table)
+            console.print(speculative)
             batch.close()
             dctx.close()
             drafter.close()
@@ -263,41 +231,28 @@ def pool(
     endpoints = [f"127.0.0.1:{p}" for p in worker_ports]
     rates: dict[str, list[float]] = {}
     walls: dict[str, list[float]] = {}
-    with contextlib.ExitStack() as stack:
+    with Processes(logs) as procs:
         for port in worker_ports:
-            cmd = rpc_worker_command(tc, port, threads=args.threads)
-            worker = stack.enter_context(process(cmd, logs / f"rpc-{port}.log"))
-            wait_for_port("127.0.0.1", port, process=worker, log=logs / f"rpc-{port}.log")
+            procs.tcp(f"rpc-{port}", rpc_worker_command(tc, port, threads=args.threads), port)
         eport, sport = free_port(), free_port()
-        engine_cmd = [
-            sys.executable,
-            "-m",
-            "tightwad.engine.cli",
-            "--model",
-            str(target),
-            "--port",
-            str(eport),
-        ]
-        engine_cmd += ["--threads", str(args.threads), "--ctx", "2048", "--rpc", ",".join(endpoints)]
-        with process(engine_cmd, logs / "pool-engine.log") as eng:
-            wait_for_http(
-                f"http://127.0.0.1:{eport}/ready", timeout=180, process=eng, log=logs / "pool-engine.log"
-            )
-            body = {**engine_request(prompt, args.tokens), "return_tokens": True}
-            url = f"http://127.0.0.1:{eport}/v1/completions"
-            rates["engine"], walls["engine"] = measure("engine", url, body, args.tokens, args.rounds)
+        engine_cmd = engine_command(
+            target, eport, "--threads", str(args.threads), "--ctx", "2048", "--rpc", ",".join(endpoints)
+        )
+        engine = procs.http("pool-engine", engine_cmd, f"http://127.0.0.1:{eport}", "/ready", timeout=180)
+        body = {**engine_request(prompt, args.tokens), "return_tokens": True}
+        rates["engine"], walls["engine"] = measure(
+            "engine", f"{engine}/v1/completions", body, args.tokens, args.rounds
+        )
+        # A worker serves one client at a time: the engine lets go of the workers before llama-server.
+        procs.stop(procs.running[-1])
         server_cmd = llama_server_command(
             tc, target, sport, ctx_size=2048, rpc=endpoints, threads=args.threads
         )
-        with process(server_cmd, logs / "pool-server.log") as srv:
-            wait_for_http(
-                f"http://127.0.0.1:{sport}/health", timeout=180, process=srv, log=logs / "pool-server.log"
-            )
-            url = f"http://127.0.0.1:{sport}/completion"
-            body = server_request(prompt, args.tokens)
-            rates["llama-server"], walls["llama-server"] = measure(
-                "llama-server", url, body, args.tokens, args.rounds
-            )
+        server = procs.http("pool-server", server_cmd, f"http://127.0.0.1:{sport}", timeout=180)
+        body = server_request(prompt, args.tokens)
+        rates["llama-server"], walls["llama-server"] = measure(
+            "llama-server", f"{server}/completion", body, args.tokens, args.rounds
+        )
     greedy_table(
         f"plain greedy, pool of 2 rpc workers, {args.tokens} tokens (best of {args.rounds})", rates, walls
     )

@@ -16,19 +16,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import signal
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import httpx
+from _common import Processes, log_folder, table
 from rich.console import Console
-from rich.table import Table
 
 from tightwad import models, toolchain
-from tightwad.launch import free_port, llama_server_command, wait_for_http
+from tightwad.launch import free_port, llama_server_command
 from tightwad.proxy.gate import VERDICT_SCHEMA, Endpoint, Gate
 
 QUESTIONS = {
@@ -46,11 +41,6 @@ QUESTIONS = {
     "What is frozen water called? Answer in one word.": "ice",
 }
 console = Console(width=120)
-
-
-def start(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def right(text: str, answer: str) -> bool:
@@ -88,16 +78,14 @@ async def run(agent_url: str, reviewer_url: str, temperature: float) -> int:
     stats = gate.snapshot()
     await gate.close()
     n = len(QUESTIONS)
-    table = Table(title=f"quality gate, {n} questions with known answers (SmolLM2-135M agent AND reviewer)")
-    for column in ("", "approve", "correct", "reject", "accuracy"):
-        table.add_column(column, justify="right")
     a = stats["agents"]["smollm-q4-hot"]
-    table.add_row(f"agent alone (T={temperature})", "", "", "", f"{agents_alone}/{n}")
-    table.add_row(
-        "through the gate", str(a["approve"]), str(a["correct"]), str(a["reject"]), f"{through_gate}/{n}"
-    )
-    table.add_row("reviewer alone (T=0)", "", "", "", f"{reviewer_alone}/{n}")
-    console.print(table)
+    rows = [
+        (f"agent alone (T={temperature})", "", "", "", f"{agents_alone}/{n}"),
+        ("through the gate", str(a["approve"]), str(a["correct"]), str(a["reject"]), f"{through_gate}/{n}"),
+        ("reviewer alone (T=0)", "", "", "", f"{reviewer_alone}/{n}"),
+    ]
+    title = f"quality gate, {n} questions with known answers (SmolLM2-135M agent AND reviewer)"
+    console.print(table(title, ("", "approve", "correct", "reject", "accuracy"), rows, justify="right"))
     return 0
 
 
@@ -108,22 +96,13 @@ def main() -> int:
     parser.add_argument("--agent-temperature", type=float, default=1.0)
     args = parser.parse_args()
     tc = toolchain.find()
-    logs = Path(tempfile.mkdtemp(prefix="tightwad-bench-gate-"))
-    procs = []
-    try:
+    with Processes(log_folder("gate")) as procs:
         urls = []
         for name, model in (("agent", "smollm2-135m-q4_1"), ("reviewer", "smollm2-135m-f32")):
             port = free_port()
             cmd = llama_server_command(tc, models.resolve(model), port, threads=1)
-            procs.append(start(cmd, logs / f"{name}.log"))
-            urls.append(f"http://127.0.0.1:{port}")
-            wait_for_http(f"{urls[-1]}/health", timeout=120, process=procs[-1], log=logs / f"{name}.log")
+            urls.append(procs.http(name, cmd, f"http://127.0.0.1:{port}", timeout=120))
         return asyncio.run(run(urls[0], urls[1], args.agent_temperature))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=15)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ The target is SmolLM2-135M F32 in the engine (this machine's CPU, 1 thread). The
   q4      llama-server with the Q4_1 build of the same model: good proposals, a model's cost per
           token (a SAME-MODEL PAIR: acceptance is unusually high, not a small/large pair);
   lookup  the n-gram / prompt-lookup drafter: no model, instant, good only where the text repeats.
-Optionally `--q4-delay-ms` puts the q4 drafter behind tightwad.netdelay (a drafter on another host).
+Optionally `--q4-delay-ms` puts the q4 drafter behind the delay proxy (a drafter on another host).
 
 Same prompts, greedy (temperature 0), same max_tokens, for:
   (a) the target alone (the engine's /v1/completions);
@@ -20,20 +20,15 @@ Usage: .venv/bin/python bench/race.py [--tokens 96] [--runs 2] [--q4-delay-ms 0]
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
+from _common import Processes, engine_command, log_folder, netdelay_command, proxy_command, table
 from rich.console import Console
-from rich.table import Table
 
 from tightwad import models, toolchain
-from tightwad.launch import free_port, llama_server_command, wait_for_http, wait_for_port
+from tightwad.launch import free_port, llama_server_command
 
 PROMPTS = {
     "story": (
@@ -48,31 +43,6 @@ PROMPTS = {
 console = Console(width=140)
 
 
-class Processes:
-    def __init__(self, logs: Path) -> None:
-        self.logs = logs
-        self.running: list[subprocess.Popen[bytes]] = []
-
-    def http(self, name: str, cmd: list[str], url: str, path: str = "/health") -> str:
-        log = self.logs / f"{name}.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        self.running.append(proc)
-        if path:
-            wait_for_http(f"{url}{path}", timeout=300, process=proc, log=log)
-        return url
-
-    def stop_all(self) -> None:
-        for proc in reversed(self.running):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-
-
 def complete(url: str, prompt: str, n: int) -> tuple[list[int], float]:
     body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "return_tokens": True}
     started = time.perf_counter()
@@ -84,8 +54,9 @@ def complete(url: str, prompt: str, n: int) -> tuple[list[int], float]:
 
 def proxy(procs: Processes, engine: str, *extra: str) -> str:
     port = free_port()
-    cmd = [sys.executable, "-m", "tightwad.proxy.cli", "start", "--target", engine, "--port", str(port)]
-    return procs.http(f"proxy-{port}", [*cmd, *extra], f"http://127.0.0.1:{port}", "/ready")
+    return procs.http(
+        f"proxy-{port}", proxy_command(port, engine, *extra), f"http://127.0.0.1:{port}", "/ready"
+    )
 
 
 def main() -> int:
@@ -97,17 +68,10 @@ def main() -> int:
     parser.add_argument("--q4-delay-ms", type=float, default=0.0, help="put the q4 drafter behind a delay")
     args = parser.parse_args()
     tc = toolchain.find()
-    procs = Processes(Path(tempfile.mkdtemp(prefix="tightwad-bench-race-")))
-    try:
+    with Processes(log_folder("race")) as procs:
         port = free_port()
-        cmd = [
-            sys.executable,
-            "-m",
-            "tightwad.engine.cli",
-            "--model",
-            str(models.resolve("smollm2-135m-f32")),
-        ]
-        cmd += ["--port", str(port), "--threads", "1", "--ctx", "2048", "--parallel", "4"]
+        target = models.resolve("smollm2-135m-f32")
+        cmd = engine_command(target, port, "--threads", "1", "--ctx", "2048", "--parallel", "4")
         engine = procs.http("engine", cmd, f"http://127.0.0.1:{port}", "/ready")
         port = free_port()
         q4 = procs.http(
@@ -117,11 +81,9 @@ def main() -> int:
         )
         if args.q4_delay_ms > 0:
             delayed = free_port()
-            host, q4_port = q4.removeprefix("http://").split(":")
-            netdelay = [sys.executable, "-m", "tightwad.netdelay", "--listen", f"127.0.0.1:{delayed}"]
-            netdelay += ["--to", f"{host}:{q4_port}", "--delay-ms", str(args.q4_delay_ms)]
-            procs.http("netdelay", netdelay, "", path="")
-            wait_for_port("127.0.0.1", delayed, timeout=30)
+            procs.tcp(
+                "netdelay", netdelay_command(delayed, q4.removeprefix("http://"), args.q4_delay_ms), delayed
+            )
             q4 = f"http://127.0.0.1:{delayed}"
         setups = {
             "target alone": engine,
@@ -160,33 +122,23 @@ def main() -> int:
                 rates[name][label] = len(tokens) / seconds
                 n, s = totals[name]
                 totals[name] = (n + len(tokens), s + seconds)
-        table = Table(
-            title=f"greedy tok/s, {args.tokens} tokens, best of {args.runs} (same-model pair, 1 thread)"
+        rates_table = table(
+            f"greedy tok/s, {args.tokens} tokens, best of {args.runs} (same-model pair, 1 thread)", ["setup"]
         )
-        table.add_column("setup")
-        for label in PROMPTS:
-            table.add_column(label, justify="right")
-        table.add_column("overall", justify="right")
-        table.add_column("vs target alone", justify="right")
+        for column in (*PROMPTS, "overall", "vs target alone"):
+            rates_table.add_column(column, justify="right")
         alone = totals["target alone"][0] / totals["target alone"][1]
         overall = {name: n / s for name, (n, s) in totals.items()}
         for name in setups:
             cells = [f"{rates[name][label]:.1f}" for label in PROMPTS]
-            table.add_row(name, *cells, f"{overall[name]:.1f}", f"{overall[name] / alone:.2f}x")
-        console.print(table)
+            rates_table.add_row(name, *cells, f"{overall[name]:.1f}", f"{overall[name] / alone:.2f}x")
+        console.print(rates_table)
         stats = httpx.get(f"{setups['race q4+lookup']}/tightwad/v1/stats", timeout=10).json()
         race = stats["race"]
-        wins = Table(title=f"race: who won ({race['rounds']} rounds, all prompts and warm-up)")
-        for column in (
-            "drafter",
-            "offered",
-            "wins",
-            "win rate",
-            "accepted tokens",
-            "cut off",
-            "mean draft ms",
-        ):
-            wins.add_column(column, justify="right")
+        columns = ("drafter", "offered", "wins", "win rate", "accepted tokens", "cut off", "mean draft ms")
+        wins = table(
+            f"race: who won ({race['rounds']} rounds, all prompts and warm-up)", columns, justify="right"
+        )
         for name, lane in race["drafters"].items():
             wins.add_row(
                 name,
@@ -211,8 +163,6 @@ def main() -> int:
         )
         console.print(f"every reply equal to the target alone: {'yes' if exact else 'NO'}")
         return 0 if exact else 1
-    finally:
-        procs.stop_all()
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Two setups:
   local   the target (SmolLM2-135M F32) in the engine on this machine's CPU;
   pooled  the target split over two rpc workers, each behind a delay proxy adding 2 ms each way
-          (tightwad.netdelay): a pool on a LAN.
+          (tests/support/netdelay.py): a pool on a LAN.
 Three ways to decode the same prompt greedily (temperature 0), same token ids, same length:
   (a) the target alone: the engine's /v1/completions;
   (b) llama-server's in-process speculation with the same pair
@@ -25,61 +25,31 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from _common import (
+    Processes,
+    engine_command,
+    log_folder,
+    netdelay_command,
+    proxy_command,
+    sse_chunks,
+    table,
+)
 from rich.console import Console
-from rich.table import Table
 
 from tightwad import models, toolchain
-from tightwad.launch import free_port, llama_server_command, rpc_worker_command, wait_for_http, wait_for_port
+from tightwad.launch import free_port, llama_server_command, rpc_worker_command
 
 PROMPT = "<|im_start|>user\nWrite a long story about a lighthouse keeper.<|im_end|>\n<|im_start|>assistant\n"
 SHORT = "<|im_start|>user\nSay hello.<|im_end|>\n<|im_start|>assistant\n"
 console = Console(width=150)
-
-
-class Processes:
-    """Processes with logs in one folder, all killed (process groups) on exit."""
-
-    def __init__(self, logs: Path) -> None:
-        self.logs = logs
-        self.running: list[subprocess.Popen[bytes]] = []
-
-    def start(self, name: str, cmd: list[str]) -> tuple[subprocess.Popen[bytes], Path]:
-        log = self.logs / f"{name}.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        self.running.append(proc)
-        return proc, log
-
-    def http(self, name: str, cmd: list[str], url: str, path: str = "/health") -> str:
-        proc, log = self.start(name, cmd)
-        wait_for_http(f"{url}{path}", timeout=300, process=proc, log=log)
-        return url
-
-    def stop(self, proc: subprocess.Popen[bytes]) -> None:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-    def stop_all(self) -> None:
-        for proc in reversed(self.running):
-            self.stop(proc)
 
 
 @dataclass
@@ -100,24 +70,14 @@ class Run:
 
 def stream(url: str, body: dict, llama_server: bool = False) -> Run:  # type: ignore[type-arg]
     """One streamed greedy request; token ids and arrival times."""
-    start = time.perf_counter()
     tokens: list[int] = []
     stamps: list[float] = []
-    with httpx.stream("POST", url, json={**body, "stream": True}, timeout=600) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data:"):
-                continue
-            data = line.removeprefix("data:").strip()
-            if data == "[DONE]":
-                break
-            chunk = json.loads(data)
-            if "error" in chunk:
-                raise SystemExit(f"{url} failed mid-stream: {chunk['error']}")
-            new = chunk.get("tokens") or [] if llama_server else chunk["choices"][0].get("tokens") or []
-            now = time.perf_counter() - start
-            tokens += new
-            stamps += [now] * len(new)
+    for now, chunk in sse_chunks(url, {**body, "stream": True}):
+        if "error" in chunk:
+            raise SystemExit(f"{url} failed mid-stream: {chunk['error']}")
+        new = chunk.get("tokens") or [] if llama_server else chunk["choices"][0].get("tokens") or []
+        tokens += new
+        stamps += [now] * len(new)
     if not stamps:
         raise SystemExit(f"{url} streamed no tokens")
     return Run(tokens, stamps[-1], stamps[0], stamps)
@@ -157,23 +117,8 @@ class Row:
 
 
 def engine_cmd(target: Path, port: int, rpc: list[str]) -> list[str]:
-    cmd = [sys.executable, "-m", "tightwad.engine.cli", "--model", str(target), "--port", str(port)]
-    cmd += ["--threads", "1", "--ctx", "2048", "--parallel", "2"]
+    cmd = engine_command(target, port, "--threads", "1", "--ctx", "2048", "--parallel", "2")
     return [*cmd, "--rpc", ",".join(rpc)] if rpc else cmd
-
-
-def proxy_cmd(port: int, engine: str, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "tightwad.proxy.cli",
-        "start",
-        "--target",
-        engine,
-        "--port",
-        str(port),
-        *extra,
-    ]
 
 
 def setup_rows(
@@ -213,7 +158,7 @@ def setup_rows(
         if flags and not args.no_pipeline_row:
             continue
         pport = free_port()
-        cmd = proxy_cmd(pport, engine, "--draft", drafter, *flags)
+        cmd = proxy_command(pport, engine, "--draft", drafter, *flags)
         proxy = procs.http(f"{setup}-proxy-{pport}", cmd, f"http://127.0.0.1:{pport}", "/ready")
         run = best(name[:4], f"{proxy}/v1/completions", openai_body(prompt, args.tokens), args.runs)
         stats = httpx.get(f"{proxy}/tightwad/v1/stats").json()
@@ -258,7 +203,7 @@ def passthrough_overhead(
     pport = free_port()
     proxy = procs.http(
         "passthrough-proxy",
-        proxy_cmd(pport, engine, "--mode", "passthrough"),
+        proxy_command(pport, engine, "--mode", "passthrough"),
         f"http://127.0.0.1:{pport}",
         "/ready",
     )
@@ -284,12 +229,8 @@ def pool(procs: Processes, tc: toolchain.Toolchain, delay_ms: float) -> Iterator
     endpoints = []
     for _ in range(2):
         wport, dport = free_port(), free_port()
-        worker, log = procs.start(f"rpc-{wport}", rpc_worker_command(tc, wport, threads=1))
-        wait_for_port("127.0.0.1", wport, process=worker, log=log)
-        cmd = [sys.executable, "-m", "tightwad.netdelay", "--listen", f"127.0.0.1:{dport}"]
-        cmd += ["--to", f"127.0.0.1:{wport}", "--delay-ms", str(delay_ms)]
-        delay, log = procs.start(f"netdelay-{dport}", cmd)
-        wait_for_port("127.0.0.1", dport, process=delay, log=log)
+        procs.tcp(f"rpc-{wport}", rpc_worker_command(tc, wport, threads=1), wport)
+        procs.tcp(f"netdelay-{dport}", netdelay_command(dport, f"127.0.0.1:{wport}", delay_ms), dport)
         endpoints.append(f"127.0.0.1:{dport}")
     yield endpoints
 
@@ -312,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     tc = toolchain.find()
-    logs = Path(tempfile.mkdtemp(prefix="tightwad-bench-spec-"))
+    logs = log_folder("spec")
     console.print(
         f"same-model pair: SmolLM2-135M F32 target, Q4_1 draft; 1 thread per process; logs in {logs}"
     )
@@ -325,7 +266,6 @@ def main(argv: list[str] | None = None) -> int:
             local_rows, overhead = setup_rows(procs, tc, "local", [], args, passthrough=True)
             rows += local_rows
             procs.stop_all()
-            procs.running.clear()
         if args.only in (None, "pooled"):
             with pool(procs, tc, args.delay_ms) as endpoints:
                 rows += setup_rows(
@@ -334,9 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         procs.stop_all()
 
-    table = Table(title=f"greedy decoding, {args.tokens} tokens, same-model pair (SmolLM2-135M F32 / Q4_1)")
-    for column in ("setup", "variant", "tok/s", "x target alone", "same tokens as (a)", "notes"):
-        table.add_column(column)
+    results = table(
+        f"greedy decoding, {args.tokens} tokens, same-model pair (SmolLM2-135M F32 / Q4_1)",
+        ("setup", "variant", "tok/s", "x target alone", "same tokens as (a)", "notes"),
+    )
     alone: dict[str, Run] = {}
     for row in rows:
         alone.setdefault(row.setup, row.run)
@@ -347,10 +288,10 @@ def main(argv: list[str] | None = None) -> int:
             if row.run.tokens == base.tokens
             else f"no (first {n} equal: {row.run.tokens[:n] == base.tokens[:n]})"
         )
-        table.add_row(
+        results.add_row(
             row.setup, row.variant, f"{row.run.rate:.1f}", f"{row.run.rate / base.rate:.2f}x", same, row.note
         )
-    console.print(table)
+    console.print(results)
     if overhead is not None:
         ttft, decode, e2e = overhead
         console.print(

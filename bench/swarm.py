@@ -22,7 +22,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,16 +30,16 @@ from pathlib import Path
 from typing import Any
 
 import gguf
+from _common import Processes, table  # first: it puts tests/ on sys.path for `support`
 from rich.console import Console
-from rich.table import Table
+from support.synth import requantizer, rewrite_gguf
+from support.testnet import Host, Hosts, namespaces_unavailable, sweep_stale
 
 from tightwad import models
 from tightwad.manifest import parse_size
 from tightwad.swarm.delta import ContentIndex, fetched_bytes, plan_piece
 from tightwad.swarm.hashing import measure_sha256, sha_extensions
 from tightwad.swarm.pieces import build_manifest
-from tightwad.swarm.synth import requantizer, rewrite_gguf
-from tightwad.swarm.testnet import Host, Hosts, namespaces_unavailable, sweep_stale
 
 PY = sys.executable
 PORT = 8089
@@ -48,34 +47,12 @@ MB = 1e6
 console = Console(highlight=False, width=130)
 
 
-class Procs:
-    """Processes in their own sessions, output to log files, all killed at the end."""
-
-    def __init__(self, logs: Path) -> None:
-        self.logs = logs
-        self.running: list[subprocess.Popen[bytes]] = []
-
-    def start(self, name: str, argv: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[bytes], Path]:
-        out = self.logs / f"{name}.out"
-        with out.open("wb") as stdout, (self.logs / f"{name}.log").open("wb") as stderr:
-            process = subprocess.Popen(
-                argv, stdout=stdout, stderr=stderr, env={**os.environ, **env}, start_new_session=True
-            )
-        self.running.append(process)
-        return process, out
-
-    def stop(self, process: subprocess.Popen[bytes]) -> None:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-    def stop_all(self) -> None:
-        for process in self.running:
-            self.stop(process)
+def start(
+    procs: Processes, name: str, argv: list[str], env: dict[str, str]
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """A swarm command: its stdout (the --json report) in NAME.out, its log lines in NAME.log."""
+    process, _ = procs.start(name, argv, env, stdout_apart=True)
+    return process, procs.out(name)
 
 
 def swarm_cli(*args: str) -> list[str]:
@@ -98,7 +75,7 @@ def sha256(path: Path) -> str:
 
 
 def seed(
-    procs: Procs,
+    procs: Processes,
     host: Host,
     file: Path,
     port: int,
@@ -118,8 +95,7 @@ def seed(
         str(piece_size),
         *extra,
     )
-    process, _ = procs.start(tag, host.command(argv), env)
-    log = procs.logs / f"{tag}.log"
+    process, log = procs.start(tag, host.command(argv), env, stdout_apart=True)
     wait_for(lambda: "seeding" in log.read_text(errors="replace"), f"{tag} start", 120, [process])
     return f"http://{host.address}:{port}", process
 
@@ -138,7 +114,7 @@ def events(path: Path) -> list[dict[str, Any]]:
 
 
 def run_swarm(
-    procs: Procs,
+    procs: Processes,
     origin_url: str,
     peers: list[Host],
     sha: str,
@@ -159,7 +135,7 @@ def run_swarm(
             "--serve", f"{host.address}:{PORT}", "--linger", "-1", "--json", "--progress", "none",
             "--refresh", str(refresh), "--slots", str(slots), "--events", str(work / f"{tag}{i}.events"),
         )  # fmt: skip
-        started.append(procs.start(f"{tag}{i}", host.command(argv), env))
+        started.append(start(procs, f"{tag}{i}", host.command(argv), env))
     reports: dict[int, dict[str, Any]] = {}
     done_at: dict[int, float] = {}
 
@@ -190,7 +166,9 @@ def run_swarm(
     }
 
 
-def run_plain(procs: Procs, origin_url: str, peers: list[Host], sha: str, work: Path, token: str) -> float:
+def run_plain(
+    procs: Processes, origin_url: str, peers: list[Host], sha: str, work: Path, token: str
+) -> float:
     launched = time.time()
     started = []
     for i, host in enumerate(peers, start=1):
@@ -199,7 +177,7 @@ def run_plain(procs: Procs, origin_url: str, peers: list[Host], sha: str, work: 
             "curl", "-sS", "--fail", "-o", str(dest), "-H", f"Authorization: Bearer {token}",
             f"{origin_url}/swarm/v1/files/{sha}/data",
         ]  # fmt: skip
-        started.append((procs.start(f"plain{i}", host.command(argv), {})[0], dest))
+        started.append((start(procs, f"plain{i}", host.command(argv), {})[0], dest))
     for process, _ in started:
         if process.wait(timeout=600) != 0:
             raise RuntimeError(f"curl exited with {process.returncode}; see {procs.logs}")
@@ -212,7 +190,7 @@ def run_plain(procs: Procs, origin_url: str, peers: list[Host], sha: str, work: 
 
 
 def run_delta(
-    procs: Procs,
+    procs: Processes,
     origin: Host,
     peer: Host,
     v2: Path,
@@ -225,7 +203,7 @@ def run_delta(
     url, seeder = seed(procs, origin, v2, PORT + 1, piece_size, env, f"origin-{tag}")
     sha = sha256(v2)
     argv = swarm_cli("pull", sha, "--peer", url, "--dir", str(holder), "--json", "--progress", "none")
-    process, out = procs.start(f"delta-{tag}", peer.command(argv), env)
+    process, out = start(procs, f"delta-{tag}", peer.command(argv), env)
     try:
         if process.wait(timeout=600) != 0:
             raise RuntimeError(f"the delta pull {tag} failed; see {procs.logs}")
@@ -312,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     token = secrets.token_hex(16)
     env = {"TIGHTWAD_TOKEN": token}  # namespace addresses are beyond loopback: every server needs it
     work = Path(tempfile.mkdtemp(prefix="tightwad-bench-swarm-"))
-    procs = Procs(work)
+    procs = Processes(work)
     sweep_stale("twb")
     rows: list[tuple[str, str]] = []
     try:
@@ -387,12 +365,13 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"logs and events kept in {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    table = Table(title="tightwad swarm benchmark (hosts are network namespaces on one machine)")
-    table.add_column("measure")
-    table.add_column("result")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+    console.print(
+        table(
+            "tightwad swarm benchmark (hosts are network namespaces on one machine)",
+            ("measure", "result"),
+            rows,
+        )
+    )
     return 0
 
 

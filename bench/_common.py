@@ -1,0 +1,181 @@
+"""What every benchmark in bench/ needs: processes started with their logs and always reaped, the
+command lines of our own servers, the delay proxy, streamed (SSE) replies with arrival times, and
+result tables. Imported by the benchmarks as `_common` (they run as scripts, so bench/ is first on
+sys.path); `make bench` skips files whose names start with `_`.
+
+Importing this module also puts the checkout's tests/ folder on sys.path: the test tools the
+benchmarks share with the tests (synthetic GGUF edits, hosts as network namespaces, the delay
+proxy) live once, in tests/support/, and not in the shipped package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+from rich.table import Table
+
+from tightwad.launch import wait_for_http, wait_for_port
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = ROOT / "tests"
+if str(TESTS) not in sys.path:
+    sys.path.append(str(TESTS))  # appended: nothing of the checkout may shadow an installed module
+
+NETDELAY = TESTS / "support" / "netdelay.py"
+STOP_GRACE = 15.0  # seconds a process gets to exit on SIGTERM before SIGKILL
+
+
+def log_folder(name: str) -> Path:
+    """A fresh folder for one run's logs (kept after the run, for reading when a number looks off)."""
+    return Path(tempfile.mkdtemp(prefix=f"tightwad-bench-{name}-"))
+
+
+class Processes:
+    """Processes in their own sessions (so a server's children die with it), output in log files in
+    one folder, every one stopped by `stop_all` or on leaving a `with` block."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.running: list[subprocess.Popen[bytes]] = []
+
+    def __enter__(self) -> Processes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
+
+    def start(
+        self,
+        name: str,
+        cmd: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        *,
+        stdout_apart: bool = False,
+    ) -> tuple[subprocess.Popen[bytes], Path]:
+        """Start `cmd`; its output goes to NAME.log. With `stdout_apart`, stdout goes to NAME.out
+        instead (see `out`), for commands whose stdout is a result to parse. Returns the log."""
+        log = self.logs / f"{name}.log"
+        with contextlib.ExitStack() as files:
+            err = files.enter_context(log.open("wb"))
+            out = files.enter_context(self.out(name).open("wb")) if stdout_apart else err
+            process = subprocess.Popen(
+                list(cmd),
+                stdout=out,
+                stderr=err,
+                env={**os.environ, **(env or {})},
+                start_new_session=True,
+            )
+        self.running.append(process)
+        return process, log
+
+    def out(self, name: str) -> Path:
+        """Where a process started with `stdout_apart` writes its stdout."""
+        return self.logs / f"{name}.out"
+
+    def http(
+        self, name: str, cmd: Sequence[str], url: str, path: str = "/health", timeout: float = 300
+    ) -> str:
+        """Start a server and wait until `url + path` answers 200; returns `url`."""
+        process, log = self.start(name, cmd)
+        wait_for_http(f"{url}{path}", timeout=timeout, process=process, log=log)
+        return url
+
+    def tcp(self, name: str, cmd: Sequence[str], port: int, timeout: float = 30) -> subprocess.Popen[bytes]:
+        """Start a server that speaks no HTTP (an rpc worker, the delay proxy) and wait for its port."""
+        process, log = self.start(name, cmd)
+        wait_for_port("127.0.0.1", port, timeout=timeout, process=process, log=log)
+        return process
+
+    def stop(self, process: subprocess.Popen[bytes]) -> None:
+        """SIGTERM to the process group, SIGKILL if it lingers; always reaped."""
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+    def stop_all(self) -> None:
+        for process in reversed(self.running):  # clients before the servers they use
+            self.stop(process)
+        self.running.clear()
+
+
+def engine_command(model: Path, port: int, *extra: str) -> list[str]:
+    """`tightwad engine` on `model`, listening on 127.0.0.1:`port`."""
+    return [sys.executable, "-m", "tightwad.engine.cli", "--model", str(model), "--port", str(port), *extra]
+
+
+def proxy_command(port: int, engine: str, *extra: str) -> list[str]:
+    """`tightwad proxy start` in front of the engine at `engine`."""
+    return [
+        sys.executable,
+        "-m",
+        "tightwad.proxy.cli",
+        "start",
+        "--target",
+        engine,
+        "--port",
+        str(port),
+        *extra,
+    ]
+
+
+def netdelay_command(listen_port: int, to: str, delay_ms: float) -> list[str]:
+    """The delay proxy (tests/support/netdelay.py): 127.0.0.1:`listen_port` -> `to` (host:port),
+    `delay_ms` added each way: a LAN between processes on this machine."""
+    return [
+        sys.executable,
+        str(NETDELAY),
+        "--listen",
+        f"127.0.0.1:{listen_port}",
+        "--to",
+        to,
+        "--delay-ms",
+        str(delay_ms),
+    ]
+
+
+def sse_chunks(
+    url: str, body: Mapping[str, Any], timeout: float = 600
+) -> Iterator[tuple[float, dict[str, Any]]]:
+    """POST `body` and yield each server-sent JSON chunk with its arrival time (seconds since the
+    request started), up to `data: [DONE]` or the end of the stream."""
+    start = time.perf_counter()
+    with httpx.stream("POST", url, json=dict(body), timeout=timeout) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line.removeprefix("data:").strip()
+            if data == "[DONE]":
+                return
+            chunk = json.loads(data)
+            yield time.perf_counter() - start, chunk
+
+
+def table(
+    title: str,
+    columns: Sequence[str],
+    rows: Iterable[Sequence[str]] = (),
+    justify: Literal["left", "right"] = "left",
+) -> Table:
+    """A rich table with these columns and rows (more rows may be added before printing)."""
+    result = Table(title=title)
+    for column in columns:
+        result.add_column(column, justify=justify)
+    for row in rows:
+        result.add_row(*row)
+    return result
