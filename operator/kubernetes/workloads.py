@@ -187,8 +187,8 @@ def states_from_objects(
 
 def probe_native(unit: Unit, engine_healthy: bool) -> UnitState:
     """A unit an agent runs outside the cluster. An rpc worker is greeted (HELLO) only while no
-    engine is up: with one attached, a probe's connection would wait in the worker's one-slot queue
-    and could lock the engine out; then the engine's own health vouches for its workers."""
+    engine is up: with one attached, a probe's connection would wait in the worker's accept backlog
+    (of one) and could lock the engine out; then the engine's own health vouches for its workers."""
     if unit.kind is Kind.WORKER:
         if engine_healthy:
             return UnitState(unit, running=True, health=Health.OK, detail={"vouched": "engine"})
