@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from support.proxies import cli_config
 
 from tightwad.errors import TightwadError
-from tightwad.proxy.cli import build_parser, config_from_args
+from tightwad.proxy.config import ProxyConfig
 
 
-def config(*argv: str):  # type: ignore[no-untyped-def]
-    return config_from_args(build_parser().parse_args(["start", "--target", "http://127.0.0.1:8080", *argv]))
+def config(*argv: str) -> ProxyConfig:
+    return cli_config("--target", "http://127.0.0.1:8080", *argv)
 
 
 def test_race_takes_several_named_drafters() -> None:

@@ -5,7 +5,7 @@ target is skipped exactly where the rule says; agreeing drafters that are wrong 
 from __future__ import annotations
 
 import pytest
-from support.proxy_fakes import MultiDraftEngine, ScriptedDrafter, make_race, run, target_alone
+from support.proxy_fakes import FakeDrafter, FakeEngine, lane, make_race, run, target_alone
 
 from tightwad.errors import TightwadError
 from tightwad.proxy.config import DrafterConfig, ProxyConfig
@@ -49,11 +49,11 @@ def test_in_the_loop_the_rules_skip_the_target_differently() -> None:
     one of them is wrong from the first token: where the target is skipped depends on the rule."""
     results = {}
     for policy in POLICIES:
-        engine = MultiDraftEngine(decode_s=0.0)
+        engine = FakeEngine(decode_s=0.0)
         drafters = [
-            ScriptedDrafter("long", right=99),
-            ScriptedDrafter("one", right=99, length=1, wrong_every=3),
-            ScriptedDrafter("two", right=99, length=2),
+            lane("long", right=99),
+            lane("one", right=99, length=1, wrong_every=3),
+            lane("two", right=99, length=2),
         ]
         spec = make_race(drafters, engine, consensus=policy, k=6)
         out = run(spec, 60)
@@ -71,13 +71,13 @@ def test_in_the_loop_the_rules_skip_the_target_differently() -> None:
 
 
 def test_agreeing_drafters_that_are_wrong_make_consensus_wrong_but_race_stays_exact() -> None:
-    def drafters() -> list[ScriptedDrafter]:
-        return [ScriptedDrafter("a", right=2, wrong_with=5), ScriptedDrafter("b", right=2, wrong_with=5)]
+    def drafters() -> list[FakeDrafter]:
+        return [lane("a", right=2, wrong_with=5), lane("b", right=2, wrong_with=5)]
 
     expected = target_alone([5, 9, 13], 30)
-    approx = run(make_race(drafters(), MultiDraftEngine(decode_s=0.0), consensus="strict", k=4), 30)
+    approx = run(make_race(drafters(), FakeEngine(decode_s=0.0), consensus="strict", k=4), 30)
     assert approx != expected
-    exact = run(make_race(drafters(), MultiDraftEngine(decode_s=0.0), consensus=None, k=4), 30)
+    exact = run(make_race(drafters(), FakeEngine(decode_s=0.0), consensus=None, k=4), 30)
     assert exact == expected
 
 

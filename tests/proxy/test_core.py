@@ -4,9 +4,9 @@ n-gram drafter, draft sanitising, request parsing, conversation reuse and manife
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import pytest
+from support import ROOT
 
 from tightwad.errors import TightwadError
 from tightwad.manifest import load_manifest
@@ -326,7 +326,7 @@ def test_conversations_reuse_the_id_whose_history_shares_the_prompt() -> None:
 
 # config -----------------------------------------------------------------------------------------
 def test_config_from_the_example_manifest() -> None:
-    manifest = load_manifest(Path(__file__).resolve().parents[2] / "examples" / "local.yaml")
+    manifest = load_manifest(ROOT / "examples" / "local.yaml")
     config = from_manifest(manifest)
     assert config.target_url == "http://127.0.0.1:8080"
     assert config.port == 8088 and config.host == "127.0.0.1" and config.mode == "speculate"

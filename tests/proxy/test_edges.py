@@ -8,21 +8,20 @@ import json
 import socket
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
-from support import netdelay
+from support import ROOT, netdelay
+from support.proxies import cli_config
 
 from tightwad.errors import TightwadError
 from tightwad.launch import free_port
-from tightwad.proxy.cli import build_parser, config_from_args
 from tightwad.proxy.detok import Vocabulary
 from tightwad.proxy.drafters.base import DrafterError, DraftRequest
 from tightwad.proxy.drafters.text import OllamaDrafter, OpenAIDrafter
 from tightwad.proxy.upstream import EngineClient, EngineUnavailable
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "local.yaml"
+EXAMPLE = ROOT / "examples" / "local.yaml"
 
 
 def _vocab() -> Vocabulary:
@@ -99,21 +98,18 @@ def test_engine_client_probes_chat_tokens_and_names_an_unreachable_engine() -> N
 
 
 def test_cli_configuration_from_flags_and_manifest() -> None:
-    parse = build_parser().parse_args
-    config = config_from_args(parse(["start", "--target", "http://e:1", "--draft", "http://d:2"]))
+    config = cli_config("--target", "http://e:1", "--draft", "http://d:2")
     assert (
         config.drafters[0].kind == "llama-server" and config.port == 8088 and config.max_draft_tokens is None
     )
-    config = config_from_args(
-        parse(["start", "--target", "http://e", "--draft-kind", "ngram", "--max-draft-tokens", "5"])
-    )
+    config = cli_config("--target", "http://e", "--draft-kind", "ngram", "--max-draft-tokens", "5")
     assert config.drafters[0].kind == "ngram" and config.max_draft_tokens == 5
-    config = config_from_args(parse(["start", "--manifest", str(EXAMPLE), "--port", "9999", "--no-pipeline"]))
+    config = cli_config("--manifest", str(EXAMPLE), "--port", "9999", "--no-pipeline")
     assert config.target_url == "http://127.0.0.1:8080" and config.port == 9999 and not config.pipeline
     with pytest.raises(TightwadError, match="--target"):
-        config_from_args(parse(["start", "--draft", "http://d"]))
+        cli_config("--draft", "http://d")
     with pytest.raises(TightwadError, match="token"):
-        config_from_args(parse(["start", "--target", "http://e", "--draft", "http://d", "--host", "0.0.0.0"]))
+        cli_config("--target", "http://e", "--draft", "http://d", "--host", "0.0.0.0")
 
 
 def test_netdelay_adds_its_latency_each_way() -> None:

@@ -10,6 +10,7 @@ import json
 
 import httpx
 import pytest
+from support import ROOT
 
 from tightwad.proxy.app import create_app
 from tightwad.proxy.config import GateConfig, GateEndpointConfig, ProxyConfig
@@ -166,13 +167,11 @@ def test_the_route_needs_the_token_streams_and_reports_pass_rates() -> None:
 def test_the_manifest_gate_section_and_race_mode_reach_the_proxy_config(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from pathlib import Path
-
     from tightwad.manifest import load_manifest
     from tightwad.proxy.config import from_manifest
 
     monkeypatch.setenv("TIGHTWAD_TOKEN", "t0ken")
-    config = from_manifest(load_manifest(Path(__file__).resolve().parents[2] / "examples" / "homelab.yaml"))
+    config = from_manifest(load_manifest(ROOT / "examples" / "homelab.yaml"))
     assert config.mode == "race" and len(config.drafters) >= 2
     assert config.gate is not None and [a.name for a in config.gate.agents] == ["xeon-qwen", "laptop-llama"]
     assert config.gate.reviewer.url == config.target_url and config.gate.fail_closed is True

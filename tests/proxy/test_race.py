@@ -9,11 +9,11 @@ import time
 
 import httpx
 import pytest
-from support.proxy_fakes import N_VOCAB, MultiDraftEngine, ScriptedDrafter, make_race, run, target_alone
+from support.proxy_fakes import N_VOCAB, FakeDrafter, FakeEngine, lane, make_race, run, target_alone
 
 from tightwad.proxy.app import create_app
 from tightwad.proxy.config import DrafterConfig, ProxyConfig
-from tightwad.proxy.drafters.base import DrafterError, DraftRequest, Proposal
+from tightwad.proxy.drafters.base import Proposal
 from tightwad.proxy.drafters.guard import GuardedDrafter
 from tightwad.proxy.drafters.race import (
     MAX_GRACE,
@@ -37,9 +37,9 @@ EXPECTED = target_alone([5, 9, 13], 48)
 def test_the_reply_is_the_targets_whatever_the_drafters_propose(
     rights: tuple[int, int], pipeline: bool
 ) -> None:
-    engine = MultiDraftEngine(decode_s=0.0)
-    a = ScriptedDrafter("a", right=rights[0], wrong_with=1)
-    b = ScriptedDrafter("b", right=rights[1], wrong_with=2)
+    engine = FakeEngine(decode_s=0.0)
+    a = lane("a", right=rights[0], wrong_with=1)
+    b = lane("b", right=rights[1], wrong_with=2)
     spec = make_race([a, b], engine, pipeline=pipeline)
     assert run(spec, 48) == EXPECTED
     # both candidates went to the engine in one verify (pipelined, a perfect drafter's draft made
@@ -48,8 +48,8 @@ def test_the_reply_is_the_targets_whatever_the_drafters_propose(
 
 
 def test_the_longest_accepted_proposal_wins_and_the_scoreboard_says_so() -> None:
-    engine = MultiDraftEngine(decode_s=0.0)
-    spec = make_race([ScriptedDrafter("poor", right=1), ScriptedDrafter("good", right=5)], engine, k=6)
+    engine = FakeEngine(decode_s=0.0)
+    spec = make_race([lane("poor", right=1), lane("good", right=5)], engine, k=6)
     assert run(spec, 60) == target_alone([5, 9, 13], 60)
     board = spec.drafter.board.snapshot()
     good, poor = board["drafters"]["good"], board["drafters"]["poor"]
@@ -59,9 +59,9 @@ def test_the_longest_accepted_proposal_wins_and_the_scoreboard_says_so() -> None
 
 
 def test_a_slow_drafter_is_cut_off_by_the_deadline_and_the_reply_does_not_wait_for_it() -> None:
-    engine = MultiDraftEngine(decode_s=0.002)
-    slow = ScriptedDrafter("slow", right=99, delay_s=0.4)
-    fast = ScriptedDrafter("fast", right=5)
+    engine = FakeEngine(decode_s=0.002)
+    slow = lane("slow", right=99, delay_s=0.4)
+    fast = lane("fast", right=5)
     spec = make_race([slow, fast], engine, k=6)
     started = time.perf_counter()
     assert run(spec, 40) == target_alone([5, 9, 13], 40)
@@ -74,14 +74,9 @@ def test_a_slow_drafter_is_cut_off_by_the_deadline_and_the_reply_does_not_wait_f
 
 
 def test_a_drafter_that_is_down_backs_off_and_the_race_goes_on_with_the_others() -> None:
-    class Down(ScriptedDrafter):
-        async def propose(self, request: DraftRequest) -> Proposal:
-            self.calls += 1
-            raise DrafterError("connection refused")
-
-    engine = MultiDraftEngine(decode_s=0.0)
-    down = Down("down", right=0)
-    spec = make_race([down, ScriptedDrafter("ok", right=4)], engine)
+    engine = FakeEngine(decode_s=0.0)
+    down = FakeDrafter("down", name="down")
+    spec = make_race([down, lane("ok", right=4)], engine)
     assert run(spec, 40) == target_alone([5, 9, 13], 40)
     assert down.calls < 5 and spec.drafter.drafters[0].health.failures >= 1
     assert spec.drafter.board.snapshot()["drafters"]["ok"]["wins"] > 0
@@ -109,7 +104,7 @@ def test_the_grace_is_about_one_verify_round_within_bounds() -> None:
 
 
 def test_race_needs_distinct_names() -> None:
-    guard = GuardedDrafter(ScriptedDrafter("same", right=1), n_vocab=lambda: N_VOCAB)
+    guard = GuardedDrafter(lane("same", right=1), n_vocab=lambda: N_VOCAB)
     with pytest.raises(ValueError, match="distinct names"):
         RaceDrafter([guard, guard])
 
@@ -117,28 +112,10 @@ def test_race_needs_distinct_names() -> None:
 def test_models_metadata_and_header_label_consensus_approximate_and_race_exact() -> None:
     """Through the real Starlette app (ASGI transport) with the fake engine behind it."""
 
-    class Engine(MultiDraftEngine):
-        async def info(self):  # type: ignore[no-untyped-def]
-            from tightwad.proxy.upstream import EngineInfo
-
-            body = {"object": "list", "data": [{"id": "fake", "meta": {"n_ctx": 512, "n_vocab": N_VOCAB}}]}
-            return EngineInfo("fake", 512, N_VOCAB, body)
-
-        async def vocabulary(self, n_vocab: int):  # type: ignore[no-untyped-def]
-            from tightwad.proxy.detok import Vocabulary
-
-            return Vocabulary([b"x"] * n_vocab)
-
-        async def chat_tokens(self, messages):  # type: ignore[no-untyped-def]
-            return [5, 9, 13]
-
-        async def stats(self):  # type: ignore[no-untyped-def]
-            return {"parallel": 2}
-
     drafters = [DrafterConfig(kind="ngram", name="one"), DrafterConfig(kind="ngram", name="two", ngram_n=2)]
 
     async def ask(mode: str) -> tuple[dict, httpx.Response, dict]:  # type: ignore[type-arg]
-        app = create_app(ProxyConfig("http://fake", drafters=drafters, mode=mode).check(), Engine())
+        app = create_app(ProxyConfig("http://fake", drafters=drafters, mode=mode).check(), FakeEngine())
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://proxy") as client:
             models = (await client.get("/v1/models")).json()

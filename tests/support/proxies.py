@@ -1,5 +1,5 @@
 """The proxy as a real process (`python -m tightwad.proxy.cli start`) and a llama-server drafter, for
-the proxy's integration tests."""
+the proxy's integration tests; and the configuration its command line builds, for the quick ones."""
 
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-
 from support.procs import Processes
+
 from tightwad import models
 from tightwad.launch import free_port, llama_server_command, wait_for_http
+from tightwad.proxy.cli import build_parser, config_from_args
+from tightwad.proxy.config import ProxyConfig
 from tightwad.toolchain import Toolchain
 
 TOKEN = "proxy-test-token"
@@ -38,6 +40,11 @@ class ProxyProcess:
 
     def stats(self) -> dict:  # type: ignore[type-arg]
         return dict(self.get("/tightwad/v1/stats").json())
+
+
+def cli_config(*argv: str) -> ProxyConfig:
+    """The configuration `tightwad proxy start ARGV...` would serve (checked), without serving it."""
+    return config_from_args(build_parser().parse_args(["start", *argv]))
 
 
 def start_proxy(
