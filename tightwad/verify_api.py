@@ -1,0 +1,266 @@
+"""The verify API, version 1: the one contract between the engine (its server) and the proxy (its
+client). Both sides encode and decode through this module, so the wire cannot drift between them.
+
+    POST /tightwad/v1/verify
+      {conversation, tokens, reset?, drafts: [{tokens, probs?}], sampling?}
+      -> {object: "tightwad.verify", version, tokens, n_accepted, draft_index, accepted_per_draft,
+          n_past, eog, pieces}
+    GET  /tightwad/v1/stats       the engine's counters (decodes, requests per decode, acceptance)
+
+A conversation is a KV sequence the engine keeps between calls. `tokens` are the conversation's
+tokens since the last call (usually none: the engine already holds what it returned), or its whole
+token list on the first call or with `reset: true` (the engine keeps the longest common prefix it
+holds). Each draft continues the conversation; all of them are scored in ONE decode.
+
+`probs` (optional) is the drafter's distribution, one row per draft token: either a dense list of
+n_vocab floats or `{"ids": [...], "p": [...]}` (zero elsewhere); rows are normalised by the engine.
+Without it a sampled draft is judged by the point-mass rule, which is exact for any drafter.
+
+`sampling` is `{temperature, top_k, top_p, seed}`, greedy when absent; `seed` seeds the
+conversation's random stream when it starts or resets, and later calls continue that stream.
+
+The reply's `tokens` are the accepted draft tokens of draft `draft_index`, then the target's next
+token (a correction, or the bonus after a fully accepted draft); `n_accepted` counts the accepted
+draft tokens; `accepted_per_draft` is, for each draft, how many of its tokens the reply starts with.
+`n_past` is how many of the conversation's tokens are now in the KV (all but the last returned
+one); `eog` says the last token ends the generation; `pieces` are the reply tokens' bytes, base64.
+
+A conversation the engine does not hold (evicted to make room, or the engine is new) answers 409
+with code `conversation_evicted` unless the call has `reset: true`: the client then resends it whole.
+Every other error is an OpenAI-shaped error (see tightwad.openai) with its status.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tightwad.openai import (
+    InvalidRequest,
+    OpenAIError,
+    UpstreamError,
+    from_upstream,
+    get_field,
+    token_list,
+)
+
+VERSION = 1
+PREFIX = f"/tightwad/v{VERSION}"
+VERIFY_PATH = f"{PREFIX}/verify"
+STATS_PATH = f"{PREFIX}/stats"
+REPLY_OBJECT = "tightwad.verify"
+
+# A row of drafter probabilities as sent: dense (n_vocab floats) or sparse {"ids": [...], "p": [...]}.
+ProbRow = list[float] | dict[str, Any]
+
+
+# errors ----------------------------------------------------------------------------------------
+class ConversationEvicted(OpenAIError):
+    """The engine does not hold this conversation (evicted, or a new engine): resend it whole with
+    `reset: true`. Raised by the engine, and by the proxy's client when the engine answers it."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "conversation_evicted"
+
+
+# The errors of this contract, by their wire code: a client raises the class, never compares text.
+ERRORS: dict[str, type[OpenAIError]] = {ConversationEvicted.code: ConversationEvicted}
+
+
+def decode_error(status: int, body: Any, fallback: str) -> OpenAIError:
+    """An error the engine answered with: this contract's own class when its code is one of ours."""
+    error = from_upstream(status, body, fallback)
+    known = ERRORS.get(error.code)
+    return known(str(error)) if known is not None else error
+
+
+# sampling --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Sampling:
+    """How the target's next-token distribution is shaped (see engine/verify.py for the exact
+    rule). temperature 0 = greedy."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int | None = None  # for a reproducible random stream; None = fresh entropy
+
+    def __post_init__(self) -> None:
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
+        if self.seed is not None:
+            body["seed"] = self.seed
+        return body
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any], default_temperature: float = 0.0) -> Sampling:
+        """From a verify call's `sampling`, or from an OpenAI request body (the same keys)."""
+        try:
+            return cls(
+                temperature=get_field(body, "temperature", float, default_temperature),
+                top_k=get_field(body, "top_k", int, 0),
+                top_p=get_field(body, "top_p", float, 1.0),
+                seed=get_field(body, "seed", int, None),
+            )
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from exc
+
+
+# the request -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Draft:
+    """One candidate continuation: token ids, and the drafter's distribution per token when it has
+    one (None for greedy, text or n-gram drafters)."""
+
+    tokens: tuple[int, ...]
+    probs: tuple[ProbRow, ...] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"tokens": list(self.tokens)}
+        if self.probs is not None:
+            body["probs"] = list(self.probs)
+        return body
+
+    def dense_probs(self, n_vocab: int, where: str) -> np.ndarray | None:
+        """The rows as one (len(tokens), n_vocab) array, each normalised; InvalidRequest naming
+        `where` when a row cannot be a distribution over this vocabulary."""
+        if self.probs is None:
+            return None
+        n = len(self.tokens)
+        if len(self.probs) != n:
+            raise InvalidRequest(f"`{where}` must be a list of {n} rows, one per draft token")
+        dense = np.zeros((n, n_vocab), dtype=np.float64)
+        for i, row in enumerate(self.probs):
+            if isinstance(row, list):
+                if len(row) != n_vocab:
+                    raise InvalidRequest(
+                        f"`{where}[{i}]` has {len(row)} entries; a dense row needs {n_vocab}"
+                    )
+                try:
+                    dense[i] = np.asarray(row, dtype=np.float64)
+                except (TypeError, ValueError):
+                    raise InvalidRequest(f"`{where}[{i}]` must hold numbers") from None
+            elif (
+                isinstance(row, dict) and isinstance(row.get("ids"), list) and isinstance(row.get("p"), list)
+            ):
+                ids, p = row["ids"], row["p"]
+                valid_ids = all(
+                    isinstance(t, int) and not isinstance(t, bool) and 0 <= t < n_vocab for t in ids
+                )
+                if len(ids) != len(p) or not valid_ids:
+                    raise InvalidRequest(f"`{where}[{i}]` needs `ids` (token ids) and `p` of the same length")
+                try:
+                    dense[i, ids] = np.asarray(p, dtype=np.float64)
+                except (TypeError, ValueError):
+                    raise InvalidRequest(f"`{where}[{i}].p` must hold numbers") from None
+            else:
+                raise InvalidRequest(f"`{where}[{i}]` must be a list of {n_vocab} floats or {{ids, p}}")
+            total = dense[i].sum()
+            if not (np.isfinite(total) and total > 0 and (dense[i] >= 0).all()):
+                raise InvalidRequest(f"`{where}[{i}]` must be non-negative with a positive sum")
+            dense[i] /= total
+        return dense
+
+
+@dataclass(frozen=True)
+class VerifyRequest:
+    conversation: str
+    tokens: list[int]  # new since the last call, or the whole conversation with `reset`
+    drafts: list[Draft] = field(default_factory=list)
+    sampling: Sampling = field(default_factory=Sampling)
+    reset: bool = False
+
+
+def encode_request(request: VerifyRequest) -> dict[str, Any]:
+    return {
+        "conversation": request.conversation,
+        "tokens": list(request.tokens),
+        "reset": request.reset,
+        "drafts": [d.to_json() for d in request.drafts],
+        "sampling": request.sampling.to_json(),
+    }
+
+
+def decode_request(body: dict[str, Any]) -> VerifyRequest:
+    """A verify call's body, checked for shape (the engine checks ids and lengths against its model);
+    InvalidRequest names the field that is wrong."""
+    drafts = []
+    for i, raw in enumerate(get_field(body, "drafts", list, [])):
+        if not isinstance(raw, dict):
+            raise InvalidRequest(f"drafts[{i}] must be an object with `tokens`")
+        tokens = token_list(raw.get("tokens", []), f"drafts[{i}].tokens")
+        probs = raw.get("probs")
+        if probs is not None and not isinstance(probs, list):
+            raise InvalidRequest(f"`drafts[{i}].probs` must be a list of rows, one per draft token")
+        drafts.append(Draft(tuple(tokens), tuple(probs) if probs is not None else None))
+    return VerifyRequest(
+        conversation=get_field(body, "conversation", str, ""),
+        tokens=token_list(body.get("tokens", []), "tokens"),
+        drafts=drafts,
+        sampling=Sampling.from_json(get_field(body, "sampling", dict, {})),
+        reset=get_field(body, "reset", bool, False),
+    )
+
+
+# the reply -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VerifyReply:
+    tokens: list[int]  # the accepted draft tokens, then the target's next token (correction or bonus)
+    n_accepted: int
+    draft_index: int = 0  # the draft whose tokens were accepted
+    eog: bool = False  # the last token ends the generation
+    accepted_per_draft: list[int] = field(default_factory=list)  # per draft: tokens the reply starts with
+    n_past: int = 0  # the conversation's tokens now in the KV (all but the last returned token)
+    pieces: list[bytes] = field(default_factory=list)  # the bytes of each returned token
+
+
+def encode_reply(reply: VerifyReply) -> dict[str, Any]:
+    return {
+        "object": REPLY_OBJECT,
+        "version": VERSION,
+        "tokens": list(reply.tokens),
+        "n_accepted": reply.n_accepted,
+        "draft_index": reply.draft_index,
+        "accepted_per_draft": list(reply.accepted_per_draft),
+        "n_past": reply.n_past,
+        "eog": reply.eog,
+        "pieces": [base64.b64encode(p).decode("ascii") for p in reply.pieces],
+    }
+
+
+def decode_reply(body: Any) -> VerifyReply:
+    """The engine's answer; UpstreamError when it is not one of this version's."""
+    try:
+        return VerifyReply(
+            tokens=[int(t) for t in body["tokens"]],
+            n_accepted=int(body["n_accepted"]),
+            draft_index=int(body.get("draft_index", 0)),
+            eog=bool(body["eog"]),
+            accepted_per_draft=[int(n) for n in body.get("accepted_per_draft", [])],
+            n_past=int(body.get("n_past", 0)),
+            pieces=decode_pieces(body.get("pieces", [])),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise UpstreamError(f"the engine's verify answer is not verify API v{VERSION}: {exc!r}") from exc
+
+
+def decode_pieces(pieces: Sequence[str]) -> list[bytes]:
+    """Token bytes as the engine sends them (base64, so no UTF-8 character is ever split)."""
+    return [base64.b64decode(p) for p in pieces]
