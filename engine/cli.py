@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tightwad.auth import is_loopback
+from tightwad import http
 from tightwad.engine import libllama
 from tightwad.engine.api import create_app
 from tightwad.engine.chat import ChatFormatter
@@ -103,12 +100,10 @@ def describe_split(devices: Sequence[libllama.Device], split: Sequence[float] | 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     token = args.token or os.environ.get("TIGHTWAD_TOKEN") or None
-    if not is_loopback(args.host) and not token:
-        print(
-            f"error: refusing to listen on {args.host} without a token: pass --token or set TIGHTWAD_TOKEN "
-            "(or listen on 127.0.0.1)",
-            file=sys.stderr,
-        )
+    try:
+        http.check_bind(args.host, token)  # before loading a model that could not be served
+    except TightwadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     libllama.set_verbose(args.verbose)
     try:
@@ -145,31 +140,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
-    import uvicorn
-
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False)
-    )
     where = f"{len(devices)} device(s): {describe_split(devices, split)}" if devices else "local CPU"
-    url_host = f"[{args.host}]" if ":" in args.host else args.host
 
-    def announce() -> None:
-        while not server.started and not server.should_exit:
-            time.sleep(0.05)
-        if server.started:
-            print(
-                f"tightwad engine ready: http://{url_host}:{args.port} model={name} ctx={engine.n_ctx} "
-                f"parallel={args.parallel} on {where}",
-                flush=True,
-            )
+    def announce(url: str) -> None:
+        print(
+            f"tightwad engine ready: {url} model={name} ctx={engine.n_ctx} "
+            f"parallel={args.parallel} on {where}",
+            flush=True,
+        )
 
-    threading.Thread(target=announce, daemon=True).start()
-    # uvicorn handles SIGINT/SIGTERM, then re-raises the signal once it has shut down; with these
-    # handlers in place that re-raise lands here instead of killing the process before the cleanup.
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: None)
+    started = False
     try:
-        server.run()
+        started = http.serve(app, args.host, args.port, token=token, on_ready=announce)
+    except TightwadError as exc:  # the port is taken
+        print(f"error: {exc}", file=sys.stderr)
     finally:
         if engine.failure is not None:
             print(f"tightwad engine: stopped after a failure: {engine.failure}", file=sys.stderr, flush=True)
@@ -179,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         model.close()
         if monitor is not None:
             monitor.close()
-    return 0 if server.started else 1
+    return 0 if started else 1
 
 
 if __name__ == "__main__":

@@ -45,7 +45,6 @@ from tightwad.engine import libllama
 from tightwad.engine.errors import (
     BadRequest,
     ContextLengthExceeded,
-    ConversationEvicted,
     EngineError,
     EngineStopped,
     Overloaded,
@@ -53,8 +52,7 @@ from tightwad.engine.errors import (
 )
 from tightwad.engine.sessions import ANONYMOUS_PREFIX, SessionTable, Slot
 from tightwad.engine.verify import (
-    SamplingParams,
-    Verdict,
+    Acceptance,
     accept_greedy,
     accept_sampled,
     accept_tree,
@@ -62,26 +60,9 @@ from tightwad.engine.verify import (
     target_distribution,
 )
 from tightwad.engine.workers import PoolMonitor, describe_loss
+from tightwad.openai import OpenAIError
 from tightwad.tokens import common_prefix
-
-
-@dataclass(frozen=True)
-class Draft:
-    """One candidate continuation: token ids, and the drafter's probabilities if it has them
-    (shape (len(tokens), n_vocab); None for greedy, text or n-gram drafters)."""
-
-    tokens: tuple[int, ...]
-    probs: np.ndarray | None = None
-
-
-@dataclass(frozen=True)
-class VerifyResult:
-    tokens: list[int]  # the accepted draft tokens, then the next token (correction or bonus)
-    n_accepted: int
-    accepted_per_draft: list[int]  # for each draft: how many of its tokens the output starts with
-    draft_index: int  # the draft whose tokens were accepted
-    n_past: int  # tokens of the conversation now in the KV (all of it but the last returned token)
-    eog: bool  # the last returned token ends generation
+from tightwad.verify_api import ConversationEvicted, Draft, Sampling, VerifyReply, VerifyRequest
 
 
 @dataclass(frozen=True)
@@ -98,7 +79,7 @@ class FinishEvent:
 
 @dataclass(frozen=True)
 class ErrorEvent:
-    error: EngineError
+    error: OpenAIError
 
 
 GenerationEvent = TokenEvent | FinishEvent | ErrorEvent
@@ -136,7 +117,7 @@ class _Job:
     """A request inside the worker thread. `pending` is the part of its conversation not in the KV
     yet; its last token is the head of the next block."""
 
-    def __init__(self, conversation: str, sampling: SamplingParams) -> None:
+    def __init__(self, conversation: str, sampling: Sampling) -> None:
         self.conversation = conversation
         self.sampling = sampling
         self.slot: Slot | None = None
@@ -165,24 +146,18 @@ class _Job:
     def block_drafts(self) -> list[tuple[int, ...]]:
         raise NotImplementedError
 
-    def fail(self, error: EngineError) -> None:
+    def fail(self, error: OpenAIError) -> None:
         raise NotImplementedError
 
 
 class _VerifyJob(_Job):
-    def __init__(
-        self,
-        conversation: str,
-        tokens: list[int],
-        drafts: list[Draft],
-        sampling: SamplingParams,
-        reset: bool,
-    ) -> None:
-        super().__init__(conversation, sampling)
-        self.tokens = tokens
-        self.drafts = drafts or [Draft(())]
-        self.reset = reset
-        self.future: Future[VerifyResult] = Future()
+    def __init__(self, request: VerifyRequest, probs: list[np.ndarray | None]) -> None:
+        super().__init__(request.conversation, request.sampling)
+        self.tokens = list(request.tokens)
+        self.drafts = request.drafts or [Draft(())]
+        self.probs = probs or [None]  # per draft: the drafter's rows, dense and normalised
+        self.reset = request.reset
+        self.future: Future[VerifyReply] = Future()
 
     def full_tokens(self, slot: Slot | None, sessions: SessionTable) -> list[int]:
         if slot is None and not self.reset:
@@ -205,7 +180,7 @@ class _VerifyJob(_Job):
     def block_drafts(self) -> list[tuple[int, ...]]:
         return [d.tokens for d in self.drafts]
 
-    def fail(self, error: EngineError) -> None:
+    def fail(self, error: OpenAIError) -> None:
         if self.claim_end():
             self.future.set_exception(error)
 
@@ -214,7 +189,7 @@ class _GenerateJob(_Job):
     def __init__(
         self,
         prompt: list[int],
-        sampling: SamplingParams,
+        sampling: Sampling,
         max_tokens: int,
         on_event: Callable[[GenerationEvent], None],
         ignore_eos: bool,
@@ -246,7 +221,7 @@ class _GenerateJob(_Job):
         if self.claim_end():
             self.emit(FinishEvent(reason, len(self.prompt), self.generated))
 
-    def fail(self, error: EngineError) -> None:
+    def fail(self, error: OpenAIError) -> None:
         if self.claim_end():
             self.emit(ErrorEvent(error))
 
@@ -355,15 +330,10 @@ class Engine:
         )
         return True
 
-    def verify(
-        self,
-        conversation: str,
-        tokens: Sequence[int],
-        drafts: Sequence[Draft],
-        sampling: SamplingParams,
-        reset: bool = False,
-    ) -> Future[VerifyResult]:
-        """Evaluate the conversation's new tokens and score every draft in ONE decode."""
+    def verify(self, request: VerifyRequest) -> Future[VerifyReply]:
+        """Evaluate the conversation's new tokens and score every draft in ONE decode. Refusals
+        (InvalidRequest) raise here, in the caller's thread."""
+        conversation, tokens, drafts = request.conversation, request.tokens, request.drafts
         if not conversation:
             raise BadRequest("`conversation` must be a non-empty string")
         if conversation.startswith(ANONYMOUS_PREFIX):
@@ -376,22 +346,18 @@ class Engine:
             raise BadRequest(
                 f"the drafts need {block} batch slots but n_batch is {self.n_batch}: send shorter drafts"
             )
+        probs: list[np.ndarray | None] = []
         for i, draft in enumerate(drafts):
             self.check_tokens(draft.tokens, f"drafts[{i}].tokens")
-            if draft.probs is not None:
-                expected = (len(draft.tokens), self.model.n_vocab)
-                if draft.probs.shape != expected:
-                    raise BadRequest(f"drafts[{i}].probs has shape {draft.probs.shape}, expected {expected}")
-                if not (np.isfinite(draft.probs).all() and (draft.probs >= 0).all()):
-                    raise BadRequest(f"drafts[{i}].probs must be finite and non-negative")
-        job = _VerifyJob(conversation, list(tokens), list(drafts), sampling, reset)
+            probs.append(draft.dense_probs(self.model.n_vocab, f"drafts[{i}].probs"))
+        job = _VerifyJob(request, probs)
         self._submit(job)
         return job.future
 
     def generate(
         self,
         prompt: Sequence[int],
-        sampling: SamplingParams,
+        sampling: Sampling,
         max_tokens: int,
         on_event: Callable[[GenerationEvent], None],
         ignore_eos: bool = False,
@@ -512,7 +478,7 @@ class Engine:
                         f"the conversation would reach {len(full) + longest} tokens but the context "
                         f"holds {self.n_ctx}: start a new conversation or raise --ctx"
                     )
-            except EngineError as exc:
+            except OpenAIError as exc:
                 self._waiting.remove(job)
                 job.fail(exc)
                 self._done(job)
@@ -641,7 +607,7 @@ class Engine:
             self.ctx.remove(seq, 0, -1)
         job.seqs, job.indices, job.n_fed = [], [], 0
 
-    def _abandon(self, job: _Job, error: EngineError) -> None:
+    def _abandon(self, job: _Job, error: OpenAIError) -> None:
         if job.slot is not None:
             self._roll_back(job)
             self.ctx.remove(job.slot.seq, 0, -1)
@@ -649,7 +615,7 @@ class Engine:
         job.fail(error)
         self._done(job)
 
-    def _abandon_all(self, error: EngineError) -> None:
+    def _abandon_all(self, error: OpenAIError) -> None:
         for job in list(self._active):
             try:
                 self._abandon(job, error)
@@ -672,23 +638,22 @@ class Engine:
         head = job.pending[0]
         start = len(slot.tokens)  # the head's position
         if job.sampling.greedy:
-            verdicts = [
+            outcomes = [
                 accept_greedy(draft, [self.ctx.argmax(i) for i in rows])
                 for draft, rows in zip(drafts, job.indices, strict=True)
             ]
-            winner = max(range(len(drafts)), key=lambda d: (verdicts[d].n_accepted, -d))
-            verdict: Verdict = verdicts[winner]
+            winner = max(range(len(drafts)), key=lambda d: (outcomes[d].n_accepted, -d))
+            acceptance: Acceptance = outcomes[winner]
         else:
             rng = slot.state
             assert isinstance(rng, np.random.Generator)
             if len(drafts) == 1:
-                probs = job.drafts[0].probs
                 rows = _Rows(len(drafts[0]) + 1, lambda i: self._row(job, 0, i))
-                verdict, winner = accept_sampled(drafts[0], probs, rows, rng), 0
+                acceptance, winner = accept_sampled(drafts[0], job.probs[0], rows, rng), 0
             else:
-                verdict, winner = accept_tree(drafts, lambda d, i: self._row(job, d, i), rng)
-        n = verdict.n_accepted
-        out = [*drafts[winner][:n], verdict.next_token]
+                acceptance, winner = accept_tree(drafts, lambda d, i: self._row(job, d, i), rng)
+        n = acceptance.n_accepted
+        out = [*drafts[winner][:n], acceptance.next_token]
         for j, token in enumerate(out):
             if self.model.is_end_of_generation(token):
                 out, n = out[: j + 1], j
@@ -707,13 +672,14 @@ class Engine:
         self.stats.verify_calls += 1
         self.stats.draft_tokens += sum(len(d) for d in drafts)
         self.stats.accepted_tokens += n
-        result = VerifyResult(
+        result = VerifyReply(
             tokens=out,
             n_accepted=n,
-            accepted_per_draft=[min(common_prefix(d, out[:n]), len(d)) for d in drafts],
             draft_index=winner,
-            n_past=len(slot.tokens),
             eog=self.model.is_end_of_generation(out[-1]),
+            accepted_per_draft=[min(common_prefix(d, out[:n]), len(d)) for d in drafts],
+            n_past=len(slot.tokens),
+            pieces=[self.model.token_bytes(t) for t in out],
         )
         self._done(job)
         if job.claim_end():

@@ -1,4 +1,6 @@
-"""Errors the engine answers with: OpenAI-shaped (tightwad.openai), each with its status and code."""
+"""Errors the engine answers with: OpenAI-shaped (tightwad.openai), each with its status and code.
+
+The verify API's own errors (ConversationEvicted) belong to its contract, tightwad.verify_api."""
 
 from __future__ import annotations
 
@@ -15,12 +17,6 @@ class BadRequest(EngineError, InvalidRequest):
 
 class ContextLengthExceeded(BadRequest):
     code = "context_length_exceeded"
-
-
-class ConversationEvicted(EngineError):
-    status = 409
-    type = "invalid_request_error"
-    code = "conversation_evicted"
 
 
 class Overloaded(EngineError, Unavailable):

@@ -39,32 +39,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How the target's next-token distribution is shaped. temperature 0 = greedy."""
-
-    temperature: float = 0.0
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    seed: int | None = None  # for a reproducible random stream; None = fresh entropy
-
-    def __post_init__(self) -> None:
-        if not (self.temperature >= 0 and np.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0
+from tightwad.verify_api import Sampling
 
 
 @dataclass(frozen=True)
-class Verdict:
-    """How many draft tokens the target accepts, and the token it adds (correction or bonus)."""
+class Acceptance:
+    """How many draft tokens the target accepts, and the token it adds (correction or bonus). The
+    pure outcome of one rule; the engine turns it into the verify API's reply."""
 
     n_accepted: int
     next_token: int
@@ -83,7 +64,7 @@ def _top_k_mask(z: np.ndarray, k: int) -> np.ndarray:
     return mask
 
 
-def target_distribution(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+def target_distribution(logits: np.ndarray, params: Sampling) -> np.ndarray:
     """The target's next-token distribution (float64, sums to 1) under `params`; see module doc."""
     logits = np.asarray(logits)
     probs = np.zeros(logits.size, dtype=np.float64)
@@ -118,14 +99,14 @@ def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
     return index
 
 
-def accept_greedy(draft: Sequence[int], target_argmax: Sequence[int]) -> Verdict:
+def accept_greedy(draft: Sequence[int], target_argmax: Sequence[int]) -> Acceptance:
     """Accept while the draft equals the target's argmax; `target_argmax` has len(draft) + 1 entries."""
     if len(target_argmax) != len(draft) + 1:
         raise ValueError(f"need {len(draft) + 1} target rows for {len(draft)} draft tokens")
     n = 0
     while n < len(draft) and int(draft[n]) == int(target_argmax[n]):
         n += 1
-    return Verdict(n, int(target_argmax[n]))
+    return Acceptance(n, int(target_argmax[n]))
 
 
 def _residual(p: np.ndarray, q: np.ndarray | None, token: int) -> np.ndarray:
@@ -142,7 +123,7 @@ def accept_sampled(
     draft_probs: Sequence[np.ndarray] | None,
     target_probs_rows: Sequence[np.ndarray],
     rng: np.random.Generator,
-) -> Verdict:
+) -> Acceptance:
     """The Leviathan/Chen rejection rule; `target_probs_rows[i]` is p at draft position i and row
     len(draft) is the bonus. Rows are read lazily, in order, and only up to the first rejection."""
     if draft_probs is not None and len(draft_probs) != len(draft):
@@ -159,19 +140,19 @@ def accept_sampled(
         residual = _residual(p, q, token)
         if not residual.sum() > 0:  # only reachable through rounding: p and q agree everywhere
             residual = p
-        return Verdict(i, sample(residual, rng))
-    return Verdict(len(draft), sample(target_probs_rows[len(draft)], rng))
+        return Acceptance(i, sample(residual, rng))
+    return Acceptance(len(draft), sample(target_probs_rows[len(draft)], rng))
 
 
 def accept_tree(
     drafts: Sequence[Sequence[int]],
     target_row: Callable[[int, int], np.ndarray],
     rng: np.random.Generator,
-) -> tuple[Verdict, int]:
+) -> tuple[Acceptance, int]:
     """Exact sampled verification of several drafts at once (see module doc).
 
     `target_row(d, i)` is the target's distribution at position i of draft d (the context is the
-    conversation plus drafts[d][:i]). Returns the verdict and the index of a draft whose first
+    conversation plus drafts[d][:i]). Returns the acceptance and the index of a draft whose first
     `n_accepted` tokens were accepted (the lowest such index).
     """
     if not drafts:
@@ -198,6 +179,6 @@ def accept_tree(
         if chosen is None:
             if not residual.sum() > 0:
                 residual = p
-            return Verdict(depth, sample(residual, rng)), representative
+            return Acceptance(depth, sample(residual, rng)), representative
         alive = [d for d in alive if len(drafts[d]) > depth and int(drafts[d][depth]) == chosen]
         depth += 1

@@ -17,7 +17,7 @@ from typing import Any
 from starlette.requests import Request
 
 from tightwad.openai import InvalidRequest, PayloadTooLarge
-from tightwad.proxy.sampling import Sampling
+from tightwad.verify_api import Sampling
 
 # Keys whose presence (with a non-default value) means the speculation path cannot serve a request.
 _PASSTHROUGH_KEYS = (

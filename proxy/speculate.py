@@ -37,9 +37,9 @@ from tightwad.proxy.drafters.base import DraftRequest, Proposal
 from tightwad.proxy.drafters.guard import GuardedDrafter
 from tightwad.proxy.drafters.race import Candidates, RaceDrafter
 from tightwad.proxy.kpolicy.controller import KController
-from tightwad.proxy.sampling import Sampling
 from tightwad.proxy.telemetry import Telemetry
-from tightwad.proxy.upstream import ConversationLost, EngineClient, Verdict
+from tightwad.proxy.upstream import EngineClient
+from tightwad.verify_api import ConversationEvicted, Sampling, VerifyReply
 
 
 @dataclass(frozen=True)
@@ -213,11 +213,11 @@ class _Reply:
         winner = proposals[verdict.draft_index] if 0 <= verdict.draft_index < len(proposals) else proposal
         drafted = len(winner.tokens)
         if isinstance(proposal, Candidates):
-            proposal.settle(verdict.draft_index, verdict.accepted, verdict.tokens)
-        spec.controller.record_round(drafted, verdict.accepted, verify_seconds)
-        spec.telemetry.round(drafted, verdict.accepted, len(verdict.tokens))
+            proposal.settle(verdict.draft_index, verdict.n_accepted, verdict.tokens)
+        spec.controller.record_round(drafted, verdict.n_accepted, verify_seconds)
+        spec.telemetry.round(drafted, verdict.n_accepted, len(verdict.tokens))
         self.rounds += 1
-        if verdict.eog or verdict.accepted < drafted:
+        if verdict.eog or verdict.n_accepted < drafted:
             self._drop_pending()  # it continued tokens the target did not accept
         return self._advance(verdict.tokens, verdict.eog)
 
@@ -305,7 +305,7 @@ class _Reply:
             self.pending = None
 
     # the engine ---------------------------------------------------------------------------------
-    async def _verify(self, proposals: list[Proposal]) -> Verdict:
+    async def _verify(self, proposals: list[Proposal]) -> VerifyReply:
         engine, job, lease = self.speculator.engine, self.job, self.lease
         if self.synced:
             try:
@@ -314,7 +314,7 @@ class _Reply:
                 )
                 self.unsent = []
                 return verdict
-            except ConversationLost:
+            except ConversationEvicted:
                 self.synced = False  # evicted by other traffic: send it whole again
         verdict = await engine.verify(lease.conversation, self.history, proposals, job.sampling, reset=True)
         self.synced = True

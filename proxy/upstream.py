@@ -1,15 +1,16 @@
 """The engine, seen from the proxy: its HTTP API and nothing else (no engine imports).
 
 Uses: /v1/models (name, context, vocabulary size), /detokenize (the vocabulary as bytes, fetched
-once), /tokenize, POST /tightwad/v1/verify, /v1/completions with token ids (the target decoding
-alone, when speculation is off), /tightwad/v1/stats (how many conversations it keeps), and plain
-forwarding of whatever speculation cannot serve. Every failure becomes an OpenAIError: an engine
-that cannot be reached is a 503 that names its URL.
+once), /tokenize (text, or a chat rendered with the model's template), the verify API (its contract,
+encoded and decoded here, is tightwad.verify_api), /v1/completions with token ids (the target
+decoding alone, when speculation is off), /tightwad/v1/stats (how many conversations it keeps), and
+plain forwarding of whatever speculation cannot serve. Every failure becomes an OpenAIError: an
+engine that cannot be reached is a 503 that names its URL; one that evicted our conversation is
+verify_api.ConversationEvicted.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -21,9 +22,19 @@ import httpx
 from tightwad.openai import OpenAIError, Unavailable, UpstreamError, from_upstream
 from tightwad.proxy.detok import Vocabulary
 from tightwad.proxy.drafters.base import Proposal
-from tightwad.proxy.sampling import Sampling
+from tightwad.verify_api import (
+    STATS_PATH,
+    VERIFY_PATH,
+    Draft,
+    Sampling,
+    VerifyReply,
+    VerifyRequest,
+    decode_error,
+    decode_pieces,
+    decode_reply,
+    encode_request,
+)
 
-VERIFY_PATH = "/tightwad/v1/verify"
 VOCAB_CHUNK = 8192  # token ids per /detokenize call while fetching the vocabulary
 
 
@@ -35,27 +46,8 @@ class EngineInfo:
     models_body: dict[str, Any]  # /v1/models as the engine answered it
 
 
-@dataclass(frozen=True)
-class Verdict:
-    tokens: list[int]  # accepted draft tokens, then the target's own token
-    accepted: int
-    draft_index: int
-    eog: bool  # the last token ends the generation
-
-
 class EngineUnavailable(Unavailable):
     code = "engine_unavailable"
-
-
-class ConversationLost(OpenAIError):
-    """The engine evicted our conversation between rounds: resend it whole."""
-
-    status = 409
-    code = "conversation_evicted"
-
-
-def _decode_pieces(pieces: Sequence[str]) -> list[bytes]:
-    return [base64.b64decode(p) for p in pieces]
 
 
 class EngineClient:
@@ -100,10 +92,7 @@ class EngineClient:
         except ValueError:
             body = None
         if response.status_code != 200:
-            error = from_upstream(response.status_code, body, f"the engine's {path} failed")
-            if error.code == "conversation_evicted":
-                raise ConversationLost(str(error))
-            raise error
+            raise decode_error(response.status_code, body, f"the engine's {path} failed")
         if body is None:
             raise UpstreamError(f"the engine's {path} answered something that is not JSON")
         return body
@@ -127,8 +116,8 @@ class EngineClient:
         special: dict[int, bytes] = {}
         for start in range(0, n_vocab, VOCAB_CHUNK):
             ids = list(range(start, min(start + VOCAB_CHUNK, n_vocab)))
-            plain += _decode_pieces((await self._post("/detokenize", {"tokens": ids}))["pieces"])
-            spelled = _decode_pieces(
+            plain += decode_pieces((await self._post("/detokenize", {"tokens": ids}))["pieces"])
+            spelled = decode_pieces(
                 (await self._post("/detokenize", {"tokens": ids, "special": True}))["pieces"]
             )
             special.update({t: b for t, b in zip(ids, spelled, strict=True) if b != plain[t]})
@@ -139,8 +128,8 @@ class EngineClient:
         return list((await self._post("/tokenize", body))["tokens"])
 
     async def chat_tokens(self, messages: list[dict[str, Any]]) -> list[int] | None:
-        """The chat prompt's tokens with the model's own template, or None when this engine cannot
-        say (the verify contract v1 has no such endpoint; see `/tokenize` with `messages`)."""
+        """The chat prompt's tokens with the model's own template (`/tokenize` with `messages`), or
+        None when the server behind --target is not an engine that renders chats."""
         try:
             body = await self._post("/tokenize", {"messages": messages})
         except OpenAIError as exc:
@@ -151,7 +140,7 @@ class EngineClient:
         return list(tokens) if isinstance(tokens, list) else None
 
     async def stats(self) -> dict[str, Any]:
-        return dict(await self._get("/tightwad/v1/stats"))
+        return dict(await self._get(STATS_PATH))
 
     async def health(self) -> dict[str, Any]:
         """The engine's /health (its rpc workers); an OpenAIError when it is down or unhealthy."""
@@ -173,24 +162,16 @@ class EngineClient:
         drafts: Sequence[Proposal],
         sampling: Sampling,
         reset: bool,
-    ) -> Verdict:
-        body = {
-            "conversation": conversation,
-            "tokens": list(tokens),
-            "reset": reset,
-            "drafts": [d.to_json() for d in drafts if d.tokens],
-            "sampling": sampling.to_json(),
-        }
-        answer = await self._post(VERIFY_PATH, body)
-        try:
-            return Verdict(
-                tokens=[int(t) for t in answer["tokens"]],
-                accepted=int(answer["accepted"]),
-                draft_index=int(answer.get("draft_index", 0)),
-                eog=bool(answer["eog"]),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UpstreamError(f"the engine's verify answer is missing fields: {exc}") from exc
+    ) -> VerifyReply:
+        """One verify call; ConversationEvicted when the engine no longer holds `conversation`."""
+        request = VerifyRequest(
+            conversation,
+            list(tokens),
+            [Draft(d.tokens, d.probs) for d in drafts if d.tokens],  # an empty draft says nothing
+            sampling,
+            reset,
+        )
+        return decode_reply(await self._post(VERIFY_PATH, encode_request(request)))
 
     async def generate(
         self, prompt: Sequence[int], sampling: Sampling, max_tokens: int

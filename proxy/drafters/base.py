@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 from tightwad.errors import TightwadError
 from tightwad.proxy.detok import Vocabulary
-from tightwad.proxy.sampling import Sampling
+from tightwad.verify_api import Sampling
 
 
 class DrafterError(TightwadError):

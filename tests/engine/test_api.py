@@ -168,7 +168,7 @@ def test_errors_are_openai_shaped(local_engine: EngineProcess) -> None:
     def error(response: httpx.Response, status: int, code: str) -> str:
         assert response.status_code == status, response.text
         body = response.json()["error"]
-        assert set(body) == {"message", "type", "code"} and body["code"] == code, body
+        assert set(body) == {"message", "type", "param", "code"} and body["code"] == code, body
         return str(body["message"])
 
     error(local_engine.get("/v1/nothing"), 404, "not_found")

@@ -9,13 +9,13 @@ import pytest
 
 from tightwad import models
 from tightwad.engine import libllama
-from tightwad.engine.core import Draft, Engine, ErrorEvent, FinishEvent, GenerationEvent, TokenEvent
-from tightwad.engine.errors import ContextLengthExceeded, ConversationEvicted, Overloaded
-from tightwad.engine.verify import SamplingParams
+from tightwad.engine.core import Engine, ErrorEvent, FinishEvent, GenerationEvent, TokenEvent
+from tightwad.engine.errors import ContextLengthExceeded, Overloaded
 from tightwad.toolchain import Toolchain
+from tightwad.verify_api import ConversationEvicted, Draft, Sampling, VerifyRequest
 
 pytestmark = pytest.mark.integration
-GREEDY = SamplingParams()
+GREEDY = Sampling()
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +38,12 @@ def drain(events: queue.SimpleQueue[GenerationEvent]) -> tuple[int, GenerationEv
 
 
 def test_a_conversation_that_needs_the_room_evicts_the_idle_one(engine: Engine) -> None:
-    first = engine.verify("a", list(range(100, 250)), [Draft((5, 6))], GREEDY, reset=True).result(timeout=120)
-    assert first.n_past == 150
-    second = engine.verify("b", list(range(300, 450)), [Draft((5, 6))], GREEDY, reset=True).result(
-        timeout=120
-    )
-    assert second.n_past == 150 and engine.sessions.held_tokens() <= engine.n_ctx
+    first = VerifyRequest("a", list(range(100, 250)), [Draft((5, 6))], GREEDY, reset=True)
+    assert engine.verify(first).result(timeout=120).n_past == 150
+    second = engine.verify(VerifyRequest("b", list(range(300, 450)), [Draft((5, 6))], GREEDY, reset=True))
+    assert second.result(timeout=120).n_past == 150 and engine.sessions.held_tokens() <= engine.n_ctx
     with pytest.raises(ConversationEvicted, match="reset: true"):
-        engine.verify("a", [1], [], GREEDY).result(timeout=120)
+        engine.verify(VerifyRequest("a", [1], [], GREEDY)).result(timeout=120)
 
 
 def test_two_requests_that_cannot_both_fit_fail_one_with_overloaded(engine: Engine) -> None:
@@ -62,6 +60,6 @@ def test_two_requests_that_cannot_both_fit_fail_one_with_overloaded(engine: Engi
 
 def test_a_conversation_longer_than_the_context_is_refused(engine: Engine) -> None:
     with pytest.raises(ContextLengthExceeded):
-        engine.verify("c", list(range(1000, 1300)), [], GREEDY, reset=True).result(timeout=120)
+        engine.verify(VerifyRequest("c", list(range(1000, 1300)), [], GREEDY, reset=True)).result(timeout=120)
     with pytest.raises(ContextLengthExceeded):
         engine.generate(list(range(300)), GREEDY, 4, lambda _: None)

@@ -133,8 +133,8 @@ def test_several_drafts_in_one_pass_pick_the_best_and_stay_exact(
         body["drafts"] = [{"tokens": d} for d in drafts]
         result = local_engine.post("/tightwad/v1/verify", body).json()
         first = False
-        assert result["accepted_per_draft"][result["draft_index"]] == result["accepted"]
-        assert result["accepted"] == max(result["accepted_per_draft"])
+        assert result["accepted_per_draft"][result["draft_index"]] == result["n_accepted"]
+        assert result["n_accepted"] == max(result["accepted_per_draft"])
         chosen.append(result["draft_index"])
         history += result["tokens"]
         out += result["tokens"]

@@ -26,13 +26,14 @@ from support.engines import EngineProcess, LocalDrafter, chat_prompt, tokenize
 
 from tightwad import models
 from tightwad.engine import libllama
-from tightwad.engine.verify import SamplingParams, accept_sampled, target_distribution
+from tightwad.engine.verify import accept_sampled, target_distribution
+from tightwad.verify_api import Sampling
 
 pytestmark = pytest.mark.integration
 
 PROMPT = chat_prompt("Say a number between 1 and 10.")
-TARGET = SamplingParams(temperature=1.0, top_k=8)
-DRAFT = SamplingParams(temperature=1.0, top_k=3)
+TARGET = Sampling(temperature=1.0, top_k=8)
+DRAFT = Sampling(temperature=1.0, top_k=3)
 
 
 def tv_tolerance(k: int, n: int, failure: float = 1e-6) -> float:
@@ -124,7 +125,7 @@ def test_verify_api_samples_are_distributed_as_the_target(
         )
     results = asyncio.run(_collect(local_engine.url, bodies, "/tightwad/v1/verify", lanes))
     firsts = Counter(r["tokens"][0] for r in results)
-    accepted = sum(r["accepted"] for r in results)
+    accepted = sum(r["n_accepted"] for r in results)
     assert tv(firsts, p0) < tv_tolerance(8, n), (firsts, accepted)
     assert set(firsts) <= set(np.flatnonzero(p0).tolist())
     assert 0 < accepted < n  # both paths taken

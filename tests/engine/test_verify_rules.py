@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 
 from tightwad.engine.verify import (
-    SamplingParams,
-    Verdict,
+    Acceptance,
     accept_greedy,
     accept_sampled,
     accept_tree,
     sample,
     target_distribution,
 )
+from tightwad.verify_api import Sampling
 
 
 def tv_tolerance(k: int, n: int, failure: float = 1e-6) -> float:
@@ -40,36 +40,36 @@ def tv(counts: Counter[int], p: np.ndarray) -> float:
 
 # target_distribution ---------------------------------------------------------------------------
 def test_greedy_is_a_point_mass_on_the_first_largest_logit() -> None:
-    probs = target_distribution(np.array([0.5, 2.0, 2.0, -1.0]), SamplingParams(temperature=0))
+    probs = target_distribution(np.array([0.5, 2.0, 2.0, -1.0]), Sampling(temperature=0))
     assert probs.tolist() == [0.0, 1.0, 0.0, 0.0]
 
 
 def test_temperature_scales_logits_before_the_softmax() -> None:
     logits = np.array([1.0, 2.0, 3.0])
-    probs = target_distribution(logits, SamplingParams(temperature=2.0))
+    probs = target_distribution(logits, Sampling(temperature=2.0))
     expected = np.exp(logits / 2) / np.exp(logits / 2).sum()
     assert np.allclose(probs, expected) and probs.dtype == np.float64
 
 
 def test_top_k_keeps_k_largest_with_ties_to_lower_ids() -> None:
-    probs = target_distribution(np.array([1.0, 3.0, 3.0, 3.0, 0.0]), SamplingParams(temperature=1, top_k=2))
+    probs = target_distribution(np.array([1.0, 3.0, 3.0, 3.0, 0.0]), Sampling(temperature=1, top_k=2))
     assert np.flatnonzero(probs).tolist() == [1, 2]
     assert probs[1] == pytest.approx(0.5)
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
-    probs = target_distribution(logits, SamplingParams(temperature=1, top_p=0.79))
+    probs = target_distribution(logits, Sampling(temperature=1, top_p=0.79))
     assert np.allclose(probs, [0.5 / 0.8, 0.3 / 0.8, 0, 0])
-    probs = target_distribution(logits, SamplingParams(temperature=1, top_p=0.81))
+    probs = target_distribution(logits, Sampling(temperature=1, top_p=0.81))
     assert np.flatnonzero(probs).tolist() == [0, 1, 2]
-    probs = target_distribution(logits, SamplingParams(temperature=1, top_p=0.01))
+    probs = target_distribution(logits, Sampling(temperature=1, top_p=0.01))
     assert probs.tolist() == [1.0, 0.0, 0.0, 0.0]
 
 
 def test_top_k_then_top_p() -> None:
     logits = np.log(np.array([0.4, 0.3, 0.2, 0.1]))
-    probs = target_distribution(logits, SamplingParams(temperature=1, top_k=3, top_p=0.75))
+    probs = target_distribution(logits, Sampling(temperature=1, top_k=3, top_p=0.75))
     # after top-3: 0.4/0.9, 0.3/0.9, 0.2/0.9 -> cumulative 0.44, 0.78 -> keep two
     assert np.allclose(probs, [4 / 7, 3 / 7, 0, 0])
 
@@ -77,7 +77,7 @@ def test_top_k_then_top_p() -> None:
 def test_bad_parameters_are_refused() -> None:
     for kwargs in ({"temperature": -1}, {"top_k": -2}, {"top_p": 0}, {"top_p": 1.5}):
         with pytest.raises(ValueError):
-            SamplingParams(**kwargs)  # type: ignore[arg-type]
+            Sampling(**kwargs)  # type: ignore[arg-type]
 
 
 def test_sample_never_returns_a_zero_probability_token() -> None:
@@ -91,19 +91,19 @@ def test_sample_never_returns_a_zero_probability_token() -> None:
 
 # greedy ----------------------------------------------------------------------------------------
 def test_greedy_all_accepted_gives_the_bonus() -> None:
-    assert accept_greedy([5, 6, 7], [5, 6, 7, 8]) == Verdict(3, 8)
+    assert accept_greedy([5, 6, 7], [5, 6, 7, 8]) == Acceptance(3, 8)
 
 
 def test_greedy_first_rejected_gives_the_correction() -> None:
-    assert accept_greedy([5, 6, 7], [4, 6, 7, 8]) == Verdict(0, 4)
+    assert accept_greedy([5, 6, 7], [4, 6, 7, 8]) == Acceptance(0, 4)
 
 
 def test_greedy_stops_at_the_first_mismatch() -> None:
-    assert accept_greedy([5, 6, 7], [5, 9, 7, 8]) == Verdict(1, 9)
+    assert accept_greedy([5, 6, 7], [5, 9, 7, 8]) == Acceptance(1, 9)
 
 
 def test_greedy_empty_draft_is_one_plain_step() -> None:
-    assert accept_greedy([], [42]) == Verdict(0, 42)
+    assert accept_greedy([], [42]) == Acceptance(0, 42)
 
 
 def test_greedy_needs_one_more_row_than_draft_tokens() -> None:
@@ -129,7 +129,7 @@ def test_a_certain_target_token_is_always_accepted_and_the_bonus_comes_from_the_
     certain = np.array([0.0, 1.0, 0.0, 0.0])
     bonus = np.array([0.0, 0.0, 0.0, 1.0])
     for q in (None, [np.array([0.25, 0.25, 0.25, 0.25])] * 2):
-        assert accept_sampled([1, 1], q, [certain, certain, bonus], rng) == Verdict(2, 3)
+        assert accept_sampled([1, 1], q, [certain, certain, bonus], rng) == Acceptance(2, 3)
 
 
 def test_first_rejected_stops_reading_rows() -> None:
@@ -243,6 +243,6 @@ def test_tree_under_greedy_rows_picks_the_longest_match() -> None:
         return onehot
 
     verdict, winner = accept_tree(drafts, row, rng)
-    assert (verdict, winner) == (Verdict(3, 7), 1)
+    assert (verdict, winner) == (Acceptance(3, 7), 1)
     greedy = [accept_greedy(d, truth[: len(d) + 1]) for d in drafts]
     assert max(v.n_accepted for v in greedy) == verdict.n_accepted

@@ -23,8 +23,8 @@ from tightwad.proxy.kpolicy.controller import KController, KPolicy
 from tightwad.proxy.kpolicy.costmodel import Costs, choose, expected_tokens
 from tightwad.proxy.kpolicy.estimates import Acceptance, Line, LineFit
 from tightwad.proxy.request_parsing import parse_params, parse_prompt, passthrough_reason
-from tightwad.proxy.sampling import Sampling
 from tightwad.stops import StopMatcher
+from tightwad.verify_api import Sampling
 
 
 # cost model -------------------------------------------------------------------------------------

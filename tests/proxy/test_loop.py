@@ -21,8 +21,8 @@ from support.proxy_fakes import (
 from tightwad.proxy.detok import Vocabulary
 from tightwad.proxy.kpolicy.controller import KPolicy
 from tightwad.proxy.replies import TextReply
-from tightwad.proxy.sampling import Sampling
 from tightwad.proxy.speculate import Job
+from tightwad.verify_api import Sampling
 
 
 def loop_drafter(behaviour: str = "good") -> FakeDrafter:

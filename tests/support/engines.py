@@ -130,12 +130,12 @@ def verify_decode(
         }
         result = verify(engine, body, client)
         first = False
-        assert result["n_past"] == len(history) + result["accepted"]
+        assert result["n_past"] == len(history) + result["n_accepted"]
         history += result["tokens"]
         out += result["tokens"]
         stats["rounds"] += 1
         stats["drafted"] += len(drafts[result["draft_index"]]) if drafts else 0
-        stats["accepted"] += result["accepted"]
+        stats["accepted"] += result["n_accepted"]
         if result["eog"]:
             break
     return out[:n], stats

@@ -17,10 +17,10 @@ from tightwad.proxy.drafters.base import DrafterError, DraftRequest, Proposal
 from tightwad.proxy.drafters.guard import GuardedDrafter
 from tightwad.proxy.drafters.race import RaceDrafter
 from tightwad.proxy.kpolicy.controller import KController, KPolicy
-from tightwad.proxy.sampling import Sampling
 from tightwad.proxy.speculate import Job, SpeculationSettings, Speculator
 from tightwad.proxy.telemetry import Telemetry
-from tightwad.proxy.upstream import ConversationLost, EngineClient, EngineInfo, Verdict
+from tightwad.proxy.upstream import EngineClient, EngineInfo
+from tightwad.verify_api import ConversationEvicted, Sampling, VerifyReply
 
 N_VOCAB = 64
 EOG = 0  # the fake target's end of generation; `target_next` never yields it unless asked to
@@ -93,7 +93,7 @@ class FakeEngine(EngineClient):
         drafts: Sequence[Proposal],
         sampling: Sampling,
         reset: bool,
-    ) -> Verdict:
+    ) -> VerifyReply:
         self.verify_calls += 1
         self.seen_tokens.append(list(tokens))
         if self.evict_every and self.verify_calls % self.evict_every == 0:
@@ -106,7 +106,7 @@ class FakeEngine(EngineClient):
         elif conversation in self.conversations:
             history = self.conversations[conversation] + list(tokens)
         else:
-            raise ConversationLost("evicted")
+            raise ConversationEvicted("evicted")
         best, best_n = 0, 0
         for i, draft in enumerate(drafts):
             n = self._accepted(history, draft.tokens)
@@ -117,7 +117,7 @@ class FakeEngine(EngineClient):
         out = list(drafts[best].tokens[:best_n]) if drafts else []
         out.append(target_next(history + out, self.eog_at))
         self.conversations[conversation] = history + out
-        return Verdict(out, best_n, best, out[-1] == EOG)
+        return VerifyReply(out, best_n, best, out[-1] == EOG)
 
     async def generate(
         self, prompt: Sequence[int], sampling: Sampling, max_tokens: int
