@@ -3,7 +3,7 @@
 The target's vocabulary is fetched once from the engine as raw bytes per token (one token may hold
 only part of a multibyte character). Bytes are decoded incrementally, so a character split across
 tokens (or across rounds) is released only once it is complete; stop sequences are matched on the
-decoded text (see stops.py), so the emitted text never splits a character and never passes a stop.
+decoded text (tightwad/stops.py), so the emitted text never splits a character and never passes a stop.
 """
 
 from __future__ import annotations
