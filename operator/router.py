@@ -9,7 +9,8 @@ error shape.
     python -m tightwad.operator.router --host 127.0.0.1 --port 8080 [--backend URL]
 
 `PUT /_tightwad/route {"backend": URL, "unit": NAME}` re-points it (bearer token when
-TIGHTWAD_TOKEN is set); the engine behind checks the clients' tokens itself.
+TIGHTWAD_TOKEN is set); the engine behind checks the clients' tokens itself. Auth, errors and
+serving are the house's (tightwad.http), loopback rule included.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hmac
 import os
 import sys
 from collections import Counter
@@ -30,6 +30,10 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from tightwad import http
+from tightwad.errors import TightwadError
+from tightwad.openai import OpenAIError
 
 ROUTE_PATH = "/_tightwad/route"
 ENGINE_HEADER = "x-tightwad-engine"
@@ -79,10 +83,6 @@ class Router:
         return JSONResponse(self.status())
 
     async def set_route(self, request: Request) -> Response:
-        if self.token:
-            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode(), self.token.encode()):
-                return _error(401, "missing or wrong bearer token", "invalid_api_key")
         try:
             body = await request.json()
             self.backend = EngineBackend(
@@ -151,26 +151,23 @@ class Router:
 
 
 def _error(status: int, message: str, code: str) -> JSONResponse:
-    body = {
-        "error": {
-            "message": message,
-            "type": "server_error" if status >= 500 else "invalid_request_error",
-            "code": code,
-        }
-    }
-    return JSONResponse(body, status_code=status)
+    return http.error_response(OpenAIError(message, status=status, code=code))
+
+
+def _guarded(method: str, path: str) -> bool:
+    """Only re-pointing needs the token: the route is a probe, and forwarded requests carry the
+    client's own token to the engine, which checks it."""
+    return method == "PUT" and path == ROUTE_PATH
 
 
 def create_app(router: Router) -> Starlette:
     methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]
-    return Starlette(
-        routes=[
-            Route(ROUTE_PATH, router.show_route, methods=["GET"]),
-            Route(ROUTE_PATH, router.set_route, methods=["PUT"]),
-            Route("/{path:path}", router.forward, methods=methods),
-        ],
-        lifespan=router.lifespan,
-    )
+    routes = [
+        Route(ROUTE_PATH, router.show_route, methods=["GET"]),
+        Route(ROUTE_PATH, router.set_route, methods=["PUT"]),
+        Route("/{path:path}", router.forward, methods=methods),
+    ]
+    return http.app(routes, token=router.token, guarded=_guarded, lifespan=router.lifespan)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,11 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     backend = EngineBackend(args.backend.rstrip("/"), args.backend.rstrip("/")) if args.backend else None
     router = Router(backend, os.environ.get("TIGHTWAD_TOKEN") or None)
-
-    import uvicorn
-
-    uvicorn.run(create_app(router), host=args.host, port=args.port, log_level="warning", access_log=False)
-    return 0
+    try:
+        return 0 if http.serve(create_app(router), args.host, args.port, token=router.token) else 1
+    except TightwadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

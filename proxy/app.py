@@ -15,7 +15,8 @@ in state.py, and the objects built from the config in stack.py.
 Errors are OpenAI-shaped with a real status before the first byte of a reply; a streamed reply that
 breaks later ends with one `data: {"error": ...}` event. Replies generated in mode consensus carry
 the header `X-Tightwad-Approximate: consensus` (some tokens were never checked by the target). With
-a token configured every route but /health and /ready needs `Authorization: Bearer <token>`.
+a token configured every route but /health and /ready needs `Authorization: Bearer <token>`
+(tightwad.http.BearerAuth).
 """
 
 from __future__ import annotations
@@ -24,14 +25,9 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tightwad.auth import BearerAuth
-from tightwad.openai import OpenAIError, Unauthorized, error_body
+from tightwad import http
 from tightwad.proxy.config import ProxyConfig
 from tightwad.proxy.routes.gate_chat import GateRoutes
 from tightwad.proxy.routes.generate import GenerateRoutes
@@ -41,29 +37,6 @@ from tightwad.proxy.state import Proxy
 from tightwad.proxy.upstream import EngineClient
 
 OPEN_PATHS = ("/health", "/ready", "/dashboard")  # /dashboard: a page with no data in it
-
-
-async def _on_openai_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, OpenAIError)
-    return JSONResponse(exc.to_json(), status_code=exc.status)
-
-
-async def _on_http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    body = error_body(f"{request.method} {request.url.path}: {exc.detail}", type_, code)
-    return JSONResponse(body, status_code=exc.status_code)
-
-
-async def _on_unexpected(request: Request, exc: Exception) -> Response:
-    body = error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error", "internal_error")
-    return JSONResponse(body, status_code=500)
-
-
-def _unauthorized() -> JSONResponse:
-    error = Unauthorized("missing or wrong bearer token: send `Authorization: Bearer <token>`")
-    return JSONResponse(error.to_json(), status_code=error.status)
 
 
 def create_app(config: ProxyConfig, engine: EngineClient | None = None) -> Starlette:
@@ -82,11 +55,6 @@ def create_app(config: ProxyConfig, engine: EngineClient | None = None) -> Starl
         Route("/dashboard", info.dashboard, methods=["GET"]),
         Route("/metrics", info.metrics, methods=["GET"]),
     ]
-    middleware = (
-        [Middleware(BearerAuth, token=config.token, open_paths=OPEN_PATHS, rejection=_unauthorized)]
-        if config.token
-        else []
-    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -94,15 +62,7 @@ def create_app(config: ProxyConfig, engine: EngineClient | None = None) -> Starl
         yield
         await proxy.shutdown()
 
-    app = Starlette(
-        routes=routes,
-        middleware=middleware,
-        lifespan=lifespan,
-        exception_handlers={
-            OpenAIError: _on_openai_error,
-            HTTPException: _on_http_error,
-            Exception: _on_unexpected,
-        },
-    )
+    # The house's bearer check and error handlers (tightwad.http): one error shape everywhere.
+    app = http.app(routes, token=config.token, open_paths=OPEN_PATHS, lifespan=lifespan)
     app.state.proxy = proxy
     return app

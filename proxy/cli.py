@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
-import threading
 import time
 from dataclasses import replace
 from typing import Any
@@ -27,6 +25,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
+from tightwad import http
 from tightwad.errors import TightwadError
 from tightwad.manifest import load_manifest
 from tightwad.proxy.config import (
@@ -212,16 +211,11 @@ def start(args: argparse.Namespace) -> int:
     except TightwadError as exc:
         err.print(f"error: {exc}")
         return 1
-    import uvicorn
-
     from tightwad.proxy.app import create_app
 
     for note in config.notes:
         err.print(f"note: {note}")
     app = create_app(config)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=config.host, port=config.port, log_level="warning", access_log=False)
-    )
     drafter = config.drafters[0] if config.drafters and config.mode == "speculate" else None
     what = f"drafter {drafter.kind} {drafter.url or ''}".rstrip() if drafter else "passthrough"
     if config.mode in ("race", "consensus"):
@@ -229,24 +223,17 @@ def start(args: argparse.Namespace) -> int:
         what = f"{config.mode} of {names}"
         if config.mode == "consensus":
             what += f", policy {config.consensus_policy}, APPROXIMATE"
-    host = f"[{config.host}]" if ":" in config.host else config.host
 
-    def announce() -> None:
-        while not server.started and not server.should_exit:
-            time.sleep(0.05)
-        if server.started:
-            k = config.max_draft_tokens or "auto"
-            print(
-                f"tightwad proxy ready: http://{host}:{config.port} -> engine {config.target_url}, {what}, "
-                f"K={k}",
-                flush=True,
-            )
+    def announce(url: str) -> None:
+        k = config.max_draft_tokens or "auto"
+        print(f"tightwad proxy ready: {url} -> engine {config.target_url}, {what}, K={k}", flush=True)
 
-    threading.Thread(target=announce, daemon=True).start()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: None)  # uvicorn handles them; keep the re-raise from killing us
-    server.run()
-    return 0 if server.started else 1
+    try:
+        started = http.serve(app, config.host, config.port, token=config.token, on_ready=announce)
+    except TightwadError as exc:  # the port is taken
+        err.print(f"error: {exc}")
+        return 1
+    return 0 if started else 1
 
 
 # status -------------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from tightwad.auth import is_loopback
 from tightwad.errors import TightwadError
+from tightwad.http import check_bind
 from tightwad.manifest import Manifest
 
 DRAFTER_KINDS = ("llama-server", "openai", "ollama", "ngram")
@@ -94,11 +94,7 @@ class ProxyConfig:
                 raise TightwadError(f"a {d.kind} drafter needs a URL (--draft URL)")
         if self.max_draft_tokens is not None and not 1 <= self.max_draft_tokens <= 64:
             raise TightwadError("--max-draft-tokens must be 'auto' or a number from 1 to 64")
-        if not is_loopback(self.host) and not self.token:
-            raise TightwadError(
-                f"refusing to listen on {self.host} without a token: pass --token or set TIGHTWAD_TOKEN "
-                "(or spec.auth.token), or listen on 127.0.0.1"
-            )
+        check_bind(self.host, self.token)  # the loopback rule, before anything starts
         return self
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 
 from tightwad.errors import TightwadError
+from tightwad.openai import error_message
 from tightwad.swarm.bitfield import Bitfield
 from tightwad.swarm.pieces import ManifestInvalid, PieceManifest
 from tightwad.swarm.server import API
@@ -142,7 +143,6 @@ def _raise_for(response: httpx.Response, url: str) -> None:
 
 def _message(response: httpx.Response) -> str:
     try:
-        body = response.json()
-        return str(body.get("error", body)) if isinstance(body, dict) else str(body)
+        return error_message(response.json())  # the house's error shape (tightwad.openai)
     except ValueError:
         return response.text[:200]

@@ -11,6 +11,8 @@
 
 Files are addressed only by SHA-256, so no request names a path; the bytes come from files the
 library registered. Data is streamed from disk in worker threads and stops when the client leaves.
+Auth and errors are the house's (tightwad.http): a bearer token when configured, and every error in
+the one OpenAI-shaped body.
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tightwad.auth import BearerAuth
+from tightwad import http
+from tightwad.openai import InvalidRequest, NotFound, OpenAIError
 from tightwad.swarm.httprange import RangeError, content_range, parse_range
 from tightwad.swarm.library import Entry, Library
 from tightwad.swarm.pieces import is_sha256
@@ -39,16 +41,12 @@ CHUNK = 256 << 10
 OPEN_PATHS = frozenset({f"{API}/health"})
 
 
-def _unauthorized() -> JSONResponse:
-    return JSONResponse(
-        {"error": "missing or wrong bearer token; send Authorization: Bearer TOKEN"},
-        status_code=401,
-        headers={"WWW-Authenticate": "Bearer"},
-    )
+def _not_found(message: str) -> JSONResponse:
+    return http.error_response(NotFound(message))
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+def _bad_request(message: str) -> JSONResponse:
+    return http.error_response(InvalidRequest(message))
 
 
 class FileRangeResponse(Response):
@@ -130,10 +128,10 @@ def create_app(
     def entry_for(request: Request) -> Entry | JSONResponse:
         sha256 = request.path_params["sha256"]
         if not is_sha256(sha256):
-            return _error(404, "files are addressed by their SHA-256 (64 lowercase hex digits)")
+            return _not_found("files are addressed by their SHA-256 (64 lowercase hex digits)")
         entry = library.get(sha256)
         if entry is None:
-            return _error(404, f"this node does not hold {sha256}")
+            return _not_found(f"this node does not hold {sha256}")
         return entry
 
     async def health(request: Request) -> Response:
@@ -164,36 +162,37 @@ def create_app(
         header = request.headers.get("range")
         if header is None:
             if not entry.complete:
-                return _error(404, "the file is still downloading here; ask for pieces with a Range header")
+                return _not_found("the file is still downloading here; ask for pieces with a Range header")
             return FileRangeResponse(entry, 0, size, 200, bucket)
         try:
             start, end = parse_range(header, size)
         except RangeError as exc:
-            return _error(416, str(exc), {"content-range": f"bytes */{size}"})
+            unsatisfiable = OpenAIError(str(exc), status=416, code="range_not_satisfiable")
+            return http.error_response(unsatisfiable, {"content-range": f"bytes */{size}"})
         if not entry.holds(start, end):
-            return _error(404, "this node does not hold those pieces yet; check /have")
+            return _not_found("this node does not hold those pieces yet; check /have")
         if entry.ledger is not None and not entry.offers(start, end):
             # Initial seeding: someone is already carrying these pieces into the swarm; take them from
             # a peer. The have-map this peer saw was stale; the answer is the same as for a missing piece.
-            return _error(404, "those pieces are being seeded to another peer; fetch them from the swarm")
+            return _not_found("those pieces are being seeded to another peer; fetch them from the swarm")
         return FileRangeResponse(entry, start, end, 206, bucket)
 
     async def peers(request: Request) -> Response:
         sha256 = request.path_params["sha256"]
         if not is_sha256(sha256):
-            return _error(404, "files are addressed by their SHA-256 (64 lowercase hex digits)")
+            return _not_found("files are addressed by their SHA-256 (64 lowercase hex digits)")
         return JSONResponse({"peers": tracker.peers(sha256) if tracker else []})
 
     async def announce(request: Request) -> Response:
         if tracker is None:
-            return _error(404, "this node is not a tracker")
+            return _not_found("this node is not a tracker")
         try:
             body = await request.json()
         except ValueError:
-            return _error(400, 'send JSON: {"sha256": ..., "url": "http://host:port"}')
+            return _bad_request('send JSON: {"sha256": ..., "url": "http://host:port"}')
         url = normalise_peer_url(body.get("url")) if isinstance(body, dict) else None
         if url is None or not is_sha256(body.get("sha256")):
-            return _error(400, "announce needs sha256 (64 hex digits) and url (http://host:port)")
+            return _bad_request("announce needs sha256 (64 hex digits) and url (http://host:port)")
         tracker.announce(body["sha256"], url)
         return Response(status_code=204)
 
@@ -213,10 +212,7 @@ def create_app(
         Route(f"{API}/announce", announce, methods=["POST"]),
         Route(f"{API}/status", node_status),
     ]
-    app: ASGIApp = Starlette(routes=routes)
-    if token:
-        app = BearerAuth(app, token, OPEN_PATHS, _unauthorized)
-    return app
+    return http.app(routes, token=token, open_paths=OPEN_PATHS)
 
 
 def _describe(entry: Entry) -> dict[str, Any]:

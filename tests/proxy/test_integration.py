@@ -150,7 +150,7 @@ def test_auth_limits_and_error_shapes(proxy: ProxyProcess) -> None:
     big = proxy.post("/v1/completions", {"prompt": "x" * 70000})
     assert big.status_code == 413 and big.json()["error"]["type"] == "invalid_request_error"
     bad = proxy.post("/v1/completions", {"prompt": "x", "max_tokens": 0})
-    assert bad.status_code == 400 and set(bad.json()["error"]) == {"message", "type", "code"}
+    assert bad.status_code == 400 and set(bad.json()["error"]) == {"message", "type", "param", "code"}
     huge = proxy.post("/v1/completions", {"prompt": [10**7]})
     assert huge.status_code == 400 and "not a token id" in huge.json()["error"]["message"]
     assert proxy.get("/nope").status_code == 404

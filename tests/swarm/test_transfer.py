@@ -24,9 +24,9 @@ import pytest
 from support.procs import Processes
 from support.synth import random_file, rewrite_gguf, tiny_gguf
 
+from tightwad.http import Server
 from tightwad.launch import free_port, wait_for_http
 from tightwad.swarm.bitfield import Bitfield
-from tightwad.swarm.hosting import BackgroundServer
 from tightwad.swarm.library import Library, complete_entry, store_manifest
 from tightwad.swarm.pieces import PieceManifest, build_manifest
 from tightwad.swarm.puller import Puller, PullError, PullOptions
@@ -296,7 +296,7 @@ def test_a_peer_cannot_make_the_puller_write_outside_its_folder(tmp_path: Path) 
     library.add(complete_entry(file, evil))
 
     async def run() -> None:
-        server = BackgroundServer(create_app(library), "127.0.0.1", 0)
+        server = Server(create_app(library), "127.0.0.1", 0, lifespan="off")
         await server.start()
         try:
             options = PullOptions(peers=[f"http://127.0.0.1:{server.port}"], stall_timeout=5)
