@@ -1,7 +1,7 @@
 """A thin, typed adapter over libllama (llama-cpp-python's low-level ctypes API) and libggml.
 
 Everything that touches ctypes lives here, so the engine above it deals in Python lists and numpy
-rows. Facts this layer encodes (each learned the hard way, see DESIGN.md):
+rows. Facts this layer encodes (each learned the hard way):
 
 - llama-cpp-python must load the ONE pinned build: `tightwad.toolchain.activate()` sets
   LLAMA_CPP_LIB_PATH before the first `import llama_cpp`. Its `_ggml` module ignores that variable,
