@@ -184,7 +184,7 @@ class ReplyShape:
         return {"id": self.id, "created": self.created, "model": self.model}
 
     def body(
-        self, text: str, finish_reason: str, usage: dict[str, int], tokens: list[int] | None = None
+        self, text: str, finish_reason: str | None, usage: dict[str, int], tokens: list[int] | None = None
     ) -> dict[str, Any]:
         """The whole reply, not streamed."""
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason}
