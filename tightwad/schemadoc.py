@@ -21,6 +21,10 @@ Generated from `tightwad/schema/cluster.schema.json` by `python -m tightwad.sche
 by hand. Every key is checked by `tightwad validate`; unknown keys are errors. Strings may use
 `${VAR}` or `${VAR:-default}` from the environment (`$${` for a literal `${`).
 
+Ports left out are assigned per host from 18052 up, always below 32768: Linux hands ports from 32768
+up to outgoing connections, so a server there can find its port taken by an unrelated client. Pick
+ports you write yourself below 32768 too (and outside 30000-32767 on Kubernetes, its NodePort range).
+
 | key | type | default | description |
 |---|---|---|---|
 """
