@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from support.procs import Processes
 
+from support.procs import Processes
 from tightwad import models
 from tightwad.launch import free_port, llama_server_command, wait_for_http
 from tightwad.proxy.cli import build_parser, config_from_args
