@@ -91,8 +91,8 @@ def check_bind(host: str, token: str | None) -> None:
     address counts as beyond)."""
     if not is_loopback(host) and not token:
         raise ServeError(
-            f"refusing to listen on {host} without a token: pass --token or set TIGHTWAD_TOKEN "
-            "(or spec.auth.token), or listen on 127.0.0.1"
+            f"refusing to listen on {host}, beyond loopback, without a token: pass --token or set "
+            "TIGHTWAD_TOKEN (or spec.auth.token), or listen on 127.0.0.1"
         )
 
 
