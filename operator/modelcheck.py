@@ -27,7 +27,7 @@ GGUF_MAGIC = b"GGUF"
 RECHECK_MISSING_S = 5.0
 
 
-class ModelUnavailable(Exception):
+class ModelUnavailable(TightwadError):
     """The file is not where it should be; the message says what to do."""
 
 
