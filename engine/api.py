@@ -23,7 +23,6 @@ configured every route but /health and /ready needs it (tightwad.http.BearerAuth
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import time
 from collections.abc import AsyncIterator
@@ -43,7 +42,15 @@ from tightwad.engine.errors import BadRequest, EngineError, PoolFailure
 from tightwad.engine.textstream import TextAssembler
 from tightwad.engine.workers import PoolMonitor, describe_loss
 from tightwad.openai import OpenAIError, ReplyShape, get_field, token_list, usage
-from tightwad.verify_api import STATS_PATH, VERIFY_PATH, VERSION, Sampling, decode_request, encode_reply
+from tightwad.verify_api import (
+    STATS_PATH,
+    VERIFY_PATH,
+    VERSION,
+    Sampling,
+    decode_request,
+    encode_pieces,
+    encode_reply,
+)
 
 OPEN_PATHS = ("/health", "/ready")
 
@@ -68,10 +75,6 @@ async def read_json(request: Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     return body
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 @dataclass
@@ -184,7 +187,7 @@ class Api:
             )
         out: dict[str, Any] = {"tokens": tokens}
         if get_field(body, "with_pieces", bool, False):
-            out["pieces"] = [b64(self.model.token_bytes(t)) for t in tokens]
+            out["pieces"] = encode_pieces([self.model.token_bytes(t) for t in tokens])
         return JSONResponse(out)
 
     async def detokenize(self, request: Request) -> Response:
@@ -194,7 +197,7 @@ class Api:
         special = get_field(body, "special", bool, False)
         pieces = [self.model.token_bytes(t, special) for t in tokens]
         return JSONResponse(
-            {"content": b"".join(pieces).decode("utf-8", "replace"), "pieces": [b64(p) for p in pieces]}
+            {"content": b"".join(pieces).decode("utf-8", "replace"), "pieces": encode_pieces(pieces)}
         )
 
     # verify -----------------------------------------------------------------------------------

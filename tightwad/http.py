@@ -43,7 +43,6 @@ __all__ = [
     "app",
     "check_bind",
     "error_response",
-    "is_loopback",
     "serve",
     "url_for",
 ]

@@ -241,7 +241,7 @@ def encode_reply(reply: VerifyReply) -> dict[str, Any]:
         "accepted_per_draft": list(reply.accepted_per_draft),
         "n_past": reply.n_past,
         "eog": reply.eog,
-        "pieces": [base64.b64encode(p).decode("ascii") for p in reply.pieces],
+        "pieces": encode_pieces(reply.pieces),
     }
 
 
@@ -261,6 +261,11 @@ def decode_reply(body: Any) -> VerifyReply:
         raise UpstreamError(f"the engine's verify answer is not verify API v{VERSION}: {exc!r}") from exc
 
 
+def encode_pieces(pieces: Sequence[bytes]) -> list[str]:
+    """Token bytes as the engine sends them (here and from /tokenize, /detokenize): base64, so a
+    piece that is part of a UTF-8 character travels intact."""
+    return [base64.b64encode(p).decode("ascii") for p in pieces]
+
+
 def decode_pieces(pieces: Sequence[str]) -> list[bytes]:
-    """Token bytes as the engine sends them (base64, so no UTF-8 character is ever split)."""
     return [base64.b64decode(p) for p in pieces]
