@@ -189,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     except TightwadError as exc:
         err.print(f"[bold red]error:[/] {exc}")
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before a command installed its own handling
+        return 130
 
 
 if __name__ == "__main__":

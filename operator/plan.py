@@ -213,7 +213,9 @@ class _Planner:
             self.problem("CrashLoop", f"{unit.name} failed {state.failures} times in a row{detail}")
         if not state.running:
             wait = (state.exited_at or 0.0) + self.policy.backoff(state.failures) - self.now
+            # Any exit of a server is a failure, whatever its code; the reason is the log's telling line.
             code = "" if state.exit_code is None else f" with code {state.exit_code}"
+            code += f" ({state.error})" if state.error else ""
             if wait > 0:
                 self.waiting[unit.name] = f"exited{code}; restarting in {wait:.0f}s"
             elif blocked:

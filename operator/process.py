@@ -22,11 +22,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from tightwad.logs import telling_line
 from tightwad.operator import health
 from tightwad.operator.commands import Binaries, CannotRun, command, environment
 from tightwad.operator.modelcheck import ModelChecker, ModelUnavailable, locate
 from tightwad.operator.observed import Health, ModelCheck, ModelKey, UnitState
 from tightwad.operator.units import ENGINE_ROUTER, KIND_ORDER, ModelRef, Unit
+from tightwad.ports import in_use
 
 STABLE_S = 30.0  # healthy this long after a start and the failure count is forgiven
 LOG_ROTATE_BYTES = 20 * 2**20
@@ -59,17 +61,19 @@ def proc_start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
-def log_tail(path: Path, lines: int = 1, limit: int = 300) -> str | None:
-    """The last non-empty line(s) of a log, for `error` in status."""
+def exit_reason(path: Path, limit_bytes: int = 16384) -> str | None:
+    """What a unit's log says went wrong, for `error` in status: the telling line of its last
+    start, not merely the last line (llama.cpp's rpc server prints its reason, then more)."""
     try:
         with path.open("rb") as f:
             f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 16384))
+            f.seek(max(0, f.tell() - limit_bytes))
             text = f.read().decode(errors="replace")
     except OSError:
         return None
-    found = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("=== ")]
-    return " | ".join(found[-lines:])[:limit] if found else None
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("=== ")]
+    return telling_line(lines[starts[-1] + 1 :] if starts else lines)
 
 
 class ProcessDriver:
@@ -120,7 +124,7 @@ class ProcessDriver:
         tmp.write_text(json.dumps(asdict(record), indent=1))
         os.replace(tmp, self._path(name))
 
-    def _alive(self, name: str, record: Record) -> bool:
+    def alive(self, name: str, record: Record) -> bool:
         if record.pid is None:
             return False
         child = self.children.get(name)
@@ -135,7 +139,7 @@ class ProcessDriver:
 
     def observe(self, now: float) -> dict[str, UnitState]:
         records = self.records()
-        alive = {name: self._alive(name, record) for name, record in records.items()}
+        alive = {name: self.alive(name, record) for name, record in records.items()}
         units = {name: Unit.from_json(record.unit) for name, record in records.items()}
         probes = dict(
             zip(
@@ -169,7 +173,7 @@ class ProcessDriver:
                 continue
             if record.exited_at is None:  # noticed just now
                 record.exited_at = now
-                record.error = log_tail(Path(record.log)) or record.error
+                record.error = exit_reason(Path(record.log)) or record.error
                 self._save(name, record)
                 self.children.pop(name, None)
             self.health.pop(name, None)
@@ -210,7 +214,7 @@ class ProcessDriver:
 
     def start(self, unit: Unit, reason: str, failed: bool = False) -> None:
         previous = self.records().get(unit.name)
-        if previous is not None and self._alive(unit.name, previous):
+        if previous is not None and self.alive(unit.name, previous):
             self._terminate(unit.name, previous)
         failures = (previous.failures + 1) if (previous and failed) else 0
         log = self.logs_dir / f"{unit.name}.log"
@@ -222,6 +226,12 @@ class ProcessDriver:
         )
         try:
             cmd = command(unit, self.binaries, self.model_paths(unit), self.manifest_path)
+            # A port held by someone else fails the start plainly (and says who), instead of a
+            # server that exits with a vague message or, like ggml-rpc-server, with code 0.
+            if unit.port is not None and (
+                taken := in_use(str(unit.spec.get("bind") or "0.0.0.0"), unit.port)
+            ):
+                raise CannotRun(taken)
         except CannotRun as exc:
             record.exited_at, record.error = now, str(exc)
             self._save(unit.name, record)
@@ -252,7 +262,7 @@ class ProcessDriver:
         record = self.records().get(unit.name)
         if record is None:
             return
-        if self._alive(unit.name, record):
+        if self.alive(unit.name, record):
             self._terminate(unit.name, record)
         with contextlib.suppress(FileNotFoundError):
             self._path(unit.name).unlink()
@@ -267,7 +277,7 @@ class ProcessDriver:
                 os.killpg(record.pid, sig)
             deadline = time.monotonic() + (self.stop_timeout if sig == signal.SIGTERM else 5.0)
             while time.monotonic() < deadline:
-                if not self._alive(name, record):
+                if not self.alive(name, record):
                     return
                 time.sleep(0.05)
 

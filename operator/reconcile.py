@@ -40,6 +40,7 @@ from tightwad.operator.process import ProcessDriver
 from tightwad.operator.router import ROUTE_PATH
 from tightwad.operator.status import StatusFile, status_path_for
 from tightwad.operator.units import Kind, Unit
+from tightwad.ports import in_use
 
 Events = Callable[[str], None]
 
@@ -246,6 +247,24 @@ class Reconciler:
             self.host_errors.pop(name, None)
             self.docker[name] = driver
             self.docker_settings[name] = host.docker
+
+    def ports_taken(self) -> list[str]:
+        """Before the first pass: the ports this machine's units need that someone else holds, one
+        sentence each. Units a previous operator left running (and this one adopts) hold their own
+        ports: those are not in the way."""
+        if self.desired is None:
+            return []
+        records = self.process.records()
+        taken = []
+        for unit in (*self.desired.units, self.desired.engine):
+            if self.host_kinds.get(unit.host) != "process" or unit.port is None:
+                continue
+            record = records.get(unit.name)
+            if record is not None and self.process.alive(unit.name, record):
+                continue
+            if message := in_use(str(unit.spec.get("bind") or "0.0.0.0"), unit.port):
+                taken.append(f"{unit.name}: {message}")
+        return taken
 
     def driver_for(self, host: str) -> Driver | None:
         kind = self.host_kinds.get(host)

@@ -92,25 +92,37 @@ def _agent_server(reconciler: Reconciler, listen: str | None) -> AgentServer | N
     return server
 
 
+def _interrupt(signum: int, frame: FrameType | None) -> Any:
+    raise KeyboardInterrupt
+
+
 def up(
     manifest_path: str,
     keep_running: bool = False,
     policy: PlannerPolicy | None = None,
     agents_listen: str | None = None,
 ) -> int:
-    reconciler = Reconciler(manifest_path, events=_event, policy=policy)
-    console.print(
-        f"converging cluster [bold]{reconciler.cluster}[/] from {reconciler.path} "
-        f"(status: {reconciler.status.path}; logs: {reconciler.state_dir / 'logs'})"
-    )
-    agents = _agent_server(reconciler, agents_listen)
+    # Ctrl-C and SIGTERM mean "stop what was started" from the first instant: a shell's background
+    # job, nohup or a CI runner may have handed this process an ignored SIGINT.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    reconciler: Reconciler | None = None
+    agents: AgentServer | None = None
     stop = threading.Event()
-
-    def on_term(signum: int, frame: FrameType | None) -> Any:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_term)
     try:
+        reconciler = Reconciler(manifest_path, events=_event, policy=policy)
+        console.print(
+            f"converging cluster [bold]{reconciler.cluster}[/] from {reconciler.path} "
+            f"(status: {reconciler.status.path}; logs: {reconciler.state_dir / 'logs'})"
+        )
+        if taken := reconciler.ports_taken():
+            # Before anything starts (and nothing to stop): one sentence per port, naming the holder.
+            reconciler.close()
+            reconciler = None
+            raise TightwadError(
+                "; ".join(taken) + "; stop that process or choose another port in the manifest"
+            )
+        agents = _agent_server(reconciler, agents_listen)
         reconciler.run(stop, on_pass=_Announcer())
     except KeyboardInterrupt:
         pass
@@ -120,18 +132,21 @@ def up(
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
-            if keep_running:
-                console.print(
-                    "leaving the units running; `tightwad up` adopts them, `tightwad down` stops them"
-                )
-            else:
-                console.print("stopping...")
-                for name in reconciler.stop_all("`tightwad up` was stopped (Ctrl-C) and stopped every unit"):
-                    console.print(f"[dim]stopped {name}[/]")
-            if agents is not None:
-                agents.stop()
-            reconciler.close()
+            if reconciler is not None:
+                _shut_down(reconciler, agents, keep_running)
         finally:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _shut_down(reconciler: Reconciler, agents: AgentServer | None, keep_running: bool) -> None:
+    if keep_running:
+        console.print("leaving the units running; `tightwad up` adopts them, `tightwad down` stops them")
+    else:
+        console.print("stopping...")
+        for name in reconciler.stop_all("`tightwad up` was stopped (Ctrl-C) and stopped every unit"):
+            console.print(f"[dim]stopped {name}[/]")
+    if agents is not None:
+        agents.stop()
+    reconciler.close()

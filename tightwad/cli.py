@@ -3,14 +3,31 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable, Sequence
+from types import FrameType
 
 from rich.console import Console
 
 from tightwad import __version__
 
 err = Console(stderr=True, highlight=False)
+
+
+def _quiet_exit(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(130)
+
+
+def _while_starting() -> None:
+    """Ctrl-C while a command is still importing its modules ends it quietly (exit 130), never with
+    a traceback; also the cure for a SIGINT that a background job or CI runner left ignored."""
+    signal.signal(signal.SIGINT, _quiet_exit)
+
+
+def _started() -> None:
+    """Imports are done: the command's own Ctrl-C handling (KeyboardInterrupt) applies from here."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -69,13 +86,16 @@ def _component(name: str, argv: list[str]) -> int:
     import importlib
 
     if name == "operator":  # the in-cluster Kubernetes controller (what the Helm chart runs)
-        return int(importlib.import_module("tightwad.operator.kubernetes.controller").main(argv))
-    if name == "gate":  # the gate is served by the proxy process (POST /tightwad/v1/gate/...)
-        rest = argv[1:] if argv[:1] == ["start"] else argv
-        return int(importlib.import_module("tightwad.proxy.cli").main(["start", *rest]))
-    if name in OPERATOR_COMMANDS:
-        return int(importlib.import_module("tightwad.operator.cli").main([name, *argv]))
-    return int(importlib.import_module(f"tightwad.{name}.cli").main(argv))
+        module, args = "tightwad.operator.kubernetes.controller", argv
+    elif name == "gate":  # the gate is served by the proxy process (POST /tightwad/v1/gate/...)
+        module, args = "tightwad.proxy.cli", ["start", *(argv[1:] if argv[:1] == ["start"] else argv)]
+    elif name in OPERATOR_COMMANDS:
+        module, args = "tightwad.operator.cli", [name, *argv]
+    else:
+        module, args = f"tightwad.{name}.cli", argv
+    entry = importlib.import_module(module).main
+    _started()
+    return int(entry(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,9 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    _while_starting()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and (argv[0] in COMPONENTS or argv[0] in OPERATOR_COMMANDS):
         return _component(argv[0], argv[1:])
+    _started()
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:

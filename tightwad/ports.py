@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -139,8 +140,21 @@ def can_listen(host: str, port: int) -> bool:
         except OSError as exc:
             if exc.errno in (errno.EADDRINUSE, errno.EACCES):
                 return False
+            if exc.errno == errno.EADDRNOTAVAIL:
+                return True  # not this machine's address: nothing holds it here; the server says why
             raise
     return True
+
+
+def free_port_below_ephemeral(host: str = "127.0.0.1", low: int = 20000) -> int:
+    """A port nothing holds now, outside the range the kernel gives to outgoing connections (for
+    tests and ad-hoc runs: a listener there cannot later lose its port to a client)."""
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(low, EPHEMERAL_START)
+        if can_listen(host, port):
+            return port
+    raise OSError(errno.EADDRINUSE, f"no free port on {host} between {low} and {EPHEMERAL_START}")
 
 
 def in_use(host: str, port: int) -> str | None:

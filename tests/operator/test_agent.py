@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+from support.procs import default_signals
 from support.reconcile import Operator, answers_again, local_manifest, pids_alive, write_manifest
 
 from tightwad.launch import free_port
@@ -63,6 +64,7 @@ def start_agent(op: Operator, api: str, log: Path, token: str = TOKEN) -> subpro
             stderr=subprocess.STDOUT,
             env={**op.env(), "TIGHTWAD_TOKEN": token},
             start_new_session=True,
+            preexec_fn=default_signals,
         )
 
 
@@ -111,7 +113,7 @@ def test_with_its_agent_the_cluster_serves_and_stops_cleanly(
         pid = worker["pid"]
         assert pids_alive([pid]) == [pid]
     finally:
-        os.killpg(agent.pid, signal.SIGINT)
+        os.killpg(agent.pid, signal.SIGTERM)
         assert agent.wait(timeout=60) == 0, (tmp_path / "agent.log").read_text()
     assert pids_alive([pid]) == []  # the agent stops what it ran
     op.wait(

@@ -15,8 +15,9 @@ import httpx
 import pytest
 import yaml
 from support import ROOT
+from support.procs import default_signals
 
-from tightwad.launch import free_port
+from tightwad.ports import free_port_below_ephemeral
 
 pytestmark = pytest.mark.integration
 
@@ -25,10 +26,10 @@ def test_up_serves_the_local_example_and_stops_cleanly(tmp_path: Path) -> None:
     # The example as shipped, on free ports so a running appliance does not collide with the test.
     manifest = yaml.safe_load((ROOT / "examples" / "local.yaml").read_text())
     for gpu in manifest["spec"]["hosts"][0]["gpus"]:
-        gpu["port"] = free_port()
-    manifest["spec"]["target"]["port"] = free_port()
-    manifest["spec"]["drafters"][0]["port"] = free_port()
-    manifest["spec"]["proxy"]["port"] = proxy_port = free_port()
+        gpu["port"] = free_port_below_ephemeral()
+    manifest["spec"]["target"]["port"] = free_port_below_ephemeral()
+    manifest["spec"]["drafters"][0]["port"] = free_port_below_ephemeral()
+    manifest["spec"]["proxy"]["port"] = proxy_port = free_port_below_ephemeral()
     path = tmp_path / "local.yaml"
     path.write_text(yaml.safe_dump(manifest))
     env = {**os.environ, "TIGHTWAD_STATE_DIR": str(tmp_path / "state")}  # not the user's own cluster
@@ -38,6 +39,7 @@ def test_up_serves_the_local_example_and_stops_cleanly(tmp_path: Path) -> None:
         up = subprocess.Popen(
             [sys.executable, "-m", "tightwad.cli", "up", str(path)],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env,
+            preexec_fn=default_signals,
         )  # fmt: skip
     try:
         deadline = time.monotonic() + 180
@@ -63,8 +65,8 @@ def test_up_serves_the_local_example_and_stops_cleanly(tmp_path: Path) -> None:
         ).json()
         assert reply["choices"][0]["message"]["content"].strip()
         assert reply["usage"]["completion_tokens"] > 0
-    finally:
-        os.killpg(up.pid, signal.SIGINT)
+    finally:  # stopped only once it is up, by a signal it always handles (as Ctrl-C)
+        os.killpg(up.pid, signal.SIGTERM)
         up.wait(timeout=30)
     assert up.returncode == 0, log.read_text()
     with pytest.raises(httpx.ConnectError):

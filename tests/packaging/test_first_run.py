@@ -10,7 +10,6 @@ find). A step that only works when some cache folder already exists fails here.
 
 from __future__ import annotations
 
-import random
 import re
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ import yaml
 from support import ROOT
 from support.procs import Processes
 
-from tightwad.ports import EPHEMERAL_START, can_listen
+from tightwad.ports import free_port_below_ephemeral
 from tightwad.toolchain import Toolchain
 
 pytestmark = pytest.mark.integration
@@ -29,21 +28,14 @@ pytestmark = pytest.mark.integration
 FIRST_RUN_TIMEOUT_S = 900
 
 
-def ports_below_the_ephemeral_range(count: int) -> list[int]:
-    """Free ports where the planner puts them (below 32768)."""
-    found: list[int] = []
-    while len(found) < count:
-        port = random.randrange(20000, EPHEMERAL_START)
-        if port not in found and can_listen("127.0.0.1", port):
-            found.append(port)
-    return found
-
-
 def local_manifest_on_free_ports(path: Path) -> tuple[Path, int]:
     """examples/local.yaml as it is, but on free ports so it can run beside anything else."""
     text = (ROOT / "examples" / "local.yaml").read_text()
     old = sorted({int(p) for p in re.findall(r"^\s*(?:-\s*)?port:\s*(\d+)\s*$", text, flags=re.M)})
-    new = ports_below_the_ephemeral_range(len(old))
+    new: list[int] = []
+    while len(new) < len(old):
+        if (port := free_port_below_ephemeral()) not in new:
+            new.append(port)
     mapping = dict(zip(old, new, strict=True))
     text = re.sub(
         r"^(\s*(?:-\s*)?port:\s*)(\d+)(\s*)$", lambda m: f"{m[1]}{mapping[int(m[2])]}{m[3]}", text, flags=re.M

@@ -16,29 +16,31 @@ from typing import Any
 import httpx
 import yaml
 
-from tightwad.launch import free_port
+from tightwad.ports import free_port_below_ephemeral
 
 from . import ROOT
+from .procs import default_signals
 
 Doc = dict[str, Any]
 
 
 def local_manifest(name: str, *, drafter: bool = True, proxy: bool = True) -> dict[str, Any]:
-    """examples/local.yaml on free ports (a running appliance or another test never collides)."""
+    """examples/local.yaml on free ports (a running appliance or another test never collides),
+    below the range the kernel hands to outgoing connections, as the planner's own ports are."""
     data = yaml.safe_load((ROOT / "examples" / "local.yaml").read_text())
     data["metadata"]["name"] = name
     spec = data["spec"]
     for gpu in spec["hosts"][0]["gpus"]:
-        gpu["port"] = free_port()
-    spec["target"]["port"] = free_port()
+        gpu["port"] = free_port_below_ephemeral()
+    spec["target"]["port"] = free_port_below_ephemeral()
     spec["target"]["maxConversations"] = 2
     if drafter:
-        spec["drafters"][0]["port"] = free_port()
+        spec["drafters"][0]["port"] = free_port_below_ephemeral()
     else:
         spec["drafters"] = []
         spec["proxy"]["mode"] = "passthrough"
     if proxy:
-        spec["proxy"]["port"] = free_port()
+        spec["proxy"]["port"] = free_port_below_ephemeral()
     else:
         del spec["proxy"]
         spec["drafters"] = []
@@ -72,6 +74,7 @@ class Operator:
                 stderr=subprocess.STDOUT,
                 env=self.env(),
                 start_new_session=True,
+                preexec_fn=default_signals,
             )
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
@@ -124,8 +127,13 @@ class Operator:
         return self.wait("Ready", ready, timeout)
 
     def interrupt(self, timeout: float = 60.0) -> int:
+        """Stop `tightwad up` as a user would, once it is running its loop (it has written status):
+        SIGTERM, which it handles like Ctrl-C whatever the test runner's own signal dispositions."""
         assert self.process is not None
-        os.killpg(self.process.pid, signal.SIGINT)
+        deadline = time.monotonic() + 60
+        while not self.status() and self.process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.killpg(self.process.pid, signal.SIGTERM)
         return self.process.wait(timeout=timeout)
 
     def kill9(self) -> None:
