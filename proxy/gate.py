@@ -116,6 +116,20 @@ def parse_verdict(text: str) -> ReviewVerdict | None:
     return None
 
 
+def _content(name: str, response: httpx.Response) -> str:
+    """The text of a chat completion, or ValueError naming what is missing: an answer of another
+    shape (`"choices": []`, no message) is a failed call, never a crash of the request."""
+    body = response.json()
+    choices = body.get("choices") if isinstance(body, dict) else None
+    if not isinstance(choices, list) or not choices:
+        raise ValueError(f"{name} answered no choices")
+    message = choices[0].get("message") if isinstance(choices[0], dict) else None
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, str):
+        raise ValueError(f"{name} answered no text in choices[0].message.content")
+    return content
+
+
 def review_messages(messages: Sequence[dict[str, Any]], answer: str) -> list[dict[str, Any]]:
     conversation = "\n".join(f"{m.get('role', 'user')}: {m.get('content', '')}" for m in messages)
     return [
@@ -266,10 +280,7 @@ class Gate:
         response = await self.client.post(f"{base}/v1/chat/completions", json=body, headers=headers)
         if response.status_code != 200:
             raise OpenAIError(f"{endpoint.name} answered HTTP {response.status_code}", status=502)
-        content = response.json()["choices"][0]["message"]["content"]
-        if not isinstance(content, str):
-            raise ValueError(f"{endpoint.name} answered no text")
-        return content
+        return _content(endpoint.name, response)
 
     def snapshot(self) -> dict[str, Any]:
         return {

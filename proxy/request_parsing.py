@@ -106,8 +106,30 @@ def _integer(body: dict[str, Any], key: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequest(f"`{key}` must be an integer")
+        raise InvalidRequest(f"`{key}` must be an integer, got {json.dumps(value)[:40]}", param=key)
     return value
+
+
+TOKEN_COUNT_FIELDS = ("max_tokens", "max_completion_tokens")  # OpenAI's old name and its new one
+
+
+def token_counts(body: dict[str, Any], limit: int | None) -> dict[str, int]:
+    """The token counts a request asks for, by field name, each a whole number from 1 to `limit`.
+    Both names are checked: a limit that only knew one would be bypassed by the other."""
+    counts: dict[str, int] = {}
+    for key in TOKEN_COUNT_FIELDS:
+        value = _integer(body, key)
+        if value is None:
+            continue
+        if value < 1:
+            raise InvalidRequest(f"`{key}` must be at least 1, got {value}", param=key)
+        if limit is not None and value > limit:
+            raise InvalidRequest(
+                f"`{key}` is {value} but this proxy allows at most {limit} (spec.proxy.limits.maxTokens)",
+                param=key,
+            )
+        counts[key] = value
+    return counts
 
 
 def parse_params(
@@ -120,16 +142,8 @@ def parse_params(
     top_k = _integer(body, "top_k") or 0
     if top_k < 0:
         raise InvalidRequest("`top_k` must be >= 0")
-    max_tokens = _integer(body, "max_tokens")
-    if max_tokens is None:
-        max_tokens = _integer(body, "max_completion_tokens")
-    if max_tokens is not None and max_tokens < 1:
-        raise InvalidRequest("`max_tokens` must be at least 1")
-    if max_tokens is not None and max_tokens_limit is not None and max_tokens > max_tokens_limit:
-        raise InvalidRequest(
-            f"`max_tokens` is {max_tokens} but this proxy allows at most {max_tokens_limit} "
-            "(spec.proxy.limits.maxTokens)"
-        )
+    counts = token_counts(body, max_tokens_limit)
+    max_tokens = counts.get("max_tokens", counts.get("max_completion_tokens"))
     if max_tokens is None:
         max_tokens = default_max_tokens
         if max_tokens_limit is not None:

@@ -14,8 +14,8 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from tightwad.openai import InvalidRequest, OpenAIError, new_id, now
-from tightwad.proxy.request_parsing import parse_messages, read_body
+from tightwad.openai import OpenAIError, new_id, now
+from tightwad.proxy.request_parsing import parse_messages, read_body, token_counts
 from tightwad.proxy.state import Proxy
 
 GATE_PARAMS = ("temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed")
@@ -35,9 +35,10 @@ class GateRoutes:
         _, body = await read_body(request, proxy.config.max_body_bytes)
         messages = parse_messages(body)
         params = {k: body[k] for k in GATE_PARAMS if body.get(k) is not None}
+        # Both token-count fields, typed and under the limit; none named: the limit caps the answer.
         limit = proxy.config.max_tokens
-        if limit is not None and int(params.get("max_tokens", 0) or 0) > limit:
-            raise InvalidRequest(f"`max_tokens` is over this proxy's limit of {limit}")
+        if not token_counts(body, limit) and limit is not None:
+            params["max_tokens"] = limit
         proxy.telemetry.request("gate", "gate")
         proxy.remember("gate", "gate", len(messages), params.get("max_tokens"))
         try:

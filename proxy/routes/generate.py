@@ -46,7 +46,7 @@ class GenerateRoutes:
         proxy = self.proxy
         raw, body = await read_body(request, proxy.config.max_body_bytes)
         if proxy.speculator is None or passthrough_reason(body):
-            return await pass_through(proxy, request, raw, "completions")
+            return await pass_through(proxy, request, raw, body, "completions")
         profile = await proxy.engine_profile()
         params = parse_params(body, proxy.config.max_tokens, default_max_tokens=16)
         prompt = parse_prompt(body)
@@ -60,16 +60,16 @@ class GenerateRoutes:
         proxy = self.proxy
         raw, body = await read_body(request, proxy.config.max_body_bytes)
         if proxy.speculator is None or passthrough_reason(body):
-            return await pass_through(proxy, request, raw, "chat")
+            return await pass_through(proxy, request, raw, body, "chat")
         profile = await proxy.engine_profile()
         if not profile.chat_tokens:
             # An engine without the chat-template rendering (`/tokenize` with `messages`) serves
             # the chat itself: exact, just not sped up.
-            return await pass_through(proxy, request, raw, "chat")
+            return await pass_through(proxy, request, raw, body, "chat")
         params = parse_params(body, proxy.config.max_tokens, default_max_tokens=None)
         tokens = await proxy.engine.chat_tokens(parse_messages(body))
         if tokens is None:
-            return await pass_through(proxy, request, raw, "chat")  # the engine will say what is wrong
+            return await pass_through(proxy, request, raw, body, "chat")  # the engine will say what is wrong
         return await self._generate(tokens, params, profile, chat=True)
 
     async def _generate(
