@@ -2,7 +2,8 @@
 assembles the app; the routes live in routes/ (one module per job), the shared state and lifecycle
 in state.py, and the objects built from the config in stack.py.
 
-  GET  /health, /ready          open (no token): the proxy, and whether the engine answers
+  GET  /health, /ready          open (no token): ok or not, with an error code and nothing else
+  GET  /tightwad/v1/health      the same with its details: the engine, model, rpc workers, drafter
   GET  /v1/models               the engine's model, with the proxy's mode in `meta.proxy`
                                 (mode consensus is APPROXIMATE: `exact: false`, `approximate: consensus`)
   POST /v1/completions          speculative when it can be (see request_parsing.py), else passed through
@@ -31,7 +32,7 @@ from tightwad import http
 from tightwad.proxy.config import ProxyConfig
 from tightwad.proxy.routes.gate_chat import GateRoutes
 from tightwad.proxy.routes.generate import GenerateRoutes
-from tightwad.proxy.routes.health import HealthRoutes
+from tightwad.proxy.routes.health import DETAILS_PATH, HealthRoutes
 from tightwad.proxy.routes.info import InfoRoutes
 from tightwad.proxy.state import Proxy
 from tightwad.proxy.upstream import EngineClient
@@ -46,6 +47,7 @@ def create_app(config: ProxyConfig, engine: EngineClient | None = None) -> Starl
     routes = [
         Route("/health", health.health, methods=["GET"]),
         Route("/ready", health.ready, methods=["GET"]),
+        Route(DETAILS_PATH, health.details, methods=["GET"]),
         Route("/v1/models", info.models, methods=["GET"]),
         Route("/v1/completions", generate.completions, methods=["POST"]),
         Route("/v1/chat/completions", generate.chat_completions, methods=["POST"]),

@@ -35,6 +35,7 @@ from tightwad.verify_api import (
     encode_request,
 )
 
+HEALTH_DETAILS_PATH = "/tightwad/v1/health"  # the engine's /health, with details, behind its token
 VOCAB_CHUNK = 8192  # token ids per /detokenize call while fetching the vocabulary
 
 
@@ -143,7 +144,14 @@ class EngineClient:
         return dict(await self._get(STATS_PATH))
 
     async def health(self) -> dict[str, Any]:
-        """The engine's /health (its rpc workers); an OpenAIError when it is down or unhealthy."""
+        """The engine's health with its details (its rpc workers); an OpenAIError when it is down or
+        unhealthy. The details are behind the token at /tightwad/v1/health; an engine without that
+        route still tells them at /health."""
+        try:
+            return dict(await self._get(HEALTH_DETAILS_PATH))
+        except OpenAIError as exc:
+            if exc.status != 404:
+                raise
         return dict(await self._get("/health"))
 
     async def ping(self) -> float:

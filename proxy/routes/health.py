@@ -1,7 +1,10 @@
-"""GET /health and /ready: open routes (no token), for load balancers and `tightwad up`.
+"""GET /health and /ready: open routes (no token), for load balancers, probes and `tightwad up`;
+GET /tightwad/v1/health: the same verdict with its details, behind the token like every route.
 
-The proxy is healthy when the engine is: reachable, serving, every rpc worker alive. Both answer
-503 with the engine's error when it is not.
+The proxy is healthy when the engine is: reachable, serving, every rpc worker alive. The open routes
+say only whether it is (200, or 503 with the error's code): the engine's URL, the model, rpc worker
+addresses and drafter errors describe the cluster's inside, so only a client with the token sees
+them. The engine's /health has the same split (its details at its own /tightwad/v1/health).
 """
 
 from __future__ import annotations
@@ -11,16 +14,18 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from tightwad.openai import OpenAIError
+from tightwad.openai import OpenAIError, error_body
 from tightwad.proxy.state import Proxy
+
+DETAILS_PATH = "/tightwad/v1/health"
 
 
 class HealthRoutes:
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
 
-    async def health(self, request: Request) -> Response:
-        """The engine, its model and rpc workers, and the drafter's state."""
+    async def _check(self) -> tuple[dict[str, Any], OpenAIError | None]:
+        """The engine, its model and rpc workers, and the drafter's state; and what is wrong."""
         proxy = self.proxy
         body: dict[str, Any] = {"status": "ok", "engine": proxy.engine.url}
         if proxy.drafter is not None:
@@ -31,7 +36,20 @@ class HealthRoutes:
             body["workers"] = (await proxy.engine.health()).get("workers", [])
         except OpenAIError as exc:
             proxy.engine_failed(exc)
-            return JSONResponse({**body, "status": "error", **exc.to_json()}, status_code=503)
+            return body, exc
+        return body, None
+
+    async def health(self, request: Request) -> Response:
+        """A bare verdict: ok, or the error's code and where to read why."""
+        _, problem = await self._check()
+        if problem is None:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "error", **_bare(problem)}, status_code=503)
+
+    async def details(self, request: Request) -> Response:
+        body, problem = await self._check()
+        if problem is not None:
+            return JSONResponse({**body, "status": "error", **problem.to_json()}, status_code=503)
         return JSONResponse(body)
 
     async def ready(self, request: Request) -> Response:
@@ -40,5 +58,11 @@ class HealthRoutes:
             await self.proxy.engine.health()
         except OpenAIError as exc:
             self.proxy.engine_failed(exc)
-            return JSONResponse({"ready": False, **exc.to_json()}, status_code=503)
+            return JSONResponse({"ready": False, **_bare(exc)}, status_code=503)
         return JSONResponse({"ready": True})
+
+
+def _bare(problem: OpenAIError) -> dict[str, Any]:
+    """An open route's error: the code only (its message may name the engine's address)."""
+    message = f"the proxy cannot serve ({problem.code}): GET {DETAILS_PATH} with the token says why"
+    return error_body(message, problem.type, problem.code)
