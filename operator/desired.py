@@ -25,6 +25,7 @@ from typing import Any
 from tightwad.errors import TightwadError
 from tightwad.manifest import Manifest
 from tightwad.manifest_views import Gpu, Host
+from tightwad.netaddr import loopback_bind
 from tightwad.operator.units import ENGINE_ROUTER, PROXY, Kind, ModelRef, Unit, digest, url_for
 
 FIRST_WORKER_PORT = 18052
@@ -111,7 +112,12 @@ def token_fingerprint(token: str | None) -> str | None:
 
 
 def bind_address(address: str) -> str:
-    """What a server on a host listens on: the host's IP itself, or every interface for a name."""
+    """What a server on a host listens on: loopback for a loopback host (the manifest then needs no
+    token, so nothing may listen beyond it: `localhost` is 127.0.0.1, never every interface), the
+    host's IP itself, or every interface for any other name."""
+    loopback = loopback_bind(address)
+    if loopback is not None:
+        return loopback
     try:
         ipaddress.ip_address(address.strip("[]"))
         return address.strip("[]")

@@ -33,7 +33,7 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tightwad.errors import TightwadError
-from tightwad.manifest import is_loopback
+from tightwad.netaddr import is_loopback
 from tightwad.openai import OpenAIError, Unauthorized, error_body
 
 __all__ = [

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import difflib
 import functools
-import ipaddress
 import json
 import os
 import re
@@ -40,6 +39,7 @@ from tightwad.manifest_views import (
     build_view,
 )
 from tightwad.manifest_views import parse_size as parse_size  # re-exported: a manifest's sizes
+from tightwad.netaddr import is_loopback as is_loopback  # re-exported: the one loopback rule
 
 API_VERSION = "tightwad.dev/v1alpha1"
 KIND = "TightwadCluster"
@@ -221,16 +221,6 @@ def load_schema() -> dict[str, Any]:
     the CRD and the docs."""
     text = resources.files("tightwad").joinpath("schema/cluster.schema.json").read_text(encoding="utf-8")
     return json.loads(text)
-
-
-def is_loopback(address: str) -> bool:
-    """True for addresses only this machine can reach: 127.x, ::1 and localhost."""
-    if address.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(address.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def format_path(path: Iterable[Any]) -> str:

@@ -362,6 +362,47 @@ def test_helpers() -> None:
     assert not any(is_loopback(a) for a in ["0.0.0.0", "::", "192.168.1.10", "gpu-box.lan"])
 
 
+@pytest.mark.parametrize("address", ["localhost", "LocalHost", "127.0.0.1", "127.3.0.1", "::1"])
+def test_a_loopback_host_without_a_token_binds_every_server_to_loopback(address: str) -> None:
+    """The one loopback rule: a manifest that needs no token because its host is loopback must
+    have every server on that host listen on loopback only (nothing there checks a token)."""
+    from tightwad.operator.desired import bind_address, desired_state
+
+    text = MINIMAL.replace("address: 127.0.0.1", f'address: "{address}"')
+    text += "  drafters:\n    - { name: d, kind: llama-server, model: tiny, host: local, port: 18160 }\n"
+    text += "  proxy: { host: local, bind: 127.0.0.1, port: 18161 }\n"
+    manifest = parse_manifest(text, "test.yaml", environ={})
+    assert manifest.token is None and is_loopback(address)
+    assert is_loopback(bind_address(address))
+    desired = desired_state(manifest, components=frozenset())
+    binds = {u.name: u.spec.get("bind") for u in (*desired.units, desired.engine) if u.spec.get("bind")}
+    assert binds and all(is_loopback(str(b)) for b in binds.values()), binds
+
+
+@pytest.mark.parametrize("address", ["gpu-box.lan", "192.168.1.10", "localhost.evil.example", "127.1"])
+def test_an_address_beyond_loopback_needs_the_token(address: str) -> None:
+    """Names are never resolved to decide: only `localhost` itself counts as loopback."""
+    from tightwad.operator.desired import bind_address
+
+    assert not is_loopback(address)
+    assert bind_address(address) in (address, "0.0.0.0")
+    text = MINIMAL.replace("address: 127.0.0.1", f'address: "{address}"')
+    assert all(
+        "spec.auth.token must be set" in p.message for p in problems_of(text + "  swarm: { enabled: true }\n")
+    )
+
+
+def test_loopback_is_decided_in_one_place() -> None:
+    import tightwad.http
+    import tightwad.operator.desired
+    from tightwad import netaddr
+
+    assert tightwad.http.is_loopback is netaddr.is_loopback
+    assert tightwad.operator.desired.loopback_bind is netaddr.loopback_bind
+    assert is_loopback is netaddr.is_loopback
+    assert netaddr.is_loopback("::ffff:127.0.0.1") and not netaddr.is_loopback("")
+
+
 # ----------------------------------------------------------------------------------------------
 # The schema itself: valid, documented everywhere, closed everywhere, no cycles
 
