@@ -16,6 +16,9 @@ from tightwad.operator.units import Kind, Unit
 
 # llama.cpp's device names per backend (as `ggml-rpc-server --device` takes them).
 DEVICE_PREFIX = {"cuda": "CUDA", "rocm": "ROCm", "metal": "MTL"}
+# llama-server's `--api-key` from the environment (so the key never shows in `ps`); the pinned
+# build's name for it, as `llama-server --help` lists it.
+LLAMA_API_KEY_ENV = "LLAMA_API_KEY"
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,8 @@ def environment(unit: Unit, binaries: Binaries) -> dict[str, str]:
     token = unit.secrets.get("TIGHTWAD_TOKEN")
     if token:
         env["TIGHTWAD_TOKEN"] = token
-        # llama-server would take it as LLAMA_ARG_API_KEY, but the proxy's llama-server drafter
-        # client sends no token yet: a protected drafter would silently end speculation.
+        if unit.kind is Kind.DRAFTER:
+            # A drafter beyond loopback is protected like every other server; the proxy sends the
+            # same token (proxy/stack.py).
+            env[LLAMA_API_KEY_ENV] = token
     return env

@@ -135,7 +135,8 @@ def from_manifest(manifest: Manifest) -> ProxyConfig:
                 url=url,
                 name=d.name,
                 remote_model=d.remote_model,
-                api_key=d.api_key,
+                # Drafters Tightwad runs are started with the cluster's token as their API key.
+                api_key=manifest.token if d.runs_here else d.api_key,
                 ngram_n=d.ngram_n,
             )
         )

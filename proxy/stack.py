@@ -39,11 +39,13 @@ class SpeculationStack:
     speculator: Speculator
 
 
-def make_drafter(config: DrafterConfig, engine: EngineClient) -> Drafter:
-    """One drafter of the configured kind (text drafters re-tokenize with the engine's tokenizer)."""
+def make_drafter(config: DrafterConfig, engine: EngineClient, engine_token: str | None = None) -> Drafter:
+    """One drafter of the configured kind (text drafters re-tokenize with the engine's tokenizer).
+    A llama-server drafter is one Tightwad runs, with the cluster's token as its API key (the
+    engine's token, `engine_token`) unless the config names another key."""
     if config.kind == "llama-server":
         assert config.url
-        return LlamaServerDrafter(config.url, name=config.name)
+        return LlamaServerDrafter(config.url, name=config.name, api_key=config.api_key or engine_token)
     if config.kind in ("openai", "ollama"):
         assert config.url
         cls = OpenAIDrafter if config.kind == "openai" else OllamaDrafter
@@ -61,12 +63,15 @@ def build_speculation(
     if config.mode not in SPECULATING_MODES or not config.drafters:
         return None
     if config.mode == "speculate":
-        single = make_drafter(config.drafters[0], engine)
+        single = make_drafter(config.drafters[0], engine, config.target_token)
         guards = [GuardedDrafter(single, n_vocab=n_vocab)]
         # An n-gram lookup is instant: drafting it during the verify would gain nothing.
         pipelined = config.pipeline and single.kind != "ngram"
     else:  # race / consensus: every drafter each round, verified in one pass (drafters/race.py)
-        guards = [GuardedDrafter(make_drafter(d, engine), n_vocab=n_vocab) for d in config.drafters]
+        guards = [
+            GuardedDrafter(make_drafter(d, engine, config.target_token), n_vocab=n_vocab)
+            for d in config.drafters
+        ]
         pipelined = config.pipeline  # drafts the next round on the best-guess candidate
     controller = KController(KPolicy(fixed_k=config.max_draft_tokens, pipelined=pipelined))
     # The race reads the controller's costs to decide how long to wait for slower drafters.

@@ -31,7 +31,7 @@ from tightwad.errors import TightwadError
 from tightwad.manifest import KIND, Manifest
 from tightwad.manifest_views import Host
 from tightwad.models import CATALOG_PREFIX, catalog_model
-from tightwad.operator.commands import Binaries, command
+from tightwad.operator.commands import LLAMA_API_KEY_ENV, Binaries, command
 from tightwad.operator.units import Kind, ModelRef, Unit
 
 LABEL_CLUSTER = "tightwad.dev/cluster"
@@ -193,7 +193,8 @@ def model_sha256(ref: ModelRef) -> str | None:
 def _token_env(unit: Unit, settings: RenderSettings) -> list[dict[str, Any]]:
     if not unit.secrets.get("TIGHTWAD_TOKEN") or settings.token_secret is None:
         return []
-    names = ["TIGHTWAD_TOKEN", "LLAMA_ARG_API_KEY"] if unit.kind is Kind.DRAFTER else ["TIGHTWAD_TOKEN"]
+    # A drafter (llama-server) reads its API key as LLAMA_API_KEY: the name the image's build knows.
+    names = ["TIGHTWAD_TOKEN", LLAMA_API_KEY_ENV] if unit.kind is Kind.DRAFTER else ["TIGHTWAD_TOKEN"]
     ref = {"name": settings.token_secret, "key": settings.token_key}
     return [{"name": name, "valueFrom": {"secretKeyRef": dict(ref)}} for name in names]
 

@@ -21,10 +21,18 @@ SAMPLED_TOP_K = 32  # the drafter's top-k when sampling: every surviving token's
 class LlamaServerDrafter:
     kind = "llama-server"
 
-    def __init__(self, url: str, name: str = "llama-server", client: httpx.AsyncClient | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        name: str = "llama-server",
+        client: httpx.AsyncClient | None = None,
+        api_key: str | None = None,
+    ) -> None:
         self.url = url.rstrip("/")
         self.name = name
         self.client = client or httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=2.0))
+        # llama-server started with --api-key (LLAMA_ARG_API_KEY) answers 401 to anything else.
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     def body(self, request: DraftRequest) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -51,9 +59,16 @@ class LlamaServerDrafter:
 
     async def propose(self, request: DraftRequest) -> Proposal:
         try:
-            response = await self.client.post(f"{self.url}/completion", json=self.body(request))
+            response = await self.client.post(
+                f"{self.url}/completion", json=self.body(request), headers=self.headers
+            )
         except httpx.HTTPError as exc:
             raise DrafterError(f"llama-server drafter at {self.url}: {type(exc).__name__}: {exc}") from exc
+        if response.status_code == 401:
+            raise DrafterError(
+                f"llama-server drafter at {self.url} answered HTTP 401: it wants the cluster's token "
+                "(spec.auth.token / TIGHTWAD_TOKEN), or give the drafter's key with --draft-api-key"
+            )
         if response.status_code != 200:
             raise DrafterError(f"llama-server drafter at {self.url} answered HTTP {response.status_code}")
         return parse_completion(response.json(), sampled=not request.sampling.greedy)

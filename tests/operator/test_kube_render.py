@@ -141,7 +141,7 @@ def test_the_token_only_travels_through_the_secret(objects: dict[tuple[str, str]
     drafter = container(objects[("Deployment", "homelab-drafter-small")])
     refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in drafter["env"]}
     assert refs == {
-        n: {"name": "tightwad-token", "key": "token"} for n in ("TIGHTWAD_TOKEN", "LLAMA_ARG_API_KEY")
+        n: {"name": "tightwad-token", "key": "token"} for n in ("TIGHTWAD_TOKEN", "LLAMA_API_KEY")
     }
     config = objects[("ConfigMap", "homelab-manifest")]["data"]["cluster.yaml"]
     assert "${TIGHTWAD_TOKEN}" in config
