@@ -532,9 +532,24 @@ def render_swarm(
     }
 
 
+def _literal(value: Any) -> Any:
+    """`value` with every `${` written `$${`, which the pods' manifest loader reads back as `${`."""
+    if isinstance(value, str):
+        return value.replace("${", "$${")
+    if isinstance(value, dict):
+        return {k: _literal(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_literal(v) for v in value]
+    return value
+
+
 def manifest_text(manifest: Manifest) -> str:
-    """The manifest as the pods read it: the token stays in the Secret, referenced as a variable."""
-    data = json.loads(json.dumps(manifest.data))
+    """The manifest as the pods read it: the token stays in the Secret, referenced as a variable.
+
+    The pods interpolate `${VAR}` from their environment, which holds the token; a CR's author may
+    not read that Secret. So only spec.auth.token names a variable, and every other `${` the CR
+    wrote (a drafter's apiKey, a URL, a swarm peer) stays literal text, as the operator saw it."""
+    data = _literal(json.loads(json.dumps(manifest.data)))
     data.pop("status", None)
     meta = data.get("metadata", {})
     data["metadata"] = {k: meta[k] for k in ("name", "labels") if k in meta}
