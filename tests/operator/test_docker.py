@@ -32,6 +32,8 @@ from tightwad.operator.desired import desired_state
 from tightwad.operator.docker import LABEL, Images, container_config, container_name, model_file
 from tightwad.toolchain import Toolchain
 
+pytestmark = pytest.mark.system  # needs a Docker daemon
+
 BUSYBOX_APPLETS = ("sh", "sha256sum", "stat", "head", "cut", "cat", "ls", "echo", "true", "test", "[")
 
 

@@ -27,6 +27,8 @@ from tightwad.operator.kubernetes.workloads import Context
 from tightwad.operator.plan import PlannerPolicy
 from tightwad.operator.units import Kind
 
+pytestmark = pytest.mark.system  # needs the Kubernetes API server and etcd
+
 NS = "default"
 CHART_CRD = ROOT / "charts" / "tightwad" / "crds" / f"{PLURAL}.yaml"
 LEASE_CRD: dict[str, Any] = {

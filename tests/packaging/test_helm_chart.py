@@ -15,6 +15,8 @@ from support.kubeapi import ROOT, validate
 
 from tightwad import crd
 
+pytestmark = pytest.mark.system  # needs helm
+
 CHART = ROOT / "charts" / "tightwad"
 EXAMPLE_VALUES = CHART / "ci" / "example-values.yaml"
 

@@ -22,7 +22,7 @@ from tightwad import models
 from tightwad.launch import free_port, wait_for_http
 from tightwad.toolchain import Toolchain
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.system]  # needs a Docker daemon
 BASE = "tightwad-local/debian:bookworm"
 LOCAL_CAS = Path("/usr/local/share/ca-certificates")  # Debian's place for locally trusted CAs
 

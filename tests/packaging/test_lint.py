@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from support import ROOT
 
+pytestmark = pytest.mark.system  # needs shellcheck
+
 DOCKERFILES = sorted(ROOT.glob("Dockerfile.*"))
 SCRIPTS = sorted([*ROOT.glob("scripts/*.sh"), *ROOT.glob("docker/*.sh"), ROOT / ".ci" / "run"])
 

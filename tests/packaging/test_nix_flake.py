@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from support import ROOT
 
+pytestmark = pytest.mark.system  # needs nix
+
 STUB = ROOT / "tests" / "nix" / "stub-nixpkgs"
 NIX_ENV = {**os.environ, "NIX_CONFIG": "build-users-group =\nexperimental-features = nix-command flakes"}
 

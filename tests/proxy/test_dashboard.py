@@ -18,7 +18,7 @@ from support.proxies import TOKEN, start_proxy
 
 from tightwad.toolchain import cache_root
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.system]  # needs chromium and node
 
 HERE = Path(__file__).parent
 PLAYWRIGHT = Path(

@@ -19,6 +19,8 @@ from support.procs import Processes
 from support.synth import random_file
 from support.testnet import Host, Hosts, namespaces_unavailable, sweep_stale
 
+pytestmark = pytest.mark.system  # needs root and network namespaces
+
 MIB = 1024 * 1024
 SIZE = 16 * MIB
 RATE_BYTES = 50e6 / 8  # 50mbit
