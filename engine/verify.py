@@ -64,6 +64,12 @@ def _top_k_mask(z: np.ndarray, k: int) -> np.ndarray:
     return mask
 
 
+def _argmax(logits: np.ndarray) -> int:
+    """The first largest logit, NaN ignored (token 0 when none is a number)."""
+    finite = np.where(np.isnan(logits), -np.inf, logits)
+    return int(np.argmax(finite))
+
+
 def target_distribution(logits: np.ndarray, params: Sampling) -> np.ndarray:
     """The target's next-token distribution (float64, sums to 1) under `params`; see module doc."""
     logits = np.asarray(logits)
@@ -71,11 +77,17 @@ def target_distribution(logits: np.ndarray, params: Sampling) -> np.ndarray:
     if params.greedy:
         probs[int(np.argmax(logits))] = 1.0
         return probs
-    z = logits.astype(np.float64) / params.temperature
-    keep = _top_k_mask(z, params.top_k)
-    kept = np.flatnonzero(keep)
-    weights = np.exp(z[kept] - z[kept].max())
-    weights /= weights.sum()
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        z = logits.astype(np.float64) / params.temperature
+        keep = _top_k_mask(z, params.top_k)
+        kept = np.flatnonzero(keep)
+        weights = np.exp(z[kept] - z[kept].max())
+        weights /= weights.sum()
+    if not np.isfinite(weights).all():
+        # Non-finite logits, or a temperature so small that logits/T overflowed (Sampling makes
+        # such temperatures greedy; this is the last line): the limit of the rule is the argmax.
+        probs[_argmax(logits)] = 1.0
+        return probs
     if params.top_p < 1.0:
         order = np.lexsort((kept, -weights))  # most probable first, lower id first on ties
         cumulative = np.cumsum(weights[order])

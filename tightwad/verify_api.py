@@ -18,6 +18,13 @@ Without it a sampled draft is judged by the point-mass rule, which is exact for 
 
 `sampling` is `{temperature, top_k, top_p, seed}`, greedy when absent; `seed` seeds the
 conversation's random stream when it starts or resets, and later calls continue that stream.
+A temperature below MIN_TEMPERATURE (1e-5) is greedy: dividing logits by less overflows, and the
+distribution is a point mass to within float precision anyway. `seed` is any 64-bit integer,
+signed or not (-2^63 .. 2^64-1); a negative one (llama.cpp clients send -1) is read as its
+two's-complement unsigned value, so it is a reproducible stream like any other.
+
+Sizes are checked before anything grows with them: a row of `probs` is kept as sent (sparse rows
+stay sparse) and made dense, one row at a time, only when the engine's acceptance rule reads it.
 
 The reply's `tokens` are the accepted draft tokens of draft `draft_index`, then the target's next
 token (a correction, or the bonus after a fully accepted draft); `n_accepted` counts the accepted
@@ -81,6 +88,18 @@ def decode_error(status: int, body: Any, fallback: str) -> OpenAIError:
 
 
 # sampling --------------------------------------------------------------------------------------
+MIN_TEMPERATURE = 1e-5  # below it: greedy (see the module doc)
+_SEED_MIN, _SEED_END = -(2**63), 2**64
+
+
+class _FieldError(ValueError):
+    """A bad sampling value, with the field it is in (the 400's `param`)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How the target's next-token distribution is shaped (see engine/verify.py for the exact
@@ -93,15 +112,23 @@ class Sampling:
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+            message = f"temperature must be a finite number >= 0, got {self.temperature}"
+            raise _FieldError("temperature", message)
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+            raise _FieldError("top_k", f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise _FieldError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not _SEED_MIN <= self.seed < _SEED_END:
+            raise _FieldError("seed", f"seed must be a 64-bit integer (-2^63 .. 2^64-1), got {self.seed}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0
+        return self.temperature < MIN_TEMPERATURE
+
+    @property
+    def rng_seed(self) -> int | None:
+        """The seed as numpy takes it (non-negative): a negative one is its two's complement."""
+        return None if self.seed is None else self.seed % _SEED_END
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
@@ -119,6 +146,8 @@ class Sampling:
                 top_p=get_field(body, "top_p", float, 1.0),
                 seed=get_field(body, "seed", int, None),
             )
+        except _FieldError as exc:
+            raise InvalidRequest(f"`{exc.field}`: {exc}", param=exc.field) from exc
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from exc
 
@@ -138,44 +167,89 @@ class Draft:
             body["probs"] = list(self.probs)
         return body
 
-    def dense_probs(self, n_vocab: int, where: str) -> np.ndarray | None:
-        """The rows as one (len(tokens), n_vocab) array, each normalised; InvalidRequest naming
-        `where` when a row cannot be a distribution over this vocabulary."""
+    def prob_rows(self, n_vocab: int, where: str) -> ProbRows | None:
+        """The rows, checked (InvalidRequest naming `where` when one cannot be a distribution over
+        this vocabulary) in time and memory proportional to what was sent, never tokens x n_vocab."""
         if self.probs is None:
             return None
         n = len(self.tokens)
         if len(self.probs) != n:
             raise InvalidRequest(f"`{where}` must be a list of {n} rows, one per draft token")
-        dense = np.zeros((n, n_vocab), dtype=np.float64)
-        for i, row in enumerate(self.probs):
-            if isinstance(row, list):
-                if len(row) != n_vocab:
-                    raise InvalidRequest(
-                        f"`{where}[{i}]` has {len(row)} entries; a dense row needs {n_vocab}"
-                    )
-                try:
-                    dense[i] = np.asarray(row, dtype=np.float64)
-                except (TypeError, ValueError):
-                    raise InvalidRequest(f"`{where}[{i}]` must hold numbers") from None
-            elif (
-                isinstance(row, dict) and isinstance(row.get("ids"), list) and isinstance(row.get("p"), list)
-            ):
-                ids, p = row["ids"], row["p"]
-                valid_ids = all(
-                    isinstance(t, int) and not isinstance(t, bool) and 0 <= t < n_vocab for t in ids
-                )
-                if len(ids) != len(p) or not valid_ids:
-                    raise InvalidRequest(f"`{where}[{i}]` needs `ids` (token ids) and `p` of the same length")
-                try:
-                    dense[i, ids] = np.asarray(p, dtype=np.float64)
-                except (TypeError, ValueError):
-                    raise InvalidRequest(f"`{where}[{i}].p` must hold numbers") from None
-            else:
-                raise InvalidRequest(f"`{where}[{i}]` must be a list of {n_vocab} floats or {{ids, p}}")
-            total = dense[i].sum()
-            if not (np.isfinite(total) and total > 0 and (dense[i] >= 0).all()):
-                raise InvalidRequest(f"`{where}[{i}]` must be non-negative with a positive sum")
-            dense[i] /= total
+        rows = [_check_row(row, n_vocab, f"{where}[{i}]") for i, row in enumerate(self.probs)]
+        return ProbRows(n_vocab, rows)
+
+    def dense_probs(self, n_vocab: int, where: str) -> np.ndarray | None:
+        """The rows as one (len(tokens), n_vocab) array, each normalised (for small cases and tests;
+        the engine reads `prob_rows` lazily)."""
+        rows = self.prob_rows(n_vocab, where)
+        if rows is None:
+            return None
+        return np.stack([rows[i] for i in range(len(rows))]) if len(rows) else np.zeros((0, n_vocab))
+
+
+# A checked row: dense (n_vocab floats, normalised) or sparse (ids, normalised p).
+_Row = np.ndarray | tuple[np.ndarray, np.ndarray]
+
+
+def _numbers(values: list[Any], where: str) -> np.ndarray:
+    try:
+        array = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InvalidRequest(f"`{where}` must hold numbers") from None
+    if array.ndim != 1:
+        raise InvalidRequest(f"`{where}` must be a flat list of numbers")
+    return array
+
+
+def _check_row(row: Any, n_vocab: int, where: str) -> _Row:
+    if isinstance(row, list):
+        if len(row) != n_vocab:
+            raise InvalidRequest(f"`{where}` has {len(row)} entries; a dense row needs {n_vocab}")
+        p = _numbers(row, where)
+        ids = None
+    elif isinstance(row, dict) and isinstance(row.get("ids"), list) and isinstance(row.get("p"), list):
+        raw_ids, raw_p = row["ids"], row["p"]
+        # Checked before anything is read, so a huge row costs nothing but its own parsing.
+        if len(raw_ids) != len(raw_p) or len(raw_ids) > n_vocab:
+            raise InvalidRequest(
+                f"`{where}` needs `ids` (at most {n_vocab} token ids) and `p` of the same length"
+            )
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < n_vocab for t in raw_ids):
+            raise InvalidRequest(f"`{where}.ids` must be token ids in [0, {n_vocab})")
+        if len(set(raw_ids)) != len(raw_ids):
+            raise InvalidRequest(f"`{where}.ids` must not repeat a token id")
+        ids = np.asarray(raw_ids, dtype=np.int64)
+        p = _numbers(raw_p, f"{where}.p")
+    else:
+        raise InvalidRequest(f"`{where}` must be a list of {n_vocab} floats or {{ids, p}}")
+    if not np.isfinite(p).all():
+        raise InvalidRequest(f"`{where}` must hold finite numbers")
+    total = p.sum()
+    if not (np.isfinite(total) and total > 0 and (p >= 0).all()):
+        raise InvalidRequest(f"`{where}` must be non-negative with a positive sum")
+    p = p / total
+    return p if ids is None else (ids, p)
+
+
+class ProbRows(Sequence[np.ndarray]):
+    """A draft's checked drafter rows; row i is made dense (n_vocab float64, sums to 1) when read."""
+
+    def __init__(self, n_vocab: int, rows: list[_Row]) -> None:
+        self.n_vocab = n_vocab
+        self._rows = rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, i):  # type: ignore[no-untyped-def, override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        row = self._rows[i]
+        if isinstance(row, np.ndarray):
+            return row
+        ids, p = row
+        dense = np.zeros(self.n_vocab, dtype=np.float64)
+        dense[ids] = p
         return dense
 
 

@@ -81,3 +81,48 @@ def test_an_evicted_conversation_is_its_own_error_by_code() -> None:
 def test_a_reply_from_another_version_is_an_upstream_error() -> None:
     with pytest.raises(UpstreamError, match="verify API v1"):
         decode_reply({"tokens": [1], "accepted": 0, "eog": False})
+
+
+def test_a_negative_seed_maps_to_a_64_bit_stream_and_an_out_of_range_one_is_a_400() -> None:
+    # -1 (what llama.cpp clients send) must never reach numpy as a negative seed: it is mapped onto
+    # the same 64-bit value every time, so it stays reproducible.
+    assert Sampling(temperature=0.8, seed=-1).rng_seed == 2**64 - 1
+    assert Sampling(temperature=0.8, seed=7).rng_seed == 7 and Sampling().rng_seed is None
+    np.random.default_rng(Sampling(seed=-(2**63)).rng_seed)
+    for bad in (2**64, -(2**63) - 1):
+        with pytest.raises(InvalidRequest, match="seed") as info:
+            Sampling.from_json({"temperature": 1.0, "seed": bad})
+        assert info.value.param == "seed"
+
+
+def test_a_temperature_too_small_to_divide_by_is_greedy() -> None:
+    assert Sampling(temperature=1e-308).greedy and Sampling(temperature=1e-6).greedy
+    assert not Sampling(temperature=0.01).greedy
+
+
+def test_drafter_rows_are_checked_without_building_a_tokens_by_vocabulary_array() -> None:
+    import tracemalloc
+
+    n_vocab, n = 49152, 500
+    body = {
+        "conversation": "c",
+        "drafts": [{"tokens": [1] * n, "probs": [{"ids": [1], "p": [1.0]} for _ in range(n)]}],
+    }
+    tracemalloc.start()
+    try:
+        draft = decode_request(body).drafts[0]
+        rows = draft.prob_rows(n_vocab, "drafts[0].probs")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert rows is not None and len(rows) == n
+    assert peak < 16 * 2**20, f"{peak / 2**20:.0f} MiB to check {n} one-entry rows"
+    assert rows[3][1] == 1.0 and rows[3].sum() == 1.0 and rows[3].shape == (n_vocab,)
+
+
+def test_a_sparse_row_larger_than_the_vocabulary_is_refused_before_it_is_read() -> None:
+    row = {"ids": list(range(5)), "p": [1.0] * 5}
+    with pytest.raises(InvalidRequest, match=r"drafts\[0\]\.probs\[0\]"):
+        Draft((1,), (row,)).prob_rows(4, "drafts[0].probs")
+    with pytest.raises(InvalidRequest, match="finite"):
+        Draft((1,), ({"ids": [1, 2], "p": [1.0, float("nan")]},)).prob_rows(4, "p")

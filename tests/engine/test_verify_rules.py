@@ -246,3 +246,21 @@ def test_tree_under_greedy_rows_picks_the_longest_match() -> None:
     assert (verdict, winner) == (Acceptance(3, 7), 1)
     greedy = [accept_greedy(d, truth[: len(d) + 1]) for d in drafts]
     assert max(v.n_accepted for v in greedy) == verdict.n_accepted
+
+
+def test_a_tiny_temperature_never_produces_nan() -> None:
+    logits = np.array([3.0, 1.0, -2.0, 3.0], dtype=np.float32)
+    # Sampling itself treats it as greedy; the rule must not break even when asked directly.
+    params = Sampling(temperature=0.5)
+    object.__setattr__(params, "temperature", 1e-308)
+    probs = target_distribution(logits, params)
+    assert np.isfinite(probs).all() and probs.sum() == pytest.approx(1.0)
+    assert probs[0] == pytest.approx(1.0)
+
+
+def test_non_finite_logits_give_a_distribution_not_an_exception() -> None:
+    rng = np.random.default_rng(0)
+    for logits in (np.array([np.inf, 1.0, np.inf]), np.array([np.nan, 1.0, 0.0]), np.full(3, -np.inf)):
+        probs = target_distribution(logits, Sampling(temperature=1.0, top_p=0.9))
+        assert np.isfinite(probs).all() and probs.sum() == pytest.approx(1.0)
+        sample(probs, rng)
