@@ -52,3 +52,31 @@ def test_a_stop_spanning_a_multibyte_character() -> None:
     e = "é".encode()
     assert [a.feed(p) for p in (b"caf", e[:1], e[1:], b"!")] == ["caf", "", "", ""]
     assert a.stopped and a.text == "caf"
+
+
+def test_stop_lists_are_bounded_with_a_400_naming_stop() -> None:
+    import pytest
+
+    from tightwad.openai import InvalidRequest
+    from tightwad.stops import MAX_STOP_CHARS, MAX_STOPS, parse_stops
+
+    assert parse_stops(None) == [] and parse_stops("x") == ["x"] and parse_stops(["a", ""]) == ["a"]
+    for bad in (["s"] * (MAX_STOPS + 1), "x" * (MAX_STOP_CHARS + 1), [1], 5):
+        with pytest.raises(InvalidRequest, match="`stop`") as info:
+            parse_stops(bad)
+        assert info.value.param == "stop"
+
+
+def test_matching_the_longest_allowed_stops_stays_cheap() -> None:
+    import time
+
+    from tightwad.stops import MAX_STOP_CHARS, MAX_STOPS
+
+    # The worst case for holding text back: every stop is a run of one character.
+    stops = ["a" * (MAX_STOP_CHARS - i) + "b" for i in range(MAX_STOPS)]
+    assembler = TextAssembler(stops)
+    start = time.perf_counter()
+    for _ in range(200):
+        assembler.feed(b"a")
+    per_token = (time.perf_counter() - start) / 200
+    assert not assembler.stopped and per_token < 0.002, f"{per_token * 1e3:.2f} ms per token"
