@@ -62,7 +62,14 @@ from tightwad.engine.verify import (
 from tightwad.engine.workers import PoolMonitor, describe_loss
 from tightwad.openai import OpenAIError
 from tightwad.tokens import common_prefix
-from tightwad.verify_api import ConversationEvicted, Draft, Sampling, VerifyReply, VerifyRequest
+from tightwad.verify_api import (
+    ConversationEvicted,
+    Draft,
+    ProbRows,
+    Sampling,
+    VerifyReply,
+    VerifyRequest,
+)
 
 
 @dataclass(frozen=True)
@@ -151,11 +158,11 @@ class _Job:
 
 
 class _VerifyJob(_Job):
-    def __init__(self, request: VerifyRequest, probs: list[np.ndarray | None]) -> None:
+    def __init__(self, request: VerifyRequest, probs: list[ProbRows | None]) -> None:
         super().__init__(request.conversation, request.sampling)
         self.tokens = list(request.tokens)
         self.drafts = request.drafts or [Draft(())]
-        self.probs = probs or [None]  # per draft: the drafter's rows, dense and normalised
+        self.probs = probs or [None]  # per draft: the drafter's checked rows, made dense when read
         self.reset = request.reset
         self.future: Future[VerifyReply] = Future()
 
@@ -201,7 +208,7 @@ class _GenerateJob(_Job):
         self.ignore_eos = ignore_eos
         self.generated = 0
         self.cancelled = threading.Event()
-        self.rng = np.random.default_rng(sampling.seed)
+        self.rng = np.random.default_rng(sampling.rng_seed)
 
     def full_tokens(self, slot: Slot | None, sessions: SessionTable) -> list[int]:
         if not self.prompt:
@@ -346,10 +353,11 @@ class Engine:
             raise BadRequest(
                 f"the drafts need {block} batch slots but n_batch is {self.n_batch}: send shorter drafts"
             )
-        probs: list[np.ndarray | None] = []
+        probs: list[ProbRows | None] = []
         for i, draft in enumerate(drafts):
             self.check_tokens(draft.tokens, f"drafts[{i}].tokens")
-            probs.append(draft.dense_probs(self.model.n_vocab, f"drafts[{i}].probs"))
+            # Checked here (sizes first), made dense one row at a time in the worker when read.
+            probs.append(draft.prob_rows(self.model.n_vocab, f"drafts[{i}].probs"))
         job = _VerifyJob(request, probs)
         self._submit(job)
         return job.future
@@ -467,34 +475,44 @@ class Engine:
             if job.over:
                 self._waiting.remove(job)
                 continue
-            slot = self.sessions.find(job.conversation)
-            if slot is not None and slot.busy:
-                continue  # the conversation's previous request is still running
             try:
-                full = job.full_tokens(slot, self.sessions)
-                longest = max(len(d) for d in job.block_drafts())
-                if len(full) + longest > self.n_ctx:
-                    raise ContextLengthExceeded(
-                        f"the conversation would reach {len(full) + longest} tokens but the context "
-                        f"holds {self.n_ctx}: start a new conversation or raise --ctx"
-                    )
-            except OpenAIError as exc:
-                self._waiting.remove(job)
-                job.fail(exc)
-                self._done(job)
-                continue
-            plan = self.sessions.acquire(job.conversation, full, min_pending=1)
-            if plan is None:
-                continue  # every sequence is busy: wait for one
-            if plan.evicted:
-                self.stats.evictions += 1
-            self.ctx.remove(plan.slot.seq, plan.keep, -1)
-            if isinstance(job, _VerifyJob) and (job.reset or plan.slot.state is None):
-                plan.slot.state = np.random.default_rng(job.sampling.seed)
-            job.slot = plan.slot
-            job.pending = full[plan.keep :]
+                self._admit_one(job)
+            except Exception as exc:  # this job's own failure: it fails alone and frees its sequence
+                traceback.print_exc()
+                if job in self._waiting:
+                    self._waiting.remove(job)
+                self._abandon(job, EngineError(f"the engine could not start this request: {exc}"))
+
+    def _admit_one(self, job: _Job) -> None:
+        slot = self.sessions.find(job.conversation)
+        if slot is not None and slot.busy:
+            return  # the conversation's previous request is still running
+        try:
+            full = job.full_tokens(slot, self.sessions)
+            longest = max(len(d) for d in job.block_drafts())
+            if len(full) + longest > self.n_ctx:
+                raise ContextLengthExceeded(
+                    f"the conversation would reach {len(full) + longest} tokens but the context "
+                    f"holds {self.n_ctx}: start a new conversation or raise --ctx"
+                )
+        except OpenAIError as exc:
             self._waiting.remove(job)
-            self._active.append(job)
+            job.fail(exc)
+            self._done(job)
+            return
+        plan = self.sessions.acquire(job.conversation, full, min_pending=1)
+        if plan is None:
+            return  # every sequence is busy: wait for one
+        # From here on the sequence is this job's: _abandon frees it if anything below fails.
+        job.slot = plan.slot
+        if plan.evicted:
+            self.stats.evictions += 1
+        self.ctx.remove(plan.slot.seq, plan.keep, -1)
+        if isinstance(job, _VerifyJob) and (job.reset or plan.slot.state is None):
+            plan.slot.state = np.random.default_rng(job.sampling.rng_seed)
+        job.pending = full[plan.keep :]
+        self._waiting.remove(job)
+        self._active.append(job)
 
     def _free_cells(self) -> int:
         return self.n_ctx - self.sessions.held_tokens()
@@ -583,10 +601,14 @@ class Engine:
             job.pending = job.pending[job.n_fed :]
             job.n_fed = 0
         for job in blocks:
-            if isinstance(job, _VerifyJob):
-                self._finish_verify(job)
-            elif isinstance(job, _GenerateJob):
-                self._finish_generate_step(job)
+            try:
+                if isinstance(job, _VerifyJob):
+                    self._finish_verify(job)
+                elif isinstance(job, _GenerateJob):
+                    self._finish_generate_step(job)
+            except Exception as exc:  # this job's rows or sampling failed: it fails alone
+                traceback.print_exc()
+                self._abandon(job, EngineError(f"the engine could not finish this request: {exc}"))
 
     def _relieve_deadlock(self) -> None:
         """Nothing fit in the KV cache even after evicting every idle conversation."""
