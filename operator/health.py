@@ -97,7 +97,7 @@ def hello(address: str, port: int, timeout: float = 1.0) -> tuple[int, int, int]
 _HTTP_PATHS = {
     Kind.ENGINE: "/health",
     Kind.DRAFTER: "/health",
-    Kind.ROUTER: "/_tightwad/route",
+    Kind.ROUTER: "/_tightwad/health",  # open; /_tightwad/route needs the token
     Kind.PROXY: "/health",
     Kind.SWARM: "/swarm/v1/health",
 }
@@ -105,7 +105,7 @@ _HTTP_PATHS = {
 
 def http_path(unit: Unit) -> str:
     if unit.kind is Kind.PROXY and unit.spec.get("impl") == "router":
-        return "/_tightwad/route"
+        return _HTTP_PATHS[Kind.ROUTER]
     return _HTTP_PATHS[unit.kind]
 
 

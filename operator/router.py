@@ -3,14 +3,16 @@
 What a Kubernetes Service is to pods, for the process and docker runtimes: clients (the proxy, apps)
 keep one URL while the operator swaps the engine behind it. Every request goes to the backend
 current when it arrives and finishes there, so an old engine is stopped only once the router reports
-no request left on it (`GET /_tightwad/route`). With no backend yet it answers 503 in OpenAI's
-error shape.
+no request left on it (`GET /_tightwad/health`: open, for probes, with the open requests per engine
+unit and no address). With no backend yet it answers 503 in OpenAI's error shape.
 
     python -m tightwad.operator.router --host 127.0.0.1 --port 8080 [--backend URL]
 
-`PUT /_tightwad/route {"backend": URL, "unit": NAME}` re-points it (bearer token when
-TIGHTWAD_TOKEN is set); the engine behind checks the clients' tokens itself. Auth, errors and
-serving are the house's (tightwad.http), loopback rule included.
+`GET /_tightwad/route` says where it points and `PUT /_tightwad/route {"backend": URL, "unit":
+NAME}` re-points it, both with the bearer token when TIGHTWAD_TOKEN is set; the engine behind checks
+the clients' tokens itself. Every body is bounded (MAX_BODY_BYTES) before it is read. Auth, errors
+and serving are the house's (tightwad.http), loopback rule included: beyond loopback it needs a
+token.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import sys
 from collections import Counter
@@ -36,6 +39,11 @@ from tightwad.errors import TightwadError
 from tightwad.openai import OpenAIError
 
 ROUTE_PATH = "/_tightwad/route"
+HEALTH_PATH = "/_tightwad/health"
+# Bodies are buffered (for the one retry below), so they are bounded before a byte is held. Above
+# the proxy's own default (8 MiB): the proxy's and the engine's limits decide, this one backs them.
+MAX_BODY_BYTES = 16 * 2**20
+ROUTE_BODY_BYTES = 64 * 2**10  # {"backend": URL, "unit": NAME}
 ENGINE_HEADER = "x-tightwad-engine"
 # Hop-by-hop headers (RFC 9110 7.6.1) and the ones httpx sets itself.
 _DROP_REQUEST = {
@@ -58,9 +66,12 @@ class EngineBackend:
 
 
 class Router:
-    def __init__(self, backend: EngineBackend | None, token: str | None) -> None:
+    def __init__(
+        self, backend: EngineBackend | None, token: str | None, max_body_bytes: int = MAX_BODY_BYTES
+    ) -> None:
         self.backend = backend
         self.token = token
+        self.max_body_bytes = max_body_bytes
         self.inflight: Counter[str] = Counter()
         # No read timeout: a streamed reply lasts as long as the model writes.
         timeout = httpx.Timeout(connect=5.0, read=None, write=60.0, pool=None)
@@ -82,9 +93,16 @@ class Router:
     async def show_route(self, request: Request) -> Response:
         return JSONResponse(self.status())
 
+    async def probe(self, request: Request) -> Response:
+        """For health probes, which carry no token: up, and the open requests per engine unit (the
+        operator drains an old engine by them), but not where the route points."""
+        status = self.status()
+        return JSONResponse({"status": "ok", "unit": status["unit"], "inflight": status["inflight"]})
+
     async def set_route(self, request: Request) -> Response:
+        raw = await http.read_limited(request, ROUTE_BODY_BYTES, "the router's route")
         try:
-            body = await request.json()
+            body = json.loads(raw)
             self.backend = EngineBackend(
                 str(body["backend"]).rstrip("/"), str(body.get("unit") or body["backend"])
             )
@@ -96,7 +114,9 @@ class Router:
         backend = self.backend
         if backend is None:
             return _error(503, "no engine is ready yet; the operator is starting one", "no_backend")
-        body = await request.body()  # buffered: requests are small, and it allows one retry below
+        # Buffered (requests are small, and it allows one retry below), under the limit: anyone
+        # who reaches the router can send one, the engine checks the token only after.
+        body = await http.read_limited(request, self.max_body_bytes, "the engine router")
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST]
         url = httpx.URL(backend.url + request.url.path, query=request.url.query.encode())
         self.inflight[backend.unit] += 1
@@ -155,9 +175,9 @@ def _error(status: int, message: str, code: str) -> JSONResponse:
 
 
 def _guarded(method: str, path: str) -> bool:
-    """Only re-pointing needs the token: the route is a probe, and forwarded requests carry the
-    client's own token to the engine, which checks it."""
-    return method == "PUT" and path == ROUTE_PATH
+    """The route needs the token, to re-point it or to read where it points; forwarded requests
+    carry the client's own token to the engine, which checks it; the probe path is open."""
+    return path == ROUTE_PATH
 
 
 def create_app(router: Router) -> Starlette:
@@ -165,6 +185,7 @@ def create_app(router: Router) -> Starlette:
     routes = [
         Route(ROUTE_PATH, router.show_route, methods=["GET"]),
         Route(ROUTE_PATH, router.set_route, methods=["PUT"]),
+        Route(HEALTH_PATH, router.probe, methods=["GET"]),
         Route("/{path:path}", router.forward, methods=methods),
     ]
     return http.app(routes, token=router.token, guarded=_guarded, lifespan=router.lifespan)

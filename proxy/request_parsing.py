@@ -16,7 +16,8 @@ from typing import Any
 
 from starlette.requests import Request
 
-from tightwad.openai import InvalidRequest, PayloadTooLarge
+from tightwad.http import read_limited
+from tightwad.openai import InvalidRequest
 from tightwad.verify_api import Sampling
 
 # Keys whose presence (with a non-default value) means the speculation path cannot serve a request.
@@ -56,21 +57,14 @@ class Params:
 async def read_body(request: Request, limit: int) -> tuple[bytes, dict[str, Any]]:
     """The raw body (passthrough sends it on unchanged) and its JSON object. Refused once it is
     over `limit` bytes, by its declared length or while it arrives, so a huge body is never held."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the request body is {declared} bytes; this proxy takes at most {limit}")
-    raw = bytearray()
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > limit:
-            raise PayloadTooLarge(f"the request body is over {limit} bytes; this proxy takes at most {limit}")
+    raw = await read_limited(request, limit, "this proxy")
     try:
-        body = json.loads(bytes(raw) or b"{}")
+        body = json.loads(raw or b"{}")
     except ValueError as exc:
         raise InvalidRequest(f"the request body is not valid JSON ({exc})") from exc
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
-    return bytes(raw), body
+    return raw, body
 
 
 def passthrough_reason(body: dict[str, Any]) -> str | None:

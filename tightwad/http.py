@@ -34,7 +34,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tightwad.errors import TightwadError
 from tightwad.netaddr import is_loopback
-from tightwad.openai import OpenAIError, Unauthorized, error_body
+from tightwad.openai import OpenAIError, PayloadTooLarge, Unauthorized, error_body
 
 __all__ = [
     "BearerAuth",
@@ -43,6 +43,7 @@ __all__ = [
     "app",
     "check_bind",
     "error_response",
+    "read_limited",
     "serve",
     "url_for",
 ]
@@ -82,6 +83,20 @@ EXCEPTION_HANDLERS: dict[Any, Callable[[Request, Exception], Any]] = {
     HTTPException: _on_http_error,
     Exception: _on_unexpected,
 }
+
+
+async def read_limited(request: Request, limit: int, server: str = "this server") -> bytes:
+    """The request's body, refused with a 413 once it is over `limit` bytes, by its declared
+    length or while it arrives: a server never holds a body bigger than it takes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the request body is {declared} bytes; {server} takes at most {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"the request body is over {limit} bytes; {server} takes at most {limit}")
+    return bytes(body)
 
 
 # auth ------------------------------------------------------------------------------------------

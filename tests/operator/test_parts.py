@@ -150,6 +150,9 @@ def routed() -> Iterator[tuple[str, _Server, _Server, threading.Event]]:
             yield f"http://127.0.0.1:{port}", one, two, gate
 
 
+ROUTE_AUTH = {"Authorization": "Bearer route-token"}  # reading the route needs the token too
+
+
 def put_route(url: str, backend_url: str, unit: str, token: str = "route-token") -> httpx.Response:
     return httpx.put(
         f"{url}/_tightwad/route",
@@ -176,7 +179,7 @@ def test_the_router_answers_503_until_it_has_a_backend_then_forwards(
         "auth": "Bearer client",
     }  # the engine checks tokens
     assert response.headers["x-tightwad-engine"] == "engine-1"
-    assert httpx.get(f"{url}/_tightwad/route", timeout=10).json() == {
+    assert httpx.get(f"{url}/_tightwad/route", headers=ROUTE_AUTH, timeout=10).json() == {
         "backend": one.url,
         "unit": "engine-1",
         "inflight": {},
@@ -197,17 +200,18 @@ def test_requests_finish_where_they_started_and_inflight_counts_them(
     thread = threading.Thread(target=stream)
     thread.start()
     deadline = time.monotonic() + 10
-    while httpx.get(f"{url}/_tightwad/route", timeout=5).json()["inflight"] != {"engine-1": 1}:
+    route = f"{url}/_tightwad/route"
+    while httpx.get(route, headers=ROUTE_AUTH, timeout=5).json()["inflight"] != {"engine-1": 1}:
         assert time.monotonic() < deadline
         time.sleep(0.02)
     put_route(url, two.url, "engine-2")  # switch while a reply is streaming
     assert httpx.post(f"{url}/echo", timeout=10).json()["backend"] == "two"
-    status = httpx.get(f"{url}/_tightwad/route", timeout=5).json()
+    status = httpx.get(f"{url}/_tightwad/route", headers=ROUTE_AUTH, timeout=5).json()
     assert status == {"backend": two.url, "unit": "engine-2", "inflight": {"engine-1": 1}}
     gate.set()
     thread.join(timeout=10)
     assert lines == [f"data: one {i}" for i in range(5)]
-    assert httpx.get(f"{url}/_tightwad/route", timeout=5).json()["inflight"] == {}
+    assert httpx.get(f"{url}/_tightwad/route", headers=ROUTE_AUTH, timeout=5).json()["inflight"] == {}
 
 
 def test_a_dead_backend_is_a_502_in_openai_shape(
@@ -217,7 +221,7 @@ def test_a_dead_backend_is_a_502_in_openai_shape(
     put_route(url, f"http://127.0.0.1:{free_port()}", "engine-gone")
     response = httpx.post(f"{url}/echo", timeout=10)
     assert response.status_code == 502 and response.json()["error"]["code"] == "bad_gateway"
-    assert httpx.get(f"{url}/_tightwad/route", timeout=5).json()["inflight"] == {}
+    assert httpx.get(f"{url}/_tightwad/route", headers=ROUTE_AUTH, timeout=5).json()["inflight"] == {}
 
 
 # ------------------------------------------------------------------------------------------------
