@@ -4,14 +4,21 @@ What `nix run .#worker` starts on a Mac. Each pass: read the manifest (the file,
 `/v1/manifest`), observe this host's units with the process driver, learn every other unit from the
 operator's `/v1/observed` (an engine here needs workers there), plan with the same `plan()` limited
 to this host, act, and report this host's units back. State lives where `tightwad up` keeps it, so a
-restarted agent adopts its units. Ctrl-C stops them and exits 0.
+restarted agent adopts its units. Ctrl-C stops them and exits 0; any other failure of a pass is
+logged and retried, the units left running.
+
+The token never crosses the network in clear text: an operator URL must be https://, or plain http
+to a loopback address (the end of an ssh tunnel: `ssh -N -L 8090:127.0.0.1:8090 OPERATOR`). The
+manifest copy this host's units read holds the token and API keys: it is written 0600, atomically.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -45,6 +52,22 @@ class AgentError(TightwadError):
     pass
 
 
+RETRY_AFTER_S = 5.0  # after a pass that failed unexpectedly: the units keep running meanwhile
+
+
+def check_operator_url(url: str, token: str | None) -> None:
+    """The token is the whole cluster's key: it never travels in clear text beyond this machine.
+    Plain http is fine to a loopback address (e.g. an ssh tunnel's end), https anywhere."""
+    parsed = httpx.URL(url)
+    if token and parsed.scheme == "http" and not is_loopback(parsed.host):
+        raise AgentError(
+            f"refusing to send the token over plain http to {parsed.host}: use an https:// URL for "
+            "the operator, or reach it over loopback, e.g. through an ssh tunnel (ssh -N -L "
+            f"{parsed.port or 80}:127.0.0.1:{parsed.port or 80} {parsed.host}, then --manifest "
+            f"http://127.0.0.1:{parsed.port or 80})"
+        )
+
+
 class Agent:
     def __init__(self, host: str, manifest: str, operator: str | None, token: str | None) -> None:
         self.host = host
@@ -52,6 +75,8 @@ class Agent:
         self.source = manifest
         self.operator = (operator or (manifest if self.remote else None) or "").rstrip("/") or None
         self.token = token
+        if self.operator is not None:
+            check_operator_url(self.operator, token)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(headers=headers, timeout=10.0)
         self.manifest = self.fetch()
@@ -80,7 +105,20 @@ class Agent:
             raise AgentError(
                 f"{self.operator}/v1/manifest answered HTTP {response.status_code}: {response.text[:200]}"
             )
-        return manifest_from_dict(response.json()["manifest"], f"{self.operator}/v1/manifest")
+        # A 200 that is not the API's answer (a captive portal, another server on the port) is an
+        # error to report, never a crash: a crash would stop every unit on this host.
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        manifest = body.get("manifest") if isinstance(body, dict) else None
+        if not isinstance(manifest, dict):
+            raise AgentError(
+                f"{self.operator}/v1/manifest answered something that is not the operator's manifest "
+                f"({response.headers.get('content-type', 'no content type')}: {response.text[:120]!r}); "
+                "is --manifest the operator's agent API?"
+            )
+        return manifest_from_dict(manifest, f"{self.operator}/v1/manifest")
 
     def check_host(self, manifest: Manifest) -> None:
         try:
@@ -95,7 +133,7 @@ class Agent:
 
     def configure(self, manifest: Manifest) -> None:
         if self.remote:
-            self.copy.write_text(yaml.safe_dump(manifest.data, sort_keys=False))
+            write_private(self.copy, yaml.safe_dump(manifest.data, sort_keys=False))
         model_dirs: dict[str, str | None] = {h.name: h.model_dir for h in manifest.hosts}
         self.driver.checker.configure(self.driver.checker.base_dir, model_dirs, manifest.swarm.enabled)
 
@@ -110,10 +148,13 @@ class Agent:
             return {}, {}
         try:
             body = self.http.get(f"{self.operator}/v1/observed").json()
-        except (httpx.HTTPError, ValueError):
+            units = {
+                s.name: s for s in map(state_from_json, body.get("units", [])) if s.unit.host != self.host
+            }
+            checks = {k: v for k, v in checks_from_json(body.get("models", [])).items() if k[0] != self.host}
+        except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            console.print(f"[yellow]no usable view of the other hosts from {self.operator}:[/] {exc}")
             return {}, {}
-        units = {s.name: s for s in map(state_from_json, body.get("units", [])) if s.unit.host != self.host}
-        checks = {k: v for k, v in checks_from_json(body.get("models", [])).items() if k[0] != self.host}
         return units, checks
 
     def pass_once(self) -> list[Action]:
@@ -160,9 +201,17 @@ class Agent:
         except httpx.HTTPError as exc:
             console.print(f"[yellow]could not report to {self.operator}:[/] {exc}")
 
-    def run(self, stop: threading.Event) -> None:
+    def run(self, stop: threading.Event, retry_after: float = RETRY_AFTER_S) -> None:
         while not stop.is_set():
-            acted = self.pass_once()
+            try:
+                acted = self.pass_once()
+            except Exception as exc:  # a bug or a surprise must not stop this host's units
+                console.print(
+                    f"[red]agent pass failed, units left running, retrying in {retry_after:g}s:[/] "
+                    f"{type(exc).__name__}: {exc}"
+                )
+                stop.wait(retry_after)
+                continue
             stop.wait(0.2 if acted else 1.0)
 
     def shutdown(self) -> None:
@@ -171,6 +220,22 @@ class Agent:
         self.report({}, {})
         self.driver.close()
         self.http.close()
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `path` readable by this user only (it holds the token and API keys), whole or not at
+    all: a temporary file made 0600 from the start, then renamed over the old copy."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mkstemp: mode 0600
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def run_agent(host: str, manifest: str, operator: str | None = None, token: str | None = None) -> int:
