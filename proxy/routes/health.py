@@ -4,11 +4,13 @@ GET /tightwad/v1/health: the same verdict with its details, behind the token lik
 The proxy is healthy when the engine is: reachable, serving, every rpc worker alive. The open routes
 say only whether it is (200, or 503 with the error's code): the engine's URL, the model, rpc worker
 addresses and drafter errors describe the cluster's inside, so only a client with the token sees
-them. The engine's /health has the same split (its details at its own /tightwad/v1/health).
+them (at /tightwad/v1/health, or at /health when it sends the token, or when the proxy has none).
+The engine's /health answers the same way.
 """
 
 from __future__ import annotations
 
+import hmac
 from typing import Any
 
 from starlette.requests import Request
@@ -39,8 +41,19 @@ class HealthRoutes:
             return body, exc
         return body, None
 
+    def _authorized(self, request: Request) -> bool:
+        """No token configured (loopback only), or the caller sent it."""
+        token = self.proxy.config.token
+        if not token:
+            return True
+        given = request.headers.get("authorization", "").encode()
+        return hmac.compare_digest(given, f"Bearer {token}".encode())
+
     async def health(self, request: Request) -> Response:
-        """A bare verdict: ok, or the error's code and where to read why."""
+        """A bare verdict: ok, or the error's code and where to read why; the details for a caller
+        with the token (the engine's /health answers the same way)."""
+        if self._authorized(request):
+            return await self.details(request)
         _, problem = await self._check()
         if problem is None:
             return JSONResponse({"status": "ok"})

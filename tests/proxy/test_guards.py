@@ -183,9 +183,11 @@ def test_health_is_a_bare_status_and_the_details_need_the_token(healthy: bool) -
             await client.get("/health"),
             await client.get("/tightwad/v1/health"),
             await client.get("/tightwad/v1/health", headers=AUTH),
+            await client.get("/health", headers=AUTH),
         )
 
-    bare, refused, details = call(app, go)
+    bare, refused, details, with_token = call(app, go)
+    assert with_token.status_code == details.status_code and with_token.json() == details.json()
     assert bare.status_code == (200 if healthy else 503)
     assert "engine.internal" not in bare.text and "10.0.0.7" not in bare.text
     assert set(bare.json()) <= {"status", "error"} and bare.json()["status"] == ("ok" if healthy else "error")
