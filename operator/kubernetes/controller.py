@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import posixpath
 import signal
 import socket
 import sys
@@ -50,6 +51,7 @@ from tightwad.operator.kubernetes.lease import CoordinationLeases, LeaderElector
 from tightwad.operator.kubernetes.render import (
     CONFIG_DIR,
     CONFIG_FILE,
+    DEFAULT_MODEL_DIR,
     CannotRender,
     Images,
     Owner,
@@ -322,6 +324,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--token-secret", help="Secret holding the bearer token the pods read")
     p.add_argument("--token-key", default="token")
     p.add_argument(
+        "--allowed-host-path",
+        action="append",
+        default=None,
+        metavar="FOLDER",
+        help=f"a node folder TightwadClusters may mount, and below it (repeat; default {DEFAULT_MODEL_DIR})",
+    )
+    p.add_argument(
         "--render",
         metavar="CR_FILE",
         help="print the objects a TightwadCluster file becomes (all units started) and exit; no API",
@@ -342,7 +351,18 @@ def settings_from(args: argparse.Namespace) -> RenderSettings:
         model_claim=args.model_claim,
         token_secret=args.token_secret,
         token_key=args.token_key,
+        allowed_host_paths=allowed_host_paths(args.allowed_host_path or [DEFAULT_MODEL_DIR]),
     )
+
+
+def allowed_host_paths(folders: Sequence[str]) -> tuple[str, ...]:
+    for folder in folders:
+        if not folder.startswith("/") or posixpath.normpath(folder) == "/":
+            raise SystemExit(
+                f"--allowed-host-path {folder!r}: give an absolute folder other than /, "
+                f"e.g. {DEFAULT_MODEL_DIR} (the chart's hostPaths.allowed)"
+            )
+    return tuple(folders)
 
 
 def render_file(path: str, settings: RenderSettings) -> str:

@@ -46,6 +46,7 @@ CONFIG_FILE = "cluster.yaml"
 TOKEN_PLACEHOLDER = "${TIGHTWAD_TOKEN}"
 GPU_RESOURCES = {"cuda": "nvidia.com/gpu", "rocm": "amd.com/gpu"}
 SWARM_UNITS = "tightwad.dev/units"  # on the DaemonSet: every swarm unit it runs, JSON list
+UNPRIVILEGED = 10001  # the images' user and group (docker/runtime-stage.sh)
 
 # Programs as the images put them on PATH (the worker images: ggml-rpc-server, llama-server; the
 # tightwad image: python with tightwad and the pinned libllama).
@@ -84,6 +85,9 @@ class RenderSettings:
     model_claim: str | None = None  # a PersistentVolumeClaim for every host's modelDir; None: hostPath
     token_secret: str | None = None  # Secret with the bearer token under `token_key`
     token_key: str = "token"
+    # The only node folders (and what is below them) a TightwadCluster may mount: a CR's author
+    # need not be a node's admin. The chart's hostPaths.allowed.
+    allowed_host_paths: tuple[str, ...] = (DEFAULT_MODEL_DIR,)
 
 
 @dataclass(frozen=True)
@@ -164,7 +168,25 @@ def model_dir(unit: Unit) -> str:
             f"{unit.name}: modelDir {folder!r} of host {unit.host!r} is not absolute; on Kubernetes the "
             "model volume is mounted at an absolute path, e.g. /var/lib/tightwad/models"
         )
-    return folder
+    return posixpath.normpath(folder)  # `..` resolved here, before it is judged and mounted
+
+
+def _model_dir_field(unit: Unit, hosts: Mapping[str, Host]) -> str:
+    names = list(hosts)
+    return f"spec.hosts[{names.index(unit.host)}].modelDir" if unit.host in names else "modelDir"
+
+
+def check_host_path(path: str, field: str, settings: RenderSettings) -> None:
+    """Refuse a node folder outside the chart's hostPaths.allowed (`path` is normalized)."""
+    for allowed in settings.allowed_host_paths:
+        root = posixpath.normpath(allowed)
+        if path == root or path.startswith(root.rstrip("/") + "/"):
+            return
+    raise CannotRender(
+        f"{field}: {path} is outside the node folders this installation lets a TightwadCluster mount "
+        f"({', '.join(settings.allowed_host_paths)}); use a folder below one of them, or have the "
+        "chart's installer add it to hostPaths.allowed"
+    )
 
 
 def model_path(ref: ModelRef, folder: str) -> str:
@@ -175,8 +197,9 @@ def model_path(ref: ModelRef, folder: str) -> str:
     if re.match(r"^https?://", ref.source, flags=re.IGNORECASE):
         return posixpath.join(folder, posixpath.basename(urlparse(ref.source).path))
     if ref.source.startswith("/"):
-        return ref.source
-    return posixpath.join(folder, ref.source.removeprefix("~/").removeprefix("./"))
+        return posixpath.normpath(ref.source)
+    # Normalized: a relative source with `..` must not count as inside the model volume.
+    return posixpath.normpath(posixpath.join(folder, ref.source.removeprefix("~/").removeprefix("./")))
 
 
 def model_sha256(ref: ModelRef) -> str | None:
@@ -303,12 +326,13 @@ def _model_volume(folder: str, settings: RenderSettings) -> dict[str, Any]:
     return {"name": "models", "hostPath": {"path": folder, "type": "DirectoryOrCreate"}}
 
 
-def _outside_files(unit: Unit, folder: str) -> list[str]:
-    """Folders of models given by an absolute path outside the model volume."""
+def _outside_files(unit: Unit, folder: str, settings: RenderSettings) -> list[str]:
+    """Folders of models given by an absolute path outside the model volume, each one allowed."""
     dirs = []
     for ref in unit.models:
         path = model_path(ref, folder)
         if not path.startswith(folder.rstrip("/") + "/"):
+            check_host_path(posixpath.dirname(path), f"spec.models[].source of model {ref.name!r}", settings)
             dirs.append(posixpath.dirname(path))
     return sorted(set(dirs))
 
@@ -326,9 +350,11 @@ def pod_spec(unit: Unit, owner: Owner, settings: RenderSettings, hosts: Mapping[
     inits: list[dict[str, Any]] = []
     if unit.models:
         folder = model_dir(unit)
+        if not settings.model_claim:
+            check_host_path(folder, _model_dir_field(unit, hosts), settings)
         volumes.append(_model_volume(folder, settings))
         mounts.append({"name": "models", "mountPath": folder, "readOnly": True})
-        for i, outside in enumerate(_outside_files(unit, folder)):
+        for i, outside in enumerate(_outside_files(unit, folder, settings)):
             volumes.append({"name": f"files-{i}", "hostPath": {"path": outside, "type": "Directory"}})
             mounts.append({"name": f"files-{i}", "mountPath": outside, "readOnly": True})
         models = {ref.name: model_path(ref, folder) for ref in unit.models}
@@ -454,6 +480,9 @@ def render_swarm(
     if not units:
         raise CannotRender("no swarm units to render")
     first = units[0]
+    if not settings.model_claim:
+        for unit in units:
+            check_host_path(model_dir(unit), _model_dir_field(unit, hosts), settings)
     folders = {model_dir(u) for u in units}
     if len(folders) > 1 and not settings.model_claim:
         # One pod template: one hostPath. Hosts with different modelDirs need a volume of their own.
@@ -486,7 +515,12 @@ def render_swarm(
             {"name": "models", "mountPath": folder},
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
         ],
-        "securityContext": {"allowPrivilegeEscalation": False},
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "runAsUser": UNPRIVILEGED,
+            "runAsGroup": UNPRIVILEGED,
+            "runAsNonRoot": True,
+        },
         "readinessProbe": {"httpGet": {"path": "/health", "port": first.port}, "periodSeconds": 10},
     }
     nodes = sorted({u.host for u in units})
@@ -520,6 +554,7 @@ def render_swarm(
                     "dnsPolicy": "ClusterFirstWithHostNet",
                     "affinity": affinity,
                     "tolerations": [{"operator": "Exists", "effect": "NoSchedule"}],  # GPU nodes too
+                    **_model_folder_owner(folder, settings),
                     "containers": [container],
                     "volumes": [
                         _model_volume(folder, settings),
@@ -541,6 +576,35 @@ def _literal(value: Any) -> Any:
     if isinstance(value, list):
         return [_literal(v) for v in value]
     return value
+
+
+def _model_folder_owner(folder: str, settings: RenderSettings) -> dict[str, Any]:
+    """What makes the model folder writable by the sidecar, which runs unprivileged.
+
+    A claim: fsGroup, which the kubelet applies to volumes that support ownership (only when the
+    root does not match). A hostPath: the kubelet creates it root-owned and never applies fsGroup
+    there, so a short init container chowns that one folder (not what is in it): root, but with
+    CHOWN as its only capability, no privilege escalation, and nothing else mounted."""
+    if settings.model_claim:
+        return {"securityContext": {"fsGroup": UNPRIVILEGED, "fsGroupChangePolicy": "OnRootMismatch"}}
+    owner = f"{UNPRIVILEGED}:{UNPRIVILEGED}"
+    script = f'[ "$(stat -c %u:%g "$MODEL_DIR")" = "{owner}" ] || chown {owner} "$MODEL_DIR"'
+    init = {
+        "name": "model-folder",
+        "image": settings.images.tightwad,
+        "imagePullPolicy": settings.images.pull_policy,
+        "command": ["sh", "-c", script],
+        "env": [{"name": "MODEL_DIR", "value": folder}],
+        "volumeMounts": [{"name": "models", "mountPath": folder}],
+        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}},
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsNonRoot": False,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"], "add": ["CHOWN"]},
+        },
+    }
+    return {"initContainers": [init]}
 
 
 def manifest_text(manifest: Manifest) -> str:
