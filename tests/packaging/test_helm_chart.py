@@ -1,9 +1,11 @@
 """The Helm chart with the real helm binary (scripts/fetch-helm.sh): lint, template with the default
 and the example values, every rendered object valid against the real Kubernetes schemas, least
-privilege, and the chart's CRD current with the manifest JSON Schema."""
+privilege, renders that never change by themselves (GitOps), the host folders a cluster may mount,
+and the chart's CRD current with the manifest JSON Schema."""
 
 from __future__ import annotations
 
+import base64
 import subprocess
 from functools import cache
 from pathlib import Path
@@ -19,6 +21,8 @@ pytestmark = pytest.mark.system  # needs helm
 
 CHART = ROOT / "charts" / "tightwad"
 EXAMPLE_VALUES = CHART / "ci" / "example-values.yaml"
+# The default values plus the one thing they cannot default: the token.
+DEFAULT = ["--set", "token.value=0123456789abcdef0123456789abcdef"]
 
 
 @cache
@@ -35,8 +39,12 @@ def run_helm(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([helm(), *args], capture_output=True, text=True, timeout=120)
 
 
+def render(*values: str) -> subprocess.CompletedProcess[str]:
+    return run_helm("template", "tw", str(CHART), "--namespace", "tightwad", "--include-crds", *values)
+
+
 def template(*values: str) -> list[dict[str, Any]]:
-    result = run_helm("template", "tw", str(CHART), "--namespace", "tightwad", "--include-crds", *values)
+    result = render(*values)
     assert result.returncode == 0, result.stderr
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
@@ -53,13 +61,13 @@ def test_the_charts_crd_is_current_with_the_schema() -> None:
     assert crd.main(["--check"]) == 0
 
 
-@pytest.mark.parametrize("values", [[], ["-f", str(EXAMPLE_VALUES)]], ids=["default", "example"])
+@pytest.mark.parametrize("values", [DEFAULT, ["-f", str(EXAMPLE_VALUES)]], ids=["default", "example"])
 def test_helm_lint(values: list[str]) -> None:
     result = run_helm("lint", "--strict", str(CHART), *values)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("values", [[], ["-f", str(EXAMPLE_VALUES)]], ids=["default", "example"])
+@pytest.mark.parametrize("values", [DEFAULT, ["-f", str(EXAMPLE_VALUES)]], ids=["default", "example"])
 def test_helm_template_renders_valid_objects(values: list[str]) -> None:
     docs = template(*values)
     for doc in docs:
@@ -75,7 +83,7 @@ def test_helm_template_renders_valid_objects(values: list[str]) -> None:
 
 
 def test_default_values_least_privilege_and_leader_election() -> None:
-    docs = template()
+    docs = template(*DEFAULT)
     assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
     roles = {r["metadata"]["name"]: r for r in by_kind(docs, "Role")}
     assert set(roles) == {"tw-tightwad", "tw-tightwad-leader-election"}
@@ -91,7 +99,7 @@ def test_default_values_least_privilege_and_leader_election() -> None:
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--lease-name=tightwad-operator" in args and "--no-leader-election" not in args
     (secret,) = by_kind(docs, "Secret")
-    assert len(secret["data"]["token"]) > 40, "a random token when none is given"
+    assert secret["data"]["token"] == base64.b64encode(DEFAULT[1].split("=", 1)[1].encode()).decode()
     assert not by_kind(docs, "PersistentVolumeClaim") and not by_kind(docs, "Service")
 
 
@@ -113,7 +121,7 @@ def test_example_values_pvc_existing_secret_and_exposed_proxy() -> None:
 
 
 def test_watching_every_namespace_takes_a_cluster_role() -> None:
-    docs = template("--set", "operator.watchAllNamespaces=true")
+    docs = template(*DEFAULT, "--set", "operator.watchAllNamespaces=true")
     assert [r["metadata"]["name"] for r in by_kind(docs, "ClusterRole")] == ["tw-tightwad"]
     (deployment,) = by_kind(docs, "Deployment")
     assert not any(
@@ -122,6 +130,40 @@ def test_watching_every_namespace_takes_a_cluster_role() -> None:
 
 
 def test_two_replicas_without_leader_election_are_refused() -> None:
-    result = run_helm("template", "tw", str(CHART), "--set", "operator.leaderElection.enabled=false")
+    result = run_helm(
+        "template", "tw", str(CHART), *DEFAULT, "--set", "operator.leaderElection.enabled=false"
+    )
     assert result.returncode != 0
     assert "two operators must never both act" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "values", [[], DEFAULT, ["-f", str(EXAMPLE_VALUES)]], ids=["bare", "default", "example"]
+)
+def test_helm_template_twice_gives_the_same_objects(values: list[str]) -> None:
+    # What a GitOps tool does on every sync: a render that changes by itself (a token made at render
+    # time, which `lookup` cannot find there) rotates the token and restarts every pod.
+    first, second = render(*values), render(*values)
+    assert (first.returncode, first.stdout, first.stderr) == (second.returncode, second.stdout, second.stderr)
+
+
+def test_without_a_token_the_chart_says_how_to_give_one() -> None:
+    result = render()
+    assert result.returncode != 0, "no token, no Secret: the chart must not invent one at render time"
+    assert "token.value" in result.stderr and "token.existingSecret" in result.stderr
+
+
+def test_the_operator_gets_the_allowed_host_paths() -> None:
+    docs = template(*DEFAULT, "--set", "hostPaths.allowed={/var/lib/tightwad/models,/srv/gguf}")
+    (deployment,) = by_kind(docs, "Deployment")
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    allowed = [a for a in args if a.startswith("--allowed-host-path=")]
+    assert allowed == ["--allowed-host-path=/var/lib/tightwad/models", "--allowed-host-path=/srv/gguf"]
+    (deployment,) = by_kind(template(*DEFAULT), "Deployment")
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert [a for a in args if a.startswith("--allowed-host-path=")] == [
+        "--allowed-host-path=/var/lib/tightwad/models"
+    ]
+    for bad in ("{/}", "{models}", "null"):
+        result = render(*DEFAULT, "--set", f"hostPaths.allowed={bad}")
+        assert result.returncode != 0 and "hostPaths.allowed" in result.stderr, bad
