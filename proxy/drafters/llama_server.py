@@ -31,7 +31,7 @@ class LlamaServerDrafter:
         self.url = url.rstrip("/")
         self.name = name
         self.client = client or httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=2.0))
-        # llama-server started with --api-key (LLAMA_ARG_API_KEY) answers 401 to anything else.
+        # llama-server started with --api-key (LLAMA_API_KEY) answers 401 to anything else.
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     def body(self, request: DraftRequest) -> dict[str, Any]:
