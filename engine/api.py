@@ -1,7 +1,10 @@
 """The engine's HTTP API (Starlette): OpenAI-compatible endpoints plus the versioned verify API.
 
-  GET  /health                 200 with per-worker status; 503 naming a dead rpc worker
+  GET  /health                 open: {"status": "ok"}, or 503 with the error's code; with the token
+                               (or when the engine has none) also the model and per-worker status,
+                               and a 503 names the dead rpc worker
   GET  /ready                  200 once the model serves, 503 otherwise
+  GET  /tightwad/v1/health     /health with its details, behind the token like every other route
   GET  /v1/models
   POST /v1/completions         prompt (text or token ids), streaming SSE, stop, sampling, max_tokens
   POST /v1/chat/completions    the model's own chat template; same options
@@ -18,11 +21,17 @@ ids in each choice). Options that would silently change the output (penalties, l
 tools, n > 1) are refused with 400. Errors have the one shape of tightwad.openai, with a real status;
 a stream that fails after it started ends with one `data: {"error": ...}` event. With a token
 configured every route but /health and /ready needs it (tightwad.http.BearerAuth).
+
+Nothing a request carries may hurt another request: bodies are limited (413 over --max-body-bytes),
+stop lists are bounded (tightwad.stops), a prompt that cannot fit the context is refused before it
+is tokenized, tokenizing and checking big inputs run off the event loop, and a client that leaves
+cancels its generation, streamed or not.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 from collections.abc import AsyncIterator
@@ -38,11 +47,13 @@ from starlette.routing import Route
 from tightwad import http
 from tightwad.engine.chat import ChatFormatter, normalise_messages
 from tightwad.engine.core import Engine, ErrorEvent, FinishEvent, Generation, GenerationEvent
-from tightwad.engine.errors import BadRequest, EngineError, PoolFailure
+from tightwad.engine.errors import BadRequest, ContextLengthExceeded, EngineError, PoolFailure
 from tightwad.engine.textstream import TextAssembler
 from tightwad.engine.workers import PoolMonitor, describe_loss
 from tightwad.openai import OpenAIError, ReplyShape, get_field, token_list, usage
+from tightwad.stops import parse_stops
 from tightwad.verify_api import (
+    PREFIX,
     STATS_PATH,
     VERIFY_PATH,
     VERSION,
@@ -53,28 +64,37 @@ from tightwad.verify_api import (
 )
 
 OPEN_PATHS = ("/health", "/ready")
+HEALTH_PATH = f"{PREFIX}/health"
+DEFAULT_MAX_BODY = 8 * 1024 * 1024  # bytes; a dense drafter row is ~0.5 MB of JSON
+_THREADED_JSON = 64 * 1024  # bodies above this are parsed off the event loop
 
 
 # request parsing -------------------------------------------------------------------------------
-def parse_stops(body: dict[str, Any]) -> list[str]:
-    stop = body.get("stop")
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        return [stop]
-    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        return [s for s in stop if s]
-    raise BadRequest("`stop` must be a string or a list of strings")
-
-
-async def read_json(request: Request) -> dict[str, Any]:
+def _parse_json(raw: bytes) -> dict[str, Any]:
     try:
-        body = json.loads(await request.body() or b"{}")
+        body = json.loads(raw or b"{}")
     except ValueError as exc:
         raise BadRequest(f"the request body is not valid JSON ({exc})") from exc
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     return body
+
+
+async def read_json(request: Request, limit: int = DEFAULT_MAX_BODY) -> dict[str, Any]:
+    raw = await http.read_limited(request, limit, "this engine (--max-body-bytes)")
+    if len(raw) > _THREADED_JSON:
+        return await asyncio.to_thread(_parse_json, raw)
+    return _parse_json(raw)
+
+
+async def _cancel_on_disconnect(request: Request, handle: Generation) -> None:
+    """Cancel the generation once the client is gone (the body was read: the next message a
+    connection gives is its disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            handle.cancel()
+            return
 
 
 @dataclass
@@ -113,6 +133,8 @@ class Api:
         model_name: str,
         monitor: PoolMonitor | None = None,
         formatter: ChatFormatter | None = None,
+        token: str | None = None,
+        max_body: int = DEFAULT_MAX_BODY,
     ) -> None:
         self.engine = engine
         self.model = engine.model
@@ -120,6 +142,12 @@ class Api:
         self.monitor = monitor
         self.formatter = formatter if formatter is not None else ChatFormatter(engine.model)
         self.created = int(time.time())
+        self.token = token
+        self.max_body = max_body
+        # No token covers more characters than the longest piece, so a text longer than n_ctx of
+        # them cannot fit the context, whatever it tokenizes to: refused without tokenizing it.
+        longest = max(len(self.model.token_bytes(t, True)) for t in range(self.model.n_vocab))
+        self.max_prompt_chars = self.engine.n_ctx * max(1, longest)
 
     # health -----------------------------------------------------------------------------------
     def problem(self) -> EngineError | None:
@@ -139,7 +167,24 @@ class Api:
         if problem is not None:
             raise problem
 
+    def _authorized(self, request: Request) -> bool:
+        if self.token is None:
+            return True  # no token: every route is open (and check_bind kept it on loopback)
+        given = request.headers.get("authorization", "").encode()
+        return hmac.compare_digest(given, f"Bearer {self.token}".encode())
+
     async def health(self, request: Request) -> Response:
+        """Open, for probes; the pool's endpoints and what failed only for callers with the token."""
+        if self._authorized(request):
+            return await self.health_detail(request)
+        problem = self.problem()
+        if problem is not None:
+            message = f"the engine cannot serve ({problem.code}); {HEALTH_PATH} with the token says why"
+            error = EngineError(message, status=503, code=problem.code, type_=problem.type)
+            return JSONResponse({"status": "error", **error.to_json()}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    async def health_detail(self, request: Request) -> Response:
         workers = [s.to_json() for s in self.monitor.check()] if self.monitor else []
         problem = self.problem()
         if problem is not None:
@@ -170,8 +215,13 @@ class Api:
         return JSONResponse(self.engine.snapshot())
 
     # tokens -----------------------------------------------------------------------------------
+    # Tokenizing is CPU work that grows with the input: it runs on a thread, never on the event
+    # loop (libllama's tokenizer reads the vocabulary only, so it may run beside the worker thread).
     async def tokenize(self, request: Request) -> Response:
-        body = await read_json(request)
+        body = await read_json(request, self.max_body)
+        return JSONResponse(await asyncio.to_thread(self._tokenize, body))
+
+    def _tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
         if body.get("messages") is not None:
             # A chat rendered with the model's own template, exactly as /v1/chat/completions would:
             # what the proxy needs to speculate on chat requests.
@@ -188,23 +238,35 @@ class Api:
         out: dict[str, Any] = {"tokens": tokens}
         if get_field(body, "with_pieces", bool, False):
             out["pieces"] = encode_pieces([self.model.token_bytes(t) for t in tokens])
-        return JSONResponse(out)
+        return out
 
     async def detokenize(self, request: Request) -> Response:
-        body = await read_json(request)
+        body = await read_json(request, self.max_body)
+        return JSONResponse(await asyncio.to_thread(self._detokenize, body))
+
+    def _detokenize(self, body: dict[str, Any]) -> dict[str, Any]:
         tokens = token_list(body.get("tokens"), "tokens")
         self.engine.check_tokens(tokens, "tokens")
         special = get_field(body, "special", bool, False)
         pieces = [self.model.token_bytes(t, special) for t in tokens]
-        return JSONResponse(
-            {"content": b"".join(pieces).decode("utf-8", "replace"), "pieces": encode_pieces(pieces)}
-        )
+        return {"content": b"".join(pieces).decode("utf-8", "replace"), "pieces": encode_pieces(pieces)}
+
+    def _prompt_tokens(self, text: str, what: str) -> list[int]:
+        """A prompt's tokens (on a thread); ContextLengthExceeded before tokenizing one too long."""
+        if len(text) > self.max_prompt_chars:
+            raise ContextLengthExceeded(
+                f"the {what} has {len(text)} characters, more than a context of {self.engine.n_ctx} "
+                "tokens can hold: shorten it"
+            )
+        return self.model.tokenize(text, add_special=True, parse_special=True)
 
     # verify -----------------------------------------------------------------------------------
     async def verify(self, request: Request) -> Response:
-        call = decode_request(await read_json(request))
+        body = await read_json(request, self.max_body)
         self.refuse_if_unhealthy()
-        reply = await asyncio.wrap_future(self.engine.verify(call))
+        # Checking drafter rows costs time in proportion to the body: off the event loop.
+        future = await asyncio.to_thread(lambda: self.engine.verify(decode_request(body)))
+        reply = await asyncio.wrap_future(future)
         return JSONResponse(encode_reply(reply))
 
     # generation -------------------------------------------------------------------------------
@@ -227,7 +289,7 @@ class Api:
             prompt=prompt,
             sampling=Sampling.from_json(body, default_temperature=1.0),
             max_tokens=max_tokens,
-            stops=parse_stops(body),
+            stops=parse_stops(body.get("stop")),
             stream=get_field(body, "stream", bool, False),
             return_tokens=get_field(body, "return_tokens", bool, False),
             ignore_eos=get_field(body, "ignore_eos", bool, False),
@@ -286,36 +348,53 @@ class Api:
             handle.cancel()  # the client went away, or we are done: a no-op once finished
 
     async def completions(self, request: Request) -> Response:
-        body = await read_json(request)
+        body = await read_json(request, self.max_body)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
         if isinstance(prompt, str):
-            tokens = self.model.tokenize(prompt, add_special=True, parse_special=True)
+            tokens = await asyncio.to_thread(self._prompt_tokens, prompt, "prompt")
         elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
             tokens = prompt
         else:
             raise BadRequest("`prompt` must be a string, or a non-empty list of token ids")
         options = self._options(body, tokens, default_max=16)
-        return await self._respond(options, chat=False)
+        return await self._respond(request, options, chat=False)
 
     async def chat_completions(self, request: Request) -> Response:
-        body = await read_json(request)
+        body = await read_json(request, self.max_body)
         messages = normalise_messages(body.get("messages"))
-        tokens = self.formatter.tokens(messages)
+        tokens = await asyncio.to_thread(self._chat_tokens, messages)
         options = self._options(body, tokens, default_max=self.engine.n_ctx)
-        return await self._respond(options, chat=True)
+        return await self._respond(request, options, chat=True)
 
-    async def _respond(self, options: GenerationOptions, chat: bool) -> Response:
+    def _chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+        size = sum(len(m.get("content") or "") for m in messages)
+        if size > self.max_prompt_chars:
+            raise ContextLengthExceeded(
+                f"the messages have {size} characters, more than a context of {self.engine.n_ctx} "
+                "tokens can hold: shorten them"
+            )
+        return self.formatter.tokens(messages)
+
+    async def _respond(self, request: Request, options: GenerationOptions, chat: bool) -> Response:
         shape = ReplyShape(chat, self.model_name)
         handle, events = self._start(options)
         if options.stream:
             return EventSourceResponse(self._stream(options, handle, events, shape), ping=15)
+        # Not streamed: nothing is written until the end, so only the connection says the client
+        # left; without this a chat (max_tokens defaults to the whole context) would run on.
+        watcher = asyncio.ensure_future(_cancel_on_disconnect(request, handle))
         outcome: list[Outcome] = []
         text, tokens = [], []
-        async for delta in self._drain(options, handle, events, outcome):
-            text.append(delta.text)
-            tokens.extend(delta.tokens)
+        try:
+            async for delta in self._drain(options, handle, events, outcome):
+                text.append(delta.text)
+                tokens.extend(delta.tokens)
+        finally:
+            watcher.cancel()
+        if not outcome:
+            raise EngineError("the generation ended without an outcome")
         done = outcome[0]
         returned = tokens if options.return_tokens else None
         return JSONResponse(shape.body("".join(text), done.finish_reason, done.usage(), returned))
@@ -354,10 +433,12 @@ def create_app(
     monitor: PoolMonitor | None = None,
     token: str | None = None,
     formatter: ChatFormatter | None = None,
+    max_body: int = DEFAULT_MAX_BODY,
 ) -> Starlette:
-    api = Api(engine, model_name, monitor, formatter)
+    api = Api(engine, model_name, monitor, formatter, token=token, max_body=max_body)
     routes = [
         Route("/health", api.health, methods=["GET"]),
+        Route(HEALTH_PATH, api.health_detail, methods=["GET"]),
         Route("/ready", api.ready, methods=["GET"]),
         Route("/v1/models", api.models, methods=["GET"]),
         Route("/v1/completions", api.completions, methods=["POST"]),

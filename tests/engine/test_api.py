@@ -7,6 +7,8 @@ import base64
 import json
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 
@@ -262,3 +264,112 @@ def test_cli_refuses_a_worker_of_another_llama_cpp_build(
         server.close()
     err = capsys.readouterr().err
     assert "speaks RPC protocol 99.0.0" in err and "same llama.cpp build" in err
+
+
+# hostile or careless requests: each fails alone, with a 4xx naming its field ----------------------
+def test_a_negative_seed_is_served_reproducibly_and_hurts_no_one(local_engine: EngineProcess) -> None:
+    prompt = tokenize(local_engine, STORY)
+    sampling = {"temperature": 0.8, "seed": -1}
+    replies = []
+    for i in range(9):  # one more than the engine's --parallel: no sequence may be lost
+        body = {"conversation": f"seed-{i}", "tokens": prompt, "reset": True, "sampling": sampling}
+        response = httpx.post(f"{local_engine.url}/tightwad/v1/verify", json={**body}, timeout=30)
+        assert response.status_code == 200, response.text
+        replies.append(response.json()["tokens"])
+    assert replies[0] == replies[1]  # -1 is a seed like any other: the same stream every time
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, **sampling}
+    assert local_engine.post("/v1/chat/completions", chat).status_code == 200
+    too_big = local_engine.post("/v1/completions", {"prompt": "x", "temperature": 1, "seed": 2**64})
+    assert too_big.status_code == 400 and too_big.json()["error"]["param"] == "seed"
+
+
+def test_a_tiny_temperature_is_greedy_and_hurts_no_one(local_engine: EngineProcess) -> None:
+    prompt = tokenize(local_engine, STORY)
+    outcome: list[list[str]] = []
+
+    def neighbour() -> None:
+        request = {"prompt": prompt, "max_tokens": 40, "ignore_eos": True, "stream": True, "temperature": 0}
+        with httpx.stream("POST", f"{local_engine.url}/v1/completions", json=request, timeout=60) as r:
+            outcome.append(sse_data(r))
+
+    thread = threading.Thread(target=neighbour)
+    thread.start()
+    time.sleep(0.3)
+    tiny = {"prompt": prompt, "max_tokens": 8, "temperature": 1e-308, "return_tokens": True}
+    response = local_engine.post("/v1/completions", tiny)
+    thread.join(timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["tokens"] == engine_greedy(local_engine, prompt, 8)
+    assert outcome and outcome[0][-1] == "[DONE]", outcome
+
+
+def test_stop_lists_are_bounded(local_engine: EngineProcess) -> None:
+    for stop in (["x"] * 17, "y" * 5000):
+        response = local_engine.post("/v1/completions", {"prompt": "x", "max_tokens": 1, "stop": stop})
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == "stop"
+
+
+def test_a_body_over_the_limit_is_a_413(local_engine: EngineProcess) -> None:
+    huge = json.dumps({"prompt": "a " * (5 * 2**20)}).encode()  # 10 MiB, over the default 8 MiB
+    for content in (huge, iter([huge[i : i + 2**20] for i in range(0, len(huge), 2**20)])):
+        response = httpx.post(f"{local_engine.url}/v1/completions", content=content, timeout=60)
+        assert response.status_code == 413, response.text[:300]
+        assert response.json()["error"]["code"] == "request_too_large"
+
+
+def test_big_inputs_never_block_the_event_loop(local_engine: EngineProcess) -> None:
+    text = "the quick brown fox jumps over the lazy dog. " * 150_000  # 6.8 MB: seconds to tokenize
+    done = threading.Event()
+
+    def tokenize_it() -> None:
+        local_engine.post("/tokenize", {"content": text})
+        done.set()
+
+    thread = threading.Thread(target=tokenize_it)
+    thread.start()
+    time.sleep(0.5)
+    slowest = 0.0
+    while not done.is_set():
+        start = time.perf_counter()
+        assert local_engine.get("/health").status_code == 200
+        slowest = max(slowest, time.perf_counter() - start)
+        time.sleep(0.1)
+    thread.join()
+    assert slowest < 1.0, f"/health took {slowest:.2f} s while a big input was tokenized"
+    # A prompt that cannot fit the context whatever its tokens is refused before it is tokenized.
+    start = time.perf_counter()
+    response = local_engine.post("/v1/completions", {"prompt": text})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+    assert time.perf_counter() - start < 1.0
+
+
+def test_a_client_that_leaves_a_non_streaming_request_stops_it(local_engine: EngineProcess) -> None:
+    request = {"prompt": "Count:", "max_tokens": 3000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{local_engine.url}/v1/completions", json=request, timeout=1.5)
+    time.sleep(1.0)
+    first = local_engine.get("/tightwad/v1/stats").json()
+    time.sleep(0.5)
+    second = local_engine.get("/tightwad/v1/stats").json()
+    assert second["generated_tokens"] == first["generated_tokens"] and second["active"] == 0
+
+
+def test_health_details_need_the_token(toolchain: Toolchain, processes: Processes) -> None:
+    engine = start_engine(
+        processes, models.resolve("smollm2-135m-q4_1"), ctx=512, extra=["--token", "s3cret"], name="health"
+    )
+    auth = {"Authorization": "Bearer s3cret"}
+    assert engine.get("/health").json() == {"status": "ok"}  # nothing about the pool for strangers
+    detailed = engine.get("/health", headers=auth).json()
+    assert detailed["status"] == "ok" and "workers" in detailed and "model" in detailed
+    assert engine.get("/tightwad/v1/health").status_code == 401
+    assert engine.get("/tightwad/v1/health", headers=auth).json() == detailed
+
+
+def test_the_shutdown_watchdog_ends_a_teardown_that_hangs() -> None:
+    code = "import time; from tightwad.engine import cli; cli.start_watchdog(0.5, bool); time.sleep(60)"
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert done.returncode == cli.EXIT_TEARDOWN_HUNG and time.monotonic() - start < 10
+    assert "exiting without freeing" in done.stderr
