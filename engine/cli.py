@@ -9,7 +9,12 @@ token (`--token` or TIGHTWAD_TOKEN). Once the model is loaded it prints one line
 `tightwad engine ready: http://HOST:PORT ...`.
 
 Exit codes: 0 after a clean shutdown, 1 when it could not start, 3 when it stopped after losing an
-rpc worker (it keeps serving 503s until told to stop; restart it once the worker is back).
+rpc worker (it keeps serving 503s until told to stop; restart it once the worker is back), 4 when
+its teardown hung and the shutdown watchdog ended it.
+
+SIGTERM always ends it within about --shutdown-grace seconds: requests still running get that long,
+and a libllama teardown that hangs (freeing memory on an rpc worker that died meanwhile blocks, or
+parks in the abort trap) is cut short by a watchdog that says so and exits without freeing.
 """
 
 from __future__ import annotations
@@ -17,18 +22,21 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tightwad import http
 from tightwad.engine import libllama
-from tightwad.engine.api import create_app
+from tightwad.engine.api import DEFAULT_MAX_BODY, create_app
 from tightwad.engine.chat import ChatFormatter
 from tightwad.engine.core import Engine
-from tightwad.engine.workers import PoolMonitor
+from tightwad.engine.errors import PoolFailure
+from tightwad.engine.workers import PoolMonitor, describe_loss
 from tightwad.errors import TightwadError
 
 EXIT_WORKER_LOST = 3
+EXIT_TEARDOWN_HUNG = 4
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,8 +68,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-type", choices=["f16", "f32", "q8_0"], default="f16", help="KV cache type")
     p.add_argument("--alias", default=None, help="model name in the API (default: the file name)")
     p.add_argument("--token", default=None, help="bearer token required by the API (or TIGHTWAD_TOKEN)")
+    p.add_argument(
+        "--max-body-bytes", type=int, default=DEFAULT_MAX_BODY, help="largest request body (413 above it)"
+    )
+    p.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=15.0,
+        help="seconds a shutdown may take before the engine exits without freeing (exit code 4)",
+    )
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's info log")
     return p
+
+
+def start_watchdog(grace: float, lost: Callable[[], bool]) -> threading.Timer:
+    """End the process `grace` seconds from now unless cancelled: a teardown that touches a dead rpc
+    worker can block forever, and a supervisor waiting for us would block with it."""
+
+    def expire() -> None:
+        code = EXIT_WORKER_LOST if lost() else EXIT_TEARDOWN_HUNG
+        print(
+            f"tightwad engine: shutdown still not done after {grace:g} s (an rpc worker gone?); "
+            f"exiting without freeing (exit code {code})",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(code)
+
+    timer = threading.Timer(grace, expire)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 def parse_endpoints(value: str) -> list[str]:
@@ -135,7 +172,14 @@ def main(argv: list[str] | None = None) -> int:
         libllama.install_abort_trap(engine.on_fatal_ggml_error)
         engine.start()
         name = args.alias or Path(args.model).name
-        app = create_app(engine, name, monitor=monitor, token=token, formatter=ChatFormatter(model))
+        app = create_app(
+            engine,
+            name,
+            monitor=monitor,
+            token=token,
+            formatter=ChatFormatter(model),
+            max_body=args.max_body_bytes,
+        )
     except (TightwadError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -151,18 +195,26 @@ def main(argv: list[str] | None = None) -> int:
 
     started = False
     try:
-        started = http.serve(app, args.host, args.port, token=token, on_ready=announce)
+        # Requests still running at SIGTERM get half the grace; the teardown below the rest.
+        server = http.Server(app, args.host, args.port, token=token, graceful_timeout=args.shutdown_grace / 2)
+        started = server.run(on_ready=announce)
     except TightwadError as exc:  # the port is taken
         print(f"error: {exc}", file=sys.stderr)
     finally:
+        watchdog = start_watchdog(args.shutdown_grace, lambda: engine.failure is not None)
+        if engine.failure is None and monitor is not None:
+            dead = monitor.dead(max_age=0)
+            if dead:  # lost while idle, or while stopping: nobody asked, so nobody noticed yet
+                engine.fail(PoolFailure(describe_loss(dead)))
         if engine.failure is not None:
             print(f"tightwad engine: stopped after a failure: {engine.failure}", file=sys.stderr, flush=True)
             # Freeing memory held on a dead rpc worker would abort; the OS reclaims everything.
             os._exit(EXIT_WORKER_LOST)
-        engine.stop()
+        engine.stop(timeout=args.shutdown_grace / 4)
         model.close()
         if monitor is not None:
             monitor.close()
+        watchdog.cancel()
     return 0 if started else 1
 
 

@@ -163,3 +163,19 @@ def test_a_worker_lost_mid_stream_ends_the_stream_with_an_error_not_a_crash(
     assert response.status_code == 503 and response.json()["error"]["code"] == "worker_lost"
     assert engine.process.poll() is None, "libggml's abort must not take the engine down"
     assert stop(engine) == 3
+
+
+def test_sigterm_ends_an_engine_whose_workers_died_before_anyone_noticed(
+    toolchain: Toolchain, processes: Processes
+) -> None:
+    workers = start_workers(processes, toolchain)
+    engine = start_engine(
+        processes, models.resolve("smollm2-135m-q4_1"), rpc=[e for e, _ in workers], name="loss-stop"
+    )
+    assert engine.post("/v1/completions", {"prompt": "Hello", "max_tokens": 2}).status_code == 200
+    for _, pid in workers:
+        os.killpg(pid, signal.SIGKILL)
+    os.killpg(engine.process.pid, signal.SIGTERM)  # at once: no request or probe has seen the loss
+    start = time.monotonic()
+    code = engine.process.wait(timeout=40)
+    assert code == 3 and time.monotonic() - start < 20, (code, engine.log.read_text()[-2000:])
