@@ -125,8 +125,11 @@ def _http() -> httpx.Client:
 def http_unit(unit: Unit, timeout: float = 2.0) -> Probe:
     """An HTTP server's own verdict. A 503 while loading (llama-server) is STARTING; from the
     engine, which only listens once loaded, it is FAILING (e.g. it lost a worker)."""
+    # With the token an engine's /health says which worker failed; without it, only that one did.
+    token = unit.secrets.get("TIGHTWAD_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        response = _http().get(unit.url + http_path(unit), timeout=timeout)
+        response = _http().get(unit.url + http_path(unit), timeout=timeout, headers=headers)
     except httpx.TimeoutException:
         return Probe(Health.FAILING, "health check timed out")
     except httpx.HTTPError:
