@@ -6,7 +6,7 @@ import re
 
 from tightwad.errors import TightwadError
 
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
 
 class RangeError(TightwadError, ValueError):  # ValueError: what a parse failure is
@@ -15,7 +15,7 @@ class RangeError(TightwadError, ValueError):  # ValueError: what a parse failure
 
 def parse_range(header: str, size: int) -> tuple[int, int]:
     """`(start, end)`, end exclusive, for a `Range` header against a file of `size` bytes."""
-    match = _RANGE.match(header.strip().replace(" ", ""))
+    match = _RANGE.fullmatch(header.strip().replace(" ", ""))
     if not match or (not match.group(1) and not match.group(2)):
         raise RangeError(f"unsupported range {header!r}: send one range, bytes=START-END")
     first, last = match.group(1), match.group(2)

@@ -24,7 +24,7 @@ FORMAT = 1
 DEFAULT_PIECE_SIZE = 64 << 20
 MIN_PIECE_SIZE = 16 << 10
 MAX_PIECE_SIZE = 1 << 30
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 _ZERO_CHECK_LIMIT = 16 << 20  # gaps are alignment padding (< 64 bytes); bigger ones are just content
 
 SegmentKind = Literal["header", "tensor", "zero", "gap"]
@@ -35,7 +35,8 @@ class ManifestInvalid(TightwadError):
 
 
 def is_sha256(text: object) -> bool:
-    return isinstance(text, str) and bool(_HEX64.match(text))
+    # fullmatch: with match, `$` also matches before a trailing newline
+    return isinstance(text, str) and bool(_HEX64.fullmatch(text))
 
 
 def check_file_name(name: object) -> str:

@@ -19,12 +19,12 @@ from tightwad.swarm.delta import ContentIndex, Copy, Fetch, Fill, fetched_bytes,
 from tightwad.swarm.gguf_layout import read_layout
 from tightwad.swarm.hashing import SplitHasher, hash_file
 from tightwad.swarm.httprange import RangeError, parse_range
-from tightwad.swarm.pieces import ManifestInvalid, PieceManifest, build_manifest, check_file_name
+from tightwad.swarm.pieces import ManifestInvalid, PieceManifest, build_manifest, check_file_name, is_sha256
 from tightwad.swarm.ratelimit import TokenBucket
 from tightwad.swarm.scoring import BACKOFF_MAX, PeerScore
 from tightwad.swarm.seeding import UploadLedger
 from tightwad.swarm.selection import availability, pick_endgame, pick_piece
-from tightwad.swarm.tracker import Tracker, normalise_peer_url
+from tightwad.swarm.tracker import MAX_FILES, MAX_PEERS_PER_FILE, Tracker, normalise_peer_url
 
 KIB = 1024
 
@@ -236,6 +236,28 @@ def test_tracker_forgets_peers_that_stop_announcing() -> None:
     assert normalise_peer_url("http://h:1/") == "http://h:1"
     for bad in ("ftp://h", "http://u:p@h", "http://h/x", "http://h:99999", "h:1", None):
         assert normalise_peer_url(bad) is None
+
+
+def test_tracker_forgets_files_nobody_announces_and_caps_what_it_holds() -> None:
+    now = [0.0]
+    tracker = Tracker(ttl=10, clock=lambda: now[0])
+    tracker.announce("a" * 64, "http://10.0.0.2:8089")
+    now[0] = 30.0
+    tracker.announce("b" * 64, "http://10.0.0.2:8089")
+    assert tracker.files == 1  # "a" expired without anyone asking for it
+    for index in range(MAX_FILES + 10):
+        tracker.announce(f"{index:064x}", "http://10.0.0.3:8089")
+    assert tracker.files == MAX_FILES
+    assert tracker.peers(f"{MAX_FILES + 9:064x}") == ["http://10.0.0.3:8089"]  # the newest are kept
+    for index in range(MAX_PEERS_PER_FILE + 10):
+        tracker.announce("c" * 64, f"http://10.1.{index // 250}.{index % 250}:8089")
+    assert len(tracker.peers("c" * 64)) == MAX_PEERS_PER_FILE
+
+
+def test_a_sha256_is_exactly_64_lowercase_hex_digits() -> None:
+    assert is_sha256("a" * 64)
+    for bad in ("a" * 64 + "\n", "a" * 63, "A" * 64, " " + "a" * 64, None):
+        assert not is_sha256(bad)
 
 
 def test_range_header_parsing() -> None:
