@@ -15,7 +15,6 @@ TV 0.51; resampling a rejection from p instead of the residual gives TV 0.25).
 from __future__ import annotations
 
 import asyncio
-import math
 from collections import Counter
 from collections.abc import Iterator
 
@@ -23,6 +22,7 @@ import httpx
 import numpy as np
 import pytest
 from support.engines import EngineProcess, LocalDrafter, chat_prompt, tokenize
+from support.stats import tv, tv_tolerance
 
 from tightwad import models
 from tightwad.engine import libllama
@@ -34,18 +34,6 @@ pytestmark = pytest.mark.integration
 PROMPT = chat_prompt("Say a number between 1 and 10.")
 TARGET = Sampling(temperature=1.0, top_k=8)
 DRAFT = Sampling(temperature=1.0, top_k=3)
-
-
-def tv_tolerance(k: int, n: int, failure: float = 1e-6) -> float:
-    return 0.5 * math.sqrt(k / n) + math.sqrt(math.log(1 / failure) / (2 * n))
-
-
-def tv(counts: Counter[int], p: np.ndarray) -> float:
-    n = sum(counts.values())
-    empirical = np.zeros_like(p)
-    for token, c in counts.items():
-        empirical[token] = c / n
-    return 0.5 * float(np.abs(empirical - p).sum())
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ bonus from q, ...) is at least 0.2 away in TV, far outside these tolerances.
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 
 import numpy as np
 import pytest
+from support.stats import tv, tv_tolerance
 
 from tightwad.engine.verify import (
     Acceptance,
@@ -24,18 +24,6 @@ from tightwad.engine.verify import (
     target_distribution,
 )
 from tightwad.verify_api import Sampling
-
-
-def tv_tolerance(k: int, n: int, failure: float = 1e-6) -> float:
-    return 0.5 * math.sqrt(k / n) + math.sqrt(math.log(1 / failure) / (2 * n))
-
-
-def tv(counts: Counter[int], p: np.ndarray) -> float:
-    n = sum(counts.values())
-    empirical = np.zeros_like(p)
-    for token, c in counts.items():
-        empirical[token] = c / n
-    return 0.5 * float(np.abs(empirical - p).sum())
 
 
 # target_distribution ---------------------------------------------------------------------------
