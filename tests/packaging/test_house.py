@@ -24,7 +24,8 @@ def test_components_import_under_one_root() -> None:
 
 
 def test_bare_operator_is_still_the_standard_library_from_the_repo_root() -> None:
-    # `python -m` puts the working directory first on sys.path: the hazard DESIGN.md warns about.
+    # `python -m` puts the working directory first on sys.path: an operator/__init__.py there would
+    # shadow the standard library for every such command.
     out = subprocess.run(
         [sys.executable, "-m", "json.tool", "--help"], cwd=ROOT, capture_output=True, text=True
     )
