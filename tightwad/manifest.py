@@ -8,20 +8,21 @@ one `ManifestError` that carries all the problems found, each with a document pa
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import functools
+import gc
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from jsonschema import Draft202012Validator, ValidationError
 from yaml.error import Mark
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
@@ -40,6 +41,10 @@ from tightwad.manifest_views import (
 )
 from tightwad.manifest_views import parse_size as parse_size  # re-exported: a manifest's sizes
 from tightwad.netaddr import is_loopback as is_loopback  # re-exported: the one loopback rule
+from tightwad.schemacheck import SchemaUnsupported, compile_schema
+
+if TYPE_CHECKING:  # jsonschema is imported only for a document the compiled check rejects
+    from jsonschema import Draft202012Validator, ValidationError
 
 API_VERSION = "tightwad.dev/v1alpha1"
 KIND = "TightwadCluster"
@@ -194,6 +199,13 @@ def parse_manifest(
     `${VAR}` is looked up in `environ` (default: os.environ); `base_dir` is recorded on the Manifest
     for resolving relative model paths. Raises ManifestError with every problem found.
     """
+    with gc_paused():
+        return _parse_manifest(text, source_name, environ, base_dir)
+
+
+def _parse_manifest(
+    text: str, source_name: str, environ: Mapping[str, str] | None, base_dir: Path | None
+) -> Manifest:
     root = _compose(text, source_name)
     walker = _Walker(os.environ if environ is None else environ)
     walker.walk(root)
@@ -201,18 +213,35 @@ def parse_manifest(
         data = _Loader("").construct_document(root)
     except yaml.MarkedYAMLError as exc:
         raise ManifestError(source_name, [_yaml_problem(exc, "quote the value or remove its tag")]) from None
-    problems = [*walker.problems, *_check(data, walker.places)]
+    schema_problems, filled = _check(data, walker.places)
+    problems = [*walker.problems, *schema_problems]
     # A value whose ${VAR} failed is still the raw text; other complaints about it would be noise.
     problems = [p for p in problems if p in walker.problems or p.path not in walker.failed_paths]
     _raise_if_any(source_name, problems)
-    return Manifest(_with_defaults(data), source_name, base_dir)
+    return Manifest(filled, source_name, base_dir)
 
 
 def manifest_from_dict(data: Mapping[str, Any], source_name: str = "<object>") -> Manifest:
     """Validate an already-parsed manifest (e.g. a Kubernetes custom resource); no interpolation."""
-    plain = copy.deepcopy(dict(data))
-    _raise_if_any(source_name, _check(plain, _Places()))
-    return Manifest(_with_defaults(plain), source_name)
+    with gc_paused():
+        plain = copy.deepcopy(dict(data))
+        problems, filled = _check(plain, _Places())
+        _raise_if_any(source_name, problems)
+        return Manifest(filled, source_name)
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a manifest is read: reading builds a few objects per byte,
+    all reachable, and each collection would walk every one of them again (reading 10,000 hosts
+    took twice as long with it). What is garbage is collected when it resumes."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 @functools.cache
@@ -240,13 +269,51 @@ def format_path(path: Iterable[Any]) -> str:
 # YAML: parse, remember where everything is, interpolate ${VAR}
 
 
+# libyaml's parser is some 20 times faster than PyYAML's own; the pure-Python one stays for the
+# (rare) broken file, whose messages people and tests know.
+_C_LOADER: Any = getattr(yaml, "CSafeLoader", None)
+
+
+if _C_LOADER is not None:
+
+    class _FastLoader(_C_LOADER):  # type: ignore[misc,valid-type]
+        """libyaml's parser, with each plain scalar's implicit tag worked out once per distinct
+        text (a fleet repeats `cuda`, `docker`, its ports, thousands of times)."""
+
+        def __init__(self, stream: str) -> None:
+            super().__init__(stream)
+            self._tags: dict[str, str] = {}
+
+        def resolve(self, kind: type[Node], value: Any, implicit: Any) -> Any:
+            if kind is not ScalarNode or not implicit[0]:
+                return super().resolve(kind, value, implicit)
+            tag = self._tags.get(value)  # for a plain scalar the tag depends on its text alone
+            if tag is None:
+                tag = self._tags[value] = super().resolve(kind, value, implicit)
+            return tag
+
+
+_FAST_LOADER: Any = _FastLoader if _C_LOADER is not None else None
+
+
 def _compose(text: str, source: str) -> Node:
+    if _FAST_LOADER is not None:
+        try:
+            root = yaml.compose(text, Loader=_FAST_LOADER)
+        except yaml.YAMLError:
+            pass  # parsed again below, for the pure-Python parser's wording of the problem
+        else:
+            return _non_empty(root, source)
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         raise ManifestError(source, [_yaml_problem(exc)]) from None
     except yaml.YAMLError as exc:  # errors without a position, e.g. bad characters
         raise ManifestError(source, [ManifestProblem("", f"invalid YAML: {exc}")]) from None
+    return _non_empty(root, source)
+
+
+def _non_empty(root: Node | None, source: str) -> Node:
     if root is None:
         message = f"the file is empty; a manifest starts with `apiVersion: {API_VERSION}`"
         raise ManifestError(source, [ManifestProblem("", message, 1, 1)])
@@ -410,7 +477,9 @@ class _Walker:
             self.failed_paths.add(format_path(path))
             return
         node.value = value
-        if node.style is None and value:  # an empty result stays "", not YAML's empty-means-null
+        # Plain (unquoted): style None from PyYAML, "" from libyaml. An empty result stays "",
+        # not YAML's empty-means-null.
+        if not node.style and value:
             node.tag = self._loader.resolve(ScalarNode, value, (True, False))
 
 
@@ -421,18 +490,37 @@ def _raise_if_any(source: str, problems: Iterable[ManifestProblem]) -> None:
         raise ManifestError(source, unique)
 
 
-def _check(data: Any, places: _Places) -> list[ManifestProblem]:
-    """Schema problems, then the rules a schema cannot express (on the document with defaults)."""
+def _check(data: Any, places: _Places) -> tuple[list[ManifestProblem], Any]:
+    """Schema problems, then the rules a schema cannot express (on the document with defaults);
+    and the document with its defaults filled in (a copy: `data` is left as it was)."""
+    problems = [] if _fast_check()(data) else _schema_problems(data, places)
+    filled = _with_defaults(data)
+    if isinstance(filled, dict) and isinstance(filled.get("spec"), dict):
+        for path, message, at_key in _semantic_findings(filled["spec"], places):
+            problems.append(places.problem(("spec", *path), message, at_key=at_key))
+    return problems, filled
+
+
+def _schema_problems(data: Any, places: _Places) -> list[ManifestProblem]:
     errors = list(_validator().iter_errors(data))
     # A value of the wrong type fails its other keywords too; the type is the one thing to say.
     mistyped = {tuple(e.absolute_path) for e in errors if e.validator == "type"}
     errors = [e for e in errors if e.validator == "type" or tuple(e.absolute_path) not in mistyped]
-    problems = [problem for error in errors for problem in _explain(error, places)]
-    if isinstance(data, dict) and isinstance(data.get("spec"), dict):
-        spec = _with_defaults(data)["spec"]
-        for path, message, at_key in _semantic_findings(spec, places):
-            problems.append(places.problem(("spec", *path), message, at_key=at_key))
-    return problems
+    return [problem for error in errors for problem in _explain(error, places)]
+
+
+def _jsonschema_says_valid(data: Any) -> bool:
+    return _validator().is_valid(data)
+
+
+@functools.cache
+def _fast_check() -> Callable[[Any], bool]:
+    """The schema compiled once into a yes/no check (tightwad.schemacheck): a valid document, the
+    usual case, never reaches jsonschema. A schema it cannot compile goes to jsonschema always."""
+    try:
+        return compile_schema(load_schema())
+    except SchemaUnsupported:
+        return _jsonschema_says_valid
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,6 +529,8 @@ def _check(data: Any, places: _Places) -> list[ManifestProblem]:
 
 @functools.cache
 def _validator() -> Draft202012Validator:
+    from jsonschema import Draft202012Validator
+
     return Draft202012Validator(load_schema())
 
 
@@ -458,23 +548,52 @@ def _resolve(schema: Mapping[str, Any]) -> dict[str, Any]:
 
 def _with_defaults(data: Any) -> Any:
     """A copy of `data` with every missing key that has a schema default filled in."""
-    filled = copy.deepcopy(data)
-    _fill_defaults(filled, load_schema())
-    return filled
+    return _filled(data, load_schema())
 
 
-def _fill_defaults(instance: Any, schema: Mapping[str, Any]) -> None:
-    schema = _resolve(schema)
+@dataclass(frozen=True)
+class _DefaultsOf:
+    """What filling defaults needs of one schema node, its `$ref`s followed once (not per value)."""
+
+    properties: dict[str, Mapping[str, Any]]  # each property's resolved schema
+    defaults: dict[str, Any]  # the properties that have a default
+    items: Mapping[str, Any] | None
+
+
+_DEFAULTS_OF: dict[int, tuple[Mapping[str, Any], _DefaultsOf]] = {}
+
+
+def _defaults_of(schema: Mapping[str, Any]) -> _DefaultsOf:
+    known = _DEFAULTS_OF.get(id(schema))
+    if known is not None and known[0] is schema:
+        return known[1]
+    resolved = _resolve(schema)
+    properties = {key: _resolve(sub) for key, sub in resolved.get("properties", {}).items()}
+    items = resolved.get("items")
+    found = _DefaultsOf(
+        properties,
+        {key: sub["default"] for key, sub in properties.items() if "default" in sub},
+        items if isinstance(items, Mapping) else None,
+    )
+    _DEFAULTS_OF[id(schema)] = (schema, found)  # the schema kept alive, so its id stays its own
+    return found
+
+
+def _filled(instance: Any, schema: Mapping[str, Any] | None) -> Any:
+    """`instance` copied (every mapping and list anew), defaults added where `schema` has them."""
     if isinstance(instance, dict):
-        for key, sub in schema.get("properties", {}).items():
-            sub = _resolve(sub)
-            if key not in instance and "default" in sub:
-                instance[key] = copy.deepcopy(sub["default"])
-            if key in instance:
-                _fill_defaults(instance[key], sub)
-    elif isinstance(instance, list) and isinstance(schema.get("items"), Mapping):
-        for item in instance:
-            _fill_defaults(item, schema["items"])
+        if schema is None:
+            return {key: _filled(value, None) for key, value in instance.items()}
+        of = _defaults_of(schema)
+        out = {key: _filled(value, of.properties.get(key)) for key, value in instance.items()}
+        for key, default in of.defaults.items():
+            if key not in out:
+                out[key] = _filled(default, of.properties[key])  # a copy: the schema's stays intact
+        return out
+    if isinstance(instance, list):
+        items = _defaults_of(schema).items if schema is not None else None
+        return [_filled(item, items) for item in instance]
+    return instance
 
 
 _TYPE_WORDS = {

@@ -14,6 +14,7 @@ validate anything themselves.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import types
 import typing
@@ -291,17 +292,19 @@ def json_key(name: str) -> str:
 def build_view(cls: type[View], data: Mapping[str, Any]) -> View:
     """The view `cls` of the schema object `data` (validated, defaults filled in); keys the
     document leaves out take the field's default, which is the schema's."""
-    hints = _hints(cls)
     values = {}
-    for item in dataclasses.fields(cls):  # type: ignore[arg-type]
-        key = json_key(item.name)
+    for name, key, hint in _fields(cls):
         if key in data:
-            values[item.name] = _convert(hints[item.name], data[key])
+            values[name] = _convert(hint, data[key])
     return cls(**values)
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+@functools.cache
+def _fields(cls: type) -> tuple[tuple[str, str, Any], ...]:
+    """(field, schema key, type) of a view class; worked out once per class (resolving the hints
+    costs far more than building a view: a 1000-host manifest builds thousands)."""
+    hints = typing.get_type_hints(cls)
+    return tuple((item.name, json_key(item.name), hints[item.name]) for item in dataclasses.fields(cls))
 
 
 def _convert(hint: Any, value: Any) -> Any:
