@@ -12,12 +12,12 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 from support.plans import BASE, Sim, manifest_data
+from support.servers import ThreadServer
 
 from tightwad import models
 from tightwad.launch import free_port
@@ -101,23 +101,6 @@ def test_the_swarm_sidecar_needs_the_component_and_the_manifest_file() -> None:
 # the router
 
 
-class _Server:
-    def __init__(self, app: Starlette, port: int) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.url = f"http://127.0.0.1:{port}"
-
-    def __enter__(self) -> _Server:
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-
 def backend(name: str, gate: threading.Event | None = None) -> Starlette:
     async def echo(request: Request) -> JSONResponse:
         return JSONResponse(
@@ -141,13 +124,12 @@ def backend(name: str, gate: threading.Event | None = None) -> Starlette:
 
 
 @pytest.fixture
-def routed() -> Iterator[tuple[str, _Server, _Server, threading.Event]]:
+def routed() -> Iterator[tuple[str, ThreadServer, ThreadServer, threading.Event]]:
     gate = threading.Event()
-    with _Server(backend("one", gate), free_port()) as one, _Server(backend("two"), free_port()) as two:
-        port = free_port()
+    with ThreadServer(backend("one", gate)) as one, ThreadServer(backend("two")) as two:
         router = router_module.Router(None, token="route-token")
-        with _Server(router_module.create_app(router), port):  # type: ignore[arg-type]
-            yield f"http://127.0.0.1:{port}", one, two, gate
+        with ThreadServer(router_module.create_app(router), token="route-token") as front:  # type: ignore[arg-type]
+            yield front.url, one, two, gate
 
 
 ROUTE_AUTH = {"Authorization": "Bearer route-token"}  # reading the route needs the token too
@@ -163,7 +145,7 @@ def put_route(url: str, backend_url: str, unit: str, token: str = "route-token")
 
 
 def test_the_router_answers_503_until_it_has_a_backend_then_forwards(
-    routed: tuple[str, _Server, _Server, threading.Event],
+    routed: tuple[str, ThreadServer, ThreadServer, threading.Event],
 ) -> None:
     url, one, _, _ = routed
     response = httpx.post(f"{url}/echo", content=b"hi", timeout=10)
@@ -187,7 +169,7 @@ def test_the_router_answers_503_until_it_has_a_backend_then_forwards(
 
 
 def test_requests_finish_where_they_started_and_inflight_counts_them(
-    routed: tuple[str, _Server, _Server, threading.Event],
+    routed: tuple[str, ThreadServer, ThreadServer, threading.Event],
 ) -> None:
     url, one, two, gate = routed
     put_route(url, one.url, "engine-1")
@@ -215,7 +197,7 @@ def test_requests_finish_where_they_started_and_inflight_counts_them(
 
 
 def test_a_dead_backend_is_a_502_in_openai_shape(
-    routed: tuple[str, _Server, _Server, threading.Event],
+    routed: tuple[str, ThreadServer, ThreadServer, threading.Event],
 ) -> None:
     url, _, _, _ = routed
     put_route(url, f"http://127.0.0.1:{free_port()}", "engine-gone")

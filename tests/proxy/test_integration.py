@@ -12,11 +12,9 @@ import random
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -24,6 +22,7 @@ from starlette.routing import Route
 from support.engines import EngineProcess, chat_prompt, start_engine
 from support.procs import Processes
 from support.proxies import AUTH, TOKEN, ProxyProcess, kill, sse, start_drafter, start_proxy, stream_reply
+from support.servers import ThreadServer
 
 from tightwad import models
 from tightwad.launch import free_port
@@ -213,27 +212,6 @@ def test_drafter_killed_mid_reply(
     assert stats["drafter"]["failures"] >= 1 and stats["generated_tokens"].get("engine", 0) > 0
 
 
-class ThreadServer:
-    """A small Starlette app served by uvicorn on a thread of this process."""
-
-    def __init__(self, app: Starlette) -> None:
-        self.port = free_port()
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.02)
-        return f"http://127.0.0.1:{self.port}"
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-
-
 def garbage_drafter() -> Starlette:
     """A "llama-server" that answers nonsense: random ids (some out of the vocabulary), broken
     JSON, wrong shapes and errors."""
@@ -259,8 +237,8 @@ def test_garbage_drafter_still_exact(
     processes: Processes,
     references: list[dict],  # type: ignore[type-arg]
 ) -> None:
-    with ThreadServer(garbage_drafter()) as url:
-        proxy = start_proxy(processes, local_engine.url, "--draft-timeout", "2", draft=url)
+    with ThreadServer(garbage_drafter()) as drafter:
+        proxy = start_proxy(processes, local_engine.url, "--draft-timeout", "2", draft=drafter.url)
         for case in (0, 2):
             prompt, stop = GOLDEN[case]
             body = {
