@@ -261,9 +261,9 @@ def _probes(unit: Unit) -> dict[str, Any]:
                 "readinessProbe": _http_probe(unit, "/health", 5, 3),
             }
         case Kind.ROUTER:
-            return {"readinessProbe": _http_probe(unit, "/_tightwad/route", 5, 3)}
+            return {"readinessProbe": _http_probe(unit, "/_tightwad/health", 5, 3)}
         case Kind.PROXY if unit.spec.get("impl") == "router":
-            return {"readinessProbe": _http_probe(unit, "/_tightwad/route", 5, 3)}
+            return {"readinessProbe": _http_probe(unit, "/_tightwad/health", 5, 3)}
         case _:
             return {
                 "readinessProbe": _http_probe(unit, "/health", 5, 3),
