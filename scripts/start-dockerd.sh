@@ -34,7 +34,8 @@ if [[ ${1:-start} == stop ]]; then
   if running; then
     pid=$(cat "$pidfile")
     kill "$pid"
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    # dockerd stops its containers before it exits (up to its own 15 s timeout each).
+    for _ in $(seq 600); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   fi
   exit 0
 fi

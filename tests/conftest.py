@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
 import pytest
-from support import leftovers
+from support import ROOT, leftovers
 from support.engines import INVARIANT_ENGINE, EngineProcess, LocalDrafter, start_engine
 from support.procs import Processes
 
@@ -52,6 +53,17 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 _subreaper = pytest.StashKey[bool]()
+
+
+@pytest.fixture(scope="session")
+def docker_endpoint() -> Iterator[str]:
+    """Our own dockerd (scripts/start-dockerd.sh), for this session only: stopped at the end, its
+    containers with it, so nothing the suite started outlives it. Missing: a failure."""
+    script = str(ROOT / "scripts" / "start-dockerd.sh")
+    out = subprocess.run([script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, f"could not start dockerd: {out.stderr}"
+    yield out.stdout.strip().splitlines()[-1]
+    subprocess.run([script, "stop"], capture_output=True, text=True, timeout=120, check=False)
 
 
 @pytest.fixture(scope="session")

@@ -94,16 +94,6 @@ def test_secrets_travel_in_the_environment_not_the_command_line() -> None:
 
 
 @pytest.fixture(scope="session")
-def docker_endpoint() -> str:
-    """Our own dockerd (scripts/start-dockerd.sh starts it unless it runs). Missing: a failure."""
-    out = subprocess.run(
-        [str(ROOT / "scripts" / "start-dockerd.sh")], capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 0, f"could not start dockerd: {out.stderr}"
-    return out.stdout.strip().splitlines()[-1]
-
-
-@pytest.fixture(scope="session")
 def worker_image(docker_endpoint: str, toolchain: Toolchain, tmp_path_factory: pytest.TempPathFactory) -> str:
     """tightwad-test/worker-cpu:<build key>, imported from a root filesystem built here (cached)."""
     client = docker.DockerClient(base_url=docker_endpoint)

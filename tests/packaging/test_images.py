@@ -44,10 +44,9 @@ def build(endpoint: str, dockerfile: str, tag: str, *build_args: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def endpoint() -> str:
-    out = subprocess.run([str(ROOT / "scripts" / "start-dockerd.sh")], capture_output=True, text=True)
-    assert out.returncode == 0, f"could not start dockerd: {out.stderr}"
-    endpoint = out.stdout.strip()
+def endpoint(docker_endpoint: str) -> str:
+    """The session's dockerd, with the local Debian base image the Dockerfiles build on."""
+    endpoint = docker_endpoint
     base = subprocess.run(
         [str(ROOT / "scripts" / "local-base-image.sh"), BASE],
         capture_output=True, text=True, env={**os.environ, "DOCKER_HOST": endpoint},
