@@ -291,6 +291,7 @@ def desired_state(
             # Lend the drafter what the host lends its CPU workers, not every core.
             "threads": min(cpu_threads) if cpu_threads else None,
             "modelDir": host.model_dir,
+            "token": fingerprint,  # its API key: a new token must restart it, or the proxy gets 401s
         }
         ref = model_ref(manifest, drafter.model)
         drafters.append(unit(f"drafter-{drafter.name}", Kind.DRAFTER, drafter.host, spec, models=[ref]))

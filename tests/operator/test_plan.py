@@ -97,6 +97,9 @@ def test_token_is_fingerprinted_never_stored_in_specs() -> None:
     assert d.engine.spec["token"] == token_fingerprint("s3cret-token")
     rotated = desired(manifest_data(auth={"token": "another"}))
     assert rotated.engine.name != d.engine.name  # a new token restarts what checks it
+    # ... the drafter too: the token is its API key, and the proxy sends the new one.
+    before, after = d.by_name["drafter-d1"], rotated.by_name["drafter-d1"]
+    assert before.spec_hash != after.spec_hash
 
 
 def test_swarm_sidecar_per_host_only_when_enabled() -> None:
