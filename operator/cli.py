@@ -18,11 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-from rich.console import Console
-
+from tightwad.cli import LazyConsole
 from tightwad.errors import TightwadError
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+err = LazyConsole(highlight=False, soft_wrap=True)
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -76,7 +75,8 @@ def _plan(args: argparse.Namespace) -> int:
     from tightwad.operator.plan import Route, Start, Stop, VerifyModel, plan
     from tightwad.operator.reconcile import Reconciler
 
-    reconciler = Reconciler(args.manifest, lock=False)  # read-only: fine beside a running `up`
+    # Read-only, so fine beside a running `up`; a dry run: it contacts no Docker daemon or host.
+    reconciler = Reconciler(args.manifest, lock=False, dry_run=True)
     try:
         if reconciler.desired is None:
             raise TightwadError(f"{args.manifest}: {reconciler.manifest_error}")
@@ -98,6 +98,10 @@ def _plan(args: argparse.Namespace) -> int:
         print(f"wait   {name:<24} {why}")
     for problem in result.problems:
         print(f"problem {problem.reason}: {problem.message}")
+    if reconciler.unobserved:
+        hosts = sorted(reconciler.unobserved)
+        shown = ", ".join(hosts[:5]) + (f" and {len(hosts) - 5} more" if len(hosts) > 5 else "")
+        print(f"unseen {len(hosts)} docker host(s) ({shown}): a dry run contacts no daemon")
     if not result.actions and not result.waiting:
         print("nothing to do" + (": converged" if result.converged else ""))
     return 0

@@ -27,7 +27,6 @@ from docker.types import DeviceRequest
 
 import docker
 from tightwad import __version__, models
-from tightwad.errors import TightwadError
 from tightwad.manifest import Manifest
 from tightwad.manifest_views import Host
 from tightwad.operator import health
@@ -136,6 +135,48 @@ def _client(host: Host) -> docker.DockerClient:
     return docker.DockerClient(base_url=endpoint, tls=tls, use_ssh_client=endpoint.startswith("ssh://"))
 
 
+def endpoint_key(host: Host) -> tuple[str, ...]:
+    """What makes two hosts' daemons the same: the endpoint and the client TLS it is reached with
+    (no `docker` section: this machine's daemon, as the environment names it)."""
+    access = host.docker
+    if access is None:
+        return ("env",)
+    tls = access.tls
+    return (access.endpoint, *((tls.ca, tls.cert, tls.key) if tls is not None else ()))
+
+
+class DockerClients:
+    """One Docker client per endpoint, made on its first real use and shared by every host behind
+    it. Making a client asks the daemon for its API version, so making them up front (750 hosts,
+    750 round trips) cost seconds even for a dry run that needs none of them."""
+
+    def __init__(self, connect: Callable[[Host], docker.DockerClient] = _client) -> None:
+        self.connect = connect
+        self._clients: dict[tuple[str, ...], docker.DockerClient] = {}
+        self._lock = threading.Lock()
+
+    def get(self, host: Host) -> docker.DockerClient:
+        """The client for `host`'s daemon; DockerException when it cannot be reached (tried again
+        on the next call: nothing is remembered of a failure)."""
+        key = endpoint_key(host)
+        with self._lock:
+            client = self._clients.get(key)
+            if client is None:
+                client = self._clients[key] = self.connect(host)
+            return client
+
+    def made(self) -> int:
+        """How many clients exist (each one a daemon contacted)."""
+        return len(self._clients)
+
+    def close(self) -> None:
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            with contextlib.suppress(Exception):
+                client.close()
+
+
 def _shares_our_network(host: Host) -> bool:
     """A daemon on a unix socket here runs host-network containers in our network namespace."""
     endpoint = host.docker.endpoint if host.docker is not None else "unix://"
@@ -164,17 +205,21 @@ class DockerDriver:
 
     def __init__(
         self,
-        client: docker.DockerClient,
+        client: docker.DockerClient | None,
         host: Host,
         cluster: str,
         *,
+        clients: DockerClients | None = None,
         images: Images | None = None,
         local_network: bool | None = None,
         probe: Callable[[Unit], health.Probe] | None = None,
         stop_timeout: int = 15,
         swarm: bool = False,
     ) -> None:
-        self.client = client
+        if client is None and clients is None:
+            raise ValueError("a DockerDriver needs a client, or the DockerClients to get one from")
+        self._client = client  # given, or got from `clients` on first use (shared: not ours to close)
+        self.clients = clients
         self.host = host
         self.name = host.name
         self.cluster = cluster
@@ -190,12 +235,23 @@ class DockerDriver:
         self.health: dict[str, tuple[Health, float]] = {}
 
     @classmethod
-    def for_host(cls, host: Host, manifest: Manifest, state_dir: Path) -> DockerDriver:
-        try:
-            client = _client(host)
-        except DockerException as exc:
-            raise TightwadError(f"host {host.name}: cannot reach its Docker daemon: {exc}") from None
-        return cls(client, host, manifest.name, swarm=manifest.swarm.enabled)
+    def for_host(
+        cls, host: Host, manifest: Manifest, state_dir: Path, clients: DockerClients | None = None
+    ) -> DockerDriver:
+        """The driver for `host`; its daemon is first contacted when the driver first needs it."""
+        return cls(
+            None, host, manifest.name, clients=clients or DockerClients(), swarm=manifest.swarm.enabled
+        )
+
+    @property
+    def client(self) -> docker.DockerClient:
+        if self._client is None:
+            assert self.clients is not None
+            try:
+                self._client = self.clients.get(self.host)
+            except (DockerException, OSError) as exc:
+                raise DriverUnavailable(f"host {self.name}: cannot reach its Docker daemon: {exc}") from None
+        return self._client
 
     def _filters(self) -> dict[str, Any]:
         return {"label": [f"{LABEL}/cluster={self.cluster}", f"{LABEL}/host={self.name}"]}
@@ -439,8 +495,9 @@ class DockerDriver:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
-        with contextlib.suppress(Exception):
-            self.client.close()
+        if self.clients is None and self._client is not None:  # a shared client is closed by its owner
+            with contextlib.suppress(Exception):
+                self._client.close()
 
 
 def _timestamp(value: str | None) -> float | None:

@@ -15,13 +15,14 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from tightwad.operator.observed import Health
 from tightwad.operator.units import Kind, Unit
 from tightwad.rpcprobe import CONN_CAPS_SIZE, RPC_CMD_HELLO
+
+if TYPE_CHECKING:  # httpx is imported on the first probe: a dry run never probes over HTTP
+    import httpx
 
 _TCP_LISTEN = "0A"
 _TCP_ESTABLISHED = "01"
@@ -115,6 +116,8 @@ _client_lock = threading.Lock()
 
 def _http() -> httpx.Client:
     """One pooled client for every probe: a new connection per probe per second adds up."""
+    import httpx
+
     global _client
     with _client_lock:
         if _client is None:
@@ -126,6 +129,8 @@ def http_unit(unit: Unit, timeout: float = 2.0) -> Probe:
     """An HTTP server's own verdict. A 503 while loading (llama-server) is STARTING; from the
     engine, which only listens once loaded, it is FAILING (e.g. it lost a worker)."""
     # With the token an engine's /health says which worker failed; without it, only that one did.
+    import httpx
+
     token = unit.secrets.get("TIGHTWAD_TOKEN")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:

@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 
-from tightwad import models
 from tightwad.errors import TightwadError
 from tightwad.operator.observed import ModelCheck, ModelKey, ModelState
 from tightwad.operator.units import ModelRef
@@ -33,6 +32,8 @@ class ModelUnavailable(TightwadError):
 
 def locate(ref: ModelRef, base_dir: Path | None, model_dir: str | None, swarm: bool) -> Path:
     """Where `ref` lives on this machine."""
+    from tightwad import models  # here: it brings numpy and rich, which a dry run never needs
+
     if ref.source.startswith(models.CATALOG_PREFIX):
         try:
             return models.resolve(ref.source.removeprefix(models.CATALOG_PREFIX))
@@ -52,6 +53,8 @@ def locate(ref: ModelRef, base_dir: Path | None, model_dir: str | None, swarm: b
 
 
 def _expected_sha(ref: ModelRef, path: Path) -> str | None:
+    from tightwad import models
+
     if ref.sha256:
         return ref.sha256
     if ref.source.startswith(models.CATALOG_PREFIX):
@@ -176,6 +179,8 @@ class ModelChecker:
             known = self._digests.get(key)
         if known:
             return known
+        from tightwad import models
+
         digest = models.sha256_file(path)
         with self._lock:
             self._digests[key] = digest

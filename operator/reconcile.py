@@ -22,9 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from tightwad import toolchain
 from tightwad.errors import TightwadError
@@ -37,10 +35,12 @@ from tightwad.operator.modelcheck import ModelChecker
 from tightwad.operator.observed import ModelCheck, ModelKey, Observed, UnitState
 from tightwad.operator.plan import Action, PlannerPolicy, ReconcilePlan, Route, Start, Stop, VerifyModel, plan
 from tightwad.operator.process import ProcessDriver
-from tightwad.operator.router import ROUTE_PATH
 from tightwad.operator.status import StatusFile, status_path_for
 from tightwad.operator.units import Kind, Unit
 from tightwad.ports import in_use
+
+if TYPE_CHECKING:  # the docker module (and the docker SDK) is imported only when a host needs it
+    from tightwad.operator.docker import DockerClients
 
 Events = Callable[[str], None]
 
@@ -121,6 +121,7 @@ class Reconciler:
         binaries: Binaries | None = None,
         docker_factory: Callable[[Host, Manifest], Driver] | None = None,
         lock: bool = True,
+        dry_run: bool = False,
     ) -> None:
         self.path = Path(manifest_path).resolve()
         self.policy = policy or PlannerPolicy()
@@ -128,6 +129,11 @@ class Reconciler:
         self.events = events or (lambda line: None)
         self.binaries = binaries or pinned_binaries()
         self.docker_factory = docker_factory
+        # A dry run (`tightwad plan`) contacts no Docker daemon and no host: what runs there is
+        # not observed, so those hosts stay out of the plan (named in `unobserved`).
+        self.dry_run = dry_run
+        self.unobserved: set[str] = set()
+        self.docker_clients: DockerClients | None = None  # made with the first docker driver
         self.status = StatusFile(status_path_for(self.path))
         self.manifest: Manifest | None = None
         self.desired: Desired | None = None
@@ -226,9 +232,12 @@ class Reconciler:
         self.host_kinds = {h.name: host_driver_kind(h) for h in manifest.hosts}
         model_dirs: dict[str, str | None] = {h.name: h.model_dir for h in manifest.hosts}
         self.process.checker.configure(self.path.parent, model_dirs, manifest.swarm.enabled)
+        self.unobserved = (
+            {h for h, kind in self.host_kinds.items() if kind == "docker"} if self.dry_run else set()
+        )
         for host in manifest.hosts:
             name = host.name
-            if self.host_kinds[name] != "docker":
+            if self.host_kinds[name] != "docker" or self.dry_run:
                 continue
             if name in self.docker and self.docker_settings.get(name) == host.docker:
                 continue
@@ -236,9 +245,13 @@ class Reconciler:
                 self.docker.pop(name).close()
             try:
                 if self.docker_factory is None:
-                    from tightwad.operator.docker import DockerDriver
+                    from tightwad.operator.docker import DockerClients, DockerDriver
 
-                    driver: Driver = DockerDriver.for_host(host, manifest, self.state_dir)
+                    if self.docker_clients is None:
+                        self.docker_clients = DockerClients()
+                    driver: Driver = DockerDriver.for_host(
+                        host, manifest, self.state_dir, self.docker_clients
+                    )
                 else:
                     driver = self.docker_factory(host, manifest)
             except Exception as exc:  # an unreachable daemon is that host's problem, not the loop's
@@ -281,7 +294,7 @@ class Reconciler:
         """Hosts this operator acts on: its process and docker hosts, and any host it still runs
         units on (one the manifest dropped: its units must go)."""
         ours = {h for h, kind in self.host_kinds.items() if kind in ("process", "docker")}
-        ours -= set(self.host_errors) | set(self.unreachable)
+        ours -= set(self.host_errors) | set(self.unreachable) | self.unobserved
         return (ours | self.origin_hosts) - set(self.unreachable)
 
     # -- agents ----------------------------------------------------------------------------------
@@ -444,6 +457,8 @@ class Reconciler:
         self.process.close()
         for driver in self.docker.values():
             driver.close()
+        if self.docker_clients is not None:
+            self.docker_clients.close()
         if self._lock_file is not None:
             self._lock_file.close()
 
@@ -463,6 +478,10 @@ def _describe(action: Action) -> str:
 
 def route(router: Unit, backend: Unit, token: str | None = None, timeout: float = 5.0) -> str | None:
     """Point a router at a backend; None on success, else why not."""
+    import httpx  # here, not at the top: a dry run never routes, and httpx costs a tenth of a second
+
+    from tightwad.operator.router import ROUTE_PATH  # the router module brings the whole web stack
+
     headers = {}
     if token:
         headers["Authorization"] = f"Bearer {token}"

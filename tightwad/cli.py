@@ -7,12 +7,31 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from types import FrameType
-
-from rich.console import Console
+from typing import TYPE_CHECKING, Any
 
 from tightwad import __version__
 
-err = Console(stderr=True, highlight=False)
+if TYPE_CHECKING:
+    from rich.console import Console
+
+
+class LazyConsole:
+    """rich's Console on stderr, made on its first use: importing rich takes some 40 ms, which a
+    command that prints nothing there (`tightwad plan`, say) need not pay at every start."""
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+        self._console: Console | None = None
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=True, **self.options)
+        self._console.print(*objects, **kwargs)
+
+
+err = LazyConsole(highlight=False)
 
 
 def _quiet_exit(signum: int, frame: FrameType | None) -> None:
