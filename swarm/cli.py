@@ -127,7 +127,7 @@ async def _pull(args: argparse.Namespace) -> int:
             folder,
             options,
             sha256=target if is_sha256(target) else None,
-            name=None if is_sha256(target) else target,
+            name=args.name if is_sha256(target) else target,
             library=library,
             events=events,
             progress=progress,
@@ -293,6 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", metavar="SHA256|NAME", help="the file's SHA-256, or its name on the peers")
     p.add_argument("--peer", action="append", default=[], metavar="URL", help="a peer, e.g. http://host:8089")
     p.add_argument("--dir", default=".", help="folder to put the file in (default: .)")
+    p.add_argument(
+        "--name",
+        help="with a SHA256: the file name to save it under; peers serving another name are refused "
+        "(without it, the peers' name is used and may replace a file of that name)",
+    )
     p.add_argument("--serve", type=_host_port, metavar="HOST:PORT", help="serve pieces to others meanwhile")
     p.add_argument(
         "--linger", type=float, default=0.0, help="with --serve: seconds to keep seeding (-1: forever)"

@@ -9,6 +9,7 @@ Pure data plus one builder that reads the file once. A manifest from a peer is u
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from bisect import bisect_right
 from collections.abc import Callable
@@ -147,6 +148,15 @@ class PieceManifest:
             )
         segments = _load_segments(data.get("segments", []), size)
         return cls(name, size, data["sha256"], piece_size, tuple(pieces), segments)
+
+
+def fingerprint(manifest: PieceManifest) -> str:
+    """What a manifest says about the bytes (everything but the name): equal for honest peers that
+    cut the same file into the same pieces, so peers' manifests can be compared and a false one
+    remembered."""
+    body = manifest.to_json()
+    del body["name"]
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _load_segments(raw: Any, size: int) -> tuple[Segment, ...]:

@@ -14,7 +14,8 @@ import contextlib
 import hashlib
 import random
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,24 +26,44 @@ from tightwad.swarm.client import NotHeld, PeerError, SwarmClient, Unauthorized
 from tightwad.swarm.delta import Fetch, is_fetch_only, plan_all
 from tightwad.swarm.library import Entry, Library, store_manifest
 from tightwad.swarm.piecebook import PieceBook
-from tightwad.swarm.pieces import PieceManifest
+from tightwad.swarm.pieces import PieceManifest, check_file_name, fingerprint, is_sha256
 from tightwad.swarm.progress import EventLog, NoProgress, ProgressView
-from tightwad.swarm.reuse import assemble_local, content_index, existing_copy, feed_local
+from tightwad.swarm.reuse import LocalSourceGone, assemble_local, content_index, existing_copy, feed_local
 from tightwad.swarm.scoring import PeerScore
-from tightwad.swarm.storage import DownloadCorrupt, PartialDownload, saved_manifest
+from tightwad.swarm.storage import (
+    DownloadCorrupt,
+    NoSpace,
+    PartialDownload,
+    discard_state,
+    is_no_space,
+    reject_manifest,
+    rejected_manifests,
+    saved_manifest,
+)
 from tightwad.swarm.tally import Tally
 from tightwad.swarm.tracker import normalise_peer_url
 
 FLUSH = 1 << 20  # hash and write received bytes in 1 MiB batches, in a worker thread
 ANNOUNCE_EVERY = 30.0
+MANIFEST_SAMPLE = 8  # peers asked for the manifest, to compare what they say before trusting one
 
 
 class PullError(TightwadError):
     """The download cannot finish; the message says what is missing and what to check."""
 
 
+class ManifestContradicted(PullError):
+    """Every peer is banned for pieces that did not match our manifest, and some of them serve a
+    different manifest of the file: ours is the likelier liar, so it is dropped for the next pull."""
+
+
 class _Corrupt(TightwadError):
     """A piece from a peer did not match its SHA-256 (counts towards the peer's ban)."""
+
+
+class _LocalStale(TightwadError):
+    """The local part of a piece could not be read (the local file shrank or went): not the peer's
+    fault; the piece is fetched whole."""
 
 
 @dataclass
@@ -68,6 +89,7 @@ class PeerState:
     have: Bitfield | None = None  # None: unknown (not yet asked, or unreachable)
     active: dict[int, asyncio.Task[None]] = field(default_factory=dict)
     reason: str = ""  # why it was banned
+    manifest: str | None = None  # the fingerprint of the manifest it served, if we asked
 
 
 @dataclass
@@ -134,10 +156,12 @@ class Puller:
     ) -> None:
         if not (sha256 or name or manifest):
             raise ValueError("say which file: a sha256, a name or a manifest")
+        if name is not None:
+            check_file_name(name)  # the final path is ours to decide: it must stay in the folder
         self.folder = folder
         self.options = options
         self.want_sha256 = sha256 or (manifest.sha256 if manifest else None)
-        self.want_name = name
+        self.want_name = name  # the final name when given (with a sha256 too); else the peers' name
         self.manifest = manifest
         self.library = library
         self.events = events or EventLog(None)
@@ -156,6 +180,7 @@ class Puller:
         self.digest = BackgroundDigest()
         self.wake = asyncio.Event()
         self.fatal: BaseException | None = None
+        self.manifest_fingerprint: str | None = None  # of a manifest chosen among peers' answers
         self._next_announce = 0.0
 
     # -- peers
@@ -231,33 +256,82 @@ class Puller:
     # -- finding the manifest
 
     async def _resolve_manifest(self) -> PieceManifest:
+        """The manifest to pull: the caller's, else the one most peers agree on. A peer's manifest is
+        untrusted: one whose name or size is not what was asked, that other peers contradict, or that
+        proved false here before is refused, and the peer that served it is not used."""
         assert self.client is not None
         if self.manifest is not None:
             return self.manifest
-        if self.want_sha256:
-            saved = saved_manifest(self.folder, self.want_sha256)
-            if saved is not None:
-                return saved  # resuming: no peer needed to know what we are fetching
-            await self._discover(self.want_sha256)
+        sha256 = self.want_sha256 or await self._sha_for_name()
+        self.want_sha256 = sha256
+        rejected = await asyncio.to_thread(rejected_manifests, self.folder, sha256)
+        saved = saved_manifest(self.folder, sha256)
+        if saved is not None and (fingerprint(saved) in rejected or self._not_as_asked(saved)):
+            await asyncio.to_thread(discard_state, self.folder, sha256)
+            saved = None
+        await self._discover(sha256)
+        answers, errors = await self._ask_manifests(sha256)
+        if not answers and saved is not None:
+            return saved  # resuming with no peer to ask: the saved one is all there is
+        chosen, refused = choose_manifest(answers, want_name=self.want_name, rejected=rejected, prefer=saved)
+        for url, reason in refused.items():
+            self.events.emit("manifest-refused", peer=url, reason=reason)
+            self._ban(self.peers[url], reason)
+            errors.append(f"{url}: {reason}")
+        if chosen is None:
+            detail = "; ".join(errors) if errors else "no peers were given (--peer URL or --tracker URL)"
+            raise PullError(f"no peer could serve a usable manifest of {sha256}: {detail}")
+        if saved is not None and fingerprint(saved) != fingerprint(chosen):
+            # What was saved is not what the peers say now: start over rather than trust it.
+            self.events.emit("manifest-replaced", sha256=sha256)
+            await asyncio.to_thread(discard_state, self.folder, sha256)
+        self.manifest_fingerprint = fingerprint(chosen)
+        return chosen
+
+    def _not_as_asked(self, manifest: PieceManifest) -> bool:
+        return self.want_name is not None and manifest.name != self.want_name
+
+    async def _ask_manifests(self, sha256: str) -> tuple[dict[str, PieceManifest], list[str]]:
+        """Each of the first MANIFEST_SAMPLE usable peers' manifest of `sha256` (those that hold it)."""
+        assert self.client is not None
+        client = self.client
+        asked = [p for p in self.peers.values() if not p.score.banned][:MANIFEST_SAMPLE]
+        answers: dict[str, PieceManifest] = {}
+        errors: list[str] = []
+
+        async def ask(peer: PeerState) -> None:
+            try:
+                manifest = await client.manifest(peer.url, sha256)
+            except Unauthorized as exc:
+                self._ban(peer, str(exc))
+                errors.append(str(exc))
+            except PeerError as exc:
+                errors.append(str(exc))
+            else:
+                answers[peer.url] = manifest
+                peer.manifest = fingerprint(manifest)
+
+        await asyncio.gather(*(ask(p) for p in asked))
+        return {p.url: answers[p.url] for p in asked if p.url in answers}, errors  # in peer order
+
+    async def _sha_for_name(self) -> str:
+        """The SHA-256 of the complete file named `want_name`, as the first peer that lists it says."""
+        assert self.client is not None
         errors = []
         for peer in list(self.peers.values()):
             try:
-                sha256 = self.want_sha256 or await self._sha_for_name(peer.url)
-                if sha256 is None:
-                    continue
-                return await self.client.manifest(peer.url, sha256)
+                for item in await self.client.files(peer.url):
+                    if item.get("name") == self.want_name and item.get("complete"):
+                        sha256 = item.get("sha256")
+                        if is_sha256(sha256):  # it names files and URLs: nothing else gets through
+                            return str(sha256)
             except PeerError as exc:
                 errors.append(str(exc))
-        what = self.want_sha256 or f"a complete file named {self.want_name!r}"
+        what = f"a complete file named {self.want_name!r}"
         detail = "; ".join(errors) if errors else "no peers were given (--peer URL or --tracker URL)"
+        if self.peers and not errors:
+            detail = "no peer lists it"
         raise PullError(f"no peer could serve the manifest of {what}: {detail}")
-
-    async def _sha_for_name(self, peer: str) -> str | None:
-        assert self.client is not None
-        for item in await self.client.files(peer):
-            if item.get("name") == self.want_name and item.get("complete"):
-                return str(item.get("sha256"))
-        return None
 
     # -- local bytes (delta)
 
@@ -266,7 +340,12 @@ class Puller:
         book = self.book
         for piece in pieces:
             steps = book.plans[piece]
-            ok = await asyncio.to_thread(assemble_local, self.download, piece, steps)
+            try:
+                ok = await asyncio.to_thread(assemble_local, self.download, piece, steps)
+            except Exception as exc:  # a local failure (disk full, ...): stop the whole pull
+                self.fatal = exc
+                self.wake.set()
+                return
             book.local_done(piece, ok)
             if ok:
                 self.download.mark_have(piece)
@@ -306,7 +385,11 @@ class Puller:
 
         for step in steps:
             if not isinstance(step, Fetch):
-                await asyncio.to_thread(feed_local, step, absorb)
+                try:
+                    await asyncio.to_thread(feed_local, step, absorb)
+                except LocalSourceGone as exc:
+                    book.drop_plan(piece)  # as for a stale local part: next time fetch it all
+                    raise _LocalStale(f"piece {piece}: {exc}; fetching it whole") from None
                 continue
             position = step.offset
             pending = bytearray()
@@ -362,6 +445,8 @@ class Puller:
             self.events.emit("piece-corrupt", piece=piece, peer=peer.url, error=str(exc))
             if peer.score.banned:
                 self._ban(peer, f"served {peer.score.corrupt} corrupt pieces")
+        except _LocalStale as exc:
+            self.events.emit("piece-local-failed", piece=piece, error=str(exc))
         except Unauthorized as exc:
             self._ban(peer, str(exc))
         except NotHeld:
@@ -446,6 +531,12 @@ class Puller:
             raise self.fatal
         if self.peers and all(p.score.banned for p in self.peers.values()) and not self.book.local_pending:
             reasons = "; ".join(f"{p.url}: {p.reason}" for p in self.peers.values())
+            ours = self.manifest_fingerprint
+            if ours and any(p.score.corrupt and p.manifest not in (None, ours) for p in self.peers.values()):
+                raise ManifestContradicted(
+                    f"every peer is banned, and peers whose pieces did not match the manifest in use "
+                    f"serve a different one; it is dropped, and the next pull chooses again: {reasons}"
+                )
             raise PullError(f"every peer is banned or refused us: {reasons}")
         if self.tally.idle(time.monotonic()) > self.options.stall_timeout:
             missing = self.book.missing
@@ -481,7 +572,15 @@ class Puller:
         self.download = download
         book: PieceBook[asyncio.Task[None]] = PieceBook(manifest, download.have)
         self.book = book
-        resumed = await asyncio.to_thread(download.open)
+        try:
+            resumed = await asyncio.to_thread(download.open)
+        except NoSpace as exc:
+            raise PullError(str(exc)) from None
+        except OSError as exc:
+            if is_no_space(exc):
+                download.discard()
+                raise PullError(self._no_space_message(manifest)) from exc
+            raise
         self.tally.pieces_resumed = len(resumed)
         entry = Entry(manifest, download.partial_path, download.have)
         if self.library is not None:
@@ -510,7 +609,8 @@ class Puller:
         if not self.peers and book.wanted:
             raise PullError("no peers to fetch from: give --peer URL or --tracker URL")
         await self._announce(manifest.sha256)
-        await asyncio.gather(*(self._refresh_have(p, manifest) for p in self.peers.values()))
+        unbanned = [p for p in self.peers.values() if not p.score.banned]
+        await asyncio.gather(*(self._refresh_have(p, manifest) for p in unbanned))
         background = [asyncio.ensure_future(self._refresh_loop(manifest))]
         if book.local_pending:
             background.append(asyncio.ensure_future(self._local_worker(sorted(book.local_pending))))
@@ -546,12 +646,20 @@ class Puller:
             try:
                 path = await self._download(self.download)
             except BaseException as exc:
-                if isinstance(exc, DownloadCorrupt):
-                    self.download.discard()  # resuming would only verify the same inconsistency again
+                if isinstance(exc, DownloadCorrupt | ManifestContradicted):
+                    # Resuming would only verify the same lie again: forget the bytes and the manifest.
+                    self.download.discard()
+                    await asyncio.to_thread(reject_manifest, self.folder, manifest.sha256, manifest)
+                    self._ban_vouchers(manifest)
+                full = is_no_space(exc)
+                if full:
+                    self.download.discard()  # a half-written allocation only keeps the disk full
                 self.download.close()
                 if self.library is not None:
                     self.library.remove(manifest.sha256)
                 self.progress.finish("stopped; the same pull resumes where this one stopped")
+                if full:
+                    raise PullError(self._no_space_message(manifest)) from exc
                 raise
             entry.path = path
             # Cache the verified file's manifest: serving it or reusing its bytes later costs no rehash.
@@ -566,6 +674,19 @@ class Puller:
         )
         self.progress.finish(result.summary())
         return result
+
+    def _no_space_message(self, manifest: PieceManifest) -> str:
+        return (
+            f"no space left in {self.folder} while writing {manifest.name} ({manifest.size} bytes): the "
+            "partial download and its saved manifest were discarded; free space and pull again"
+        )
+
+    def _ban_vouchers(self, manifest: PieceManifest) -> None:
+        """Ban the peers that served a manifest that proved false."""
+        false = fingerprint(manifest)
+        for peer in self.peers.values():
+            if peer.manifest == false:
+                self._ban(peer, "served a manifest of this file that proved false")
 
     def _result(self, path: Path, manifest: PieceManifest, began: float) -> PullResult:
         return PullResult(
@@ -595,3 +716,44 @@ def _describe(peer: PeerState) -> str:
     if peer.score.banned:
         return f"banned: {peer.reason}"
     return "unreachable" if peer.have is None else f"{len(peer.have)} pieces"
+
+
+def choose_manifest(
+    answers: Mapping[str, PieceManifest],
+    *,
+    want_name: str | None,
+    rejected: list[str],
+    prefer: PieceManifest | None,
+) -> tuple[PieceManifest | None, dict[str, str]]:
+    """Which peer manifest to trust, and why each refused peer was refused (pure).
+
+    `answers` are the peers' manifests of one sha256, in peer order. Refused: a name other than the
+    one asked for, a manifest that proved false here before, and a size most peers contradict (the
+    size of a file with a known SHA-256 is a fact: whoever disagrees lies; a tie goes to the smaller
+    size, the cheaper claim to disprove). Among the rest, most peers win; a tie goes to `prefer` (what
+    a resumed download holds), then to peer order. Peers that cut the file into other pieces are not
+    refused: their have-maps do not fit, so they are simply not asked for pieces.
+    """
+    refused: dict[str, str] = {}
+    sound: dict[str, PieceManifest] = {}
+    for url, manifest in answers.items():
+        if want_name is not None and manifest.name != want_name:
+            refused[url] = f"serves the file as {manifest.name!r}, not as {want_name!r} as asked"
+        elif fingerprint(manifest) in rejected:
+            refused[url] = "serves a manifest of this file that proved false here before"
+        else:
+            sound[url] = manifest
+    if not sound:
+        return None, refused
+    sizes = Counter(m.size for m in sound.values())
+    size = min(sizes, key=lambda n: (-sizes[n], n))
+    for url, manifest in sound.items():
+        if manifest.size != size:
+            refused[url] = f"says the file is {manifest.size} bytes where {sizes[size]} peers say {size}"
+    agreed = [m for m in sound.values() if m.size == size]
+    votes = Counter(fingerprint(m) for m in agreed)
+    favourite = fingerprint(prefer) if prefer is not None else None
+    best = max(votes.values())
+    if favourite is not None and votes.get(favourite) == best:
+        return next(m for m in agreed if fingerprint(m) == favourite), refused
+    return next(m for m in agreed if votes[fingerprint(m)] == best), refused

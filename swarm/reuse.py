@@ -60,7 +60,11 @@ def feed_local(step: Copy | Fill, absorb: Absorb) -> None:
             offset, remaining = offset + take, remaining - take
         return
     source = step.source_offset
-    with open(step.source, "rb", buffering=0) as f:
+    try:
+        f = open(step.source, "rb", buffering=0)  # noqa: SIM115 - closed by the `with` below
+    except FileNotFoundError:
+        raise LocalSourceGone(f"{step.source} is gone since its manifest was taken") from None
+    with f:
         while remaining:
             data = os.pread(f.fileno(), min(BLOCK, remaining), source)
             if not data:

@@ -157,7 +157,7 @@ class Sidecar:
                     self.folder,
                     options,
                     sha256=model.sha256,
-                    name=None if model.sha256 else model.file_name,
+                    name=model.file_name,  # the manifest decides where it lands, never a peer
                     library=self.library,
                     on_state=lambda s, state=state: state.update(s),
                 )

@@ -3,6 +3,7 @@
     MODEL_DIR/.swarm/<sha256>.partial        the bytes, written in place (a sparse file at first)
     MODEL_DIR/.swarm/<sha256>.have           which pieces are verified and on disk (JSON)
     MODEL_DIR/.swarm/<sha256>.manifest.json  the piece manifest, so a restart needs no peer to resume
+    MODEL_DIR/.swarm/<sha256>.rejected       manifests of this file that proved false (never used again)
 
 A piece is recorded in `.have` only after its bytes are flushed (fdatasync), so after a crash the
 have-map never claims bytes that are not there: a restart re-fetches at most the pieces that were in
@@ -11,26 +12,47 @@ flight. The final name appears by one atomic rename, after the whole-file SHA-25
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import threading
 from pathlib import Path
 
 from tightwad.errors import TightwadError
 from tightwad.swarm.bitfield import Bitfield
 from tightwad.swarm.hashing import BLOCK
-from tightwad.swarm.pieces import ManifestInvalid, PieceManifest
+from tightwad.swarm.pieces import ManifestInvalid, PieceManifest, fingerprint
 
 STATE_DIR = ".swarm"
+REJECTED_KEPT = 16  # a forger can mint new manifests at will; remembering the last few is enough
 
 
 class DownloadCorrupt(TightwadError):
     """Every piece verified but the whole file did not: the manifest the peers served is inconsistent."""
 
 
+class NoSpace(TightwadError):
+    """The folder has too little free space for the file; nothing was allocated."""
+
+
 def state_dir(folder: Path) -> Path:
     return folder / STATE_DIR
+
+
+def free_bytes(folder: Path) -> int:
+    """Bytes this process may still write in `folder` (what is left for non-root users)."""
+    return shutil.disk_usage(folder).free
+
+
+def is_no_space(exc: BaseException | None) -> bool:
+    """True when `exc`, or an exception it was raised from, is a full disk or an exhausted quota."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -64,6 +86,7 @@ class PartialDownload:
         """Create or resume the partial file; returns the pieces already verified on disk."""
         self.partial_path.parent.mkdir(parents=True, exist_ok=True)
         resumed = self._load_have()
+        self._check_space()
         self._fd = os.open(self.partial_path, os.O_RDWR | os.O_CREAT, 0o600)
         if os.fstat(self._fd).st_size != self.manifest.size:
             resumed = Bitfield(self.manifest.count)  # a different or truncated file: start over
@@ -74,6 +97,20 @@ class PartialDownload:
             self._persisted.add(index)
         self._write_have()
         return self.have.copy()
+
+    def _check_space(self) -> None:
+        """Refuse before allocating: a sparse file the size of a lie would fill the disk as it grows."""
+        try:
+            allocated = os.stat(self.partial_path).st_blocks * 512
+        except FileNotFoundError:
+            allocated = 0
+        needed = max(0, self.manifest.size - allocated)
+        free = free_bytes(self.folder)
+        if free < needed:
+            raise NoSpace(
+                f"{self.folder}: {free} bytes free, but {self.manifest.name} needs {needed} bytes more "
+                f"({self.manifest.size} bytes in all); free some space or pull into another folder"
+            )
 
     def _load_have(self) -> Bitfield:
         empty = Bitfield(self.manifest.count)
@@ -170,21 +207,21 @@ class PartialDownload:
         if digest != self.manifest.sha256:
             raise DownloadCorrupt(
                 f"{self.manifest.name}: every piece verified but the file's SHA-256 is {digest}, not "
-                f"{self.manifest.sha256}; the peers' manifest is inconsistent, so the download was discarded"
+                f"{self.manifest.sha256}; the peers' manifest is false, so the download was discarded "
+                "and that manifest will not be used again"
             )
         os.fchmod(self._fd, 0o644)  # models are read by servers that may run as another user
         os.fsync(self._fd)
         os.replace(self.partial_path, self.final_path)
         _fsync_dir(self.folder)
         self.close()
-        for path in (self.have_path, self.manifest_path):
+        for path in (self.have_path, self.manifest_path, rejected_path(self.folder, self.manifest.sha256)):
             path.unlink(missing_ok=True)
         return self.final_path
 
     def discard(self) -> None:
         self.close()
-        for path in (self.partial_path, self.have_path, self.manifest_path):
-            path.unlink(missing_ok=True)
+        discard_state(self.folder, self.manifest.sha256)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -198,6 +235,34 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def discard_state(folder: Path, sha256: str) -> None:
+    """Forget an interrupted download of `sha256`: its bytes, have-map and saved manifest."""
+    for suffix in (".partial", ".have", ".manifest.json"):
+        (state_dir(folder) / f"{sha256}{suffix}").unlink(missing_ok=True)
+
+
+def rejected_path(folder: Path, sha256: str) -> Path:
+    return state_dir(folder) / f"{sha256}.rejected"
+
+
+def rejected_manifests(folder: Path, sha256: str) -> list[str]:
+    """Fingerprints of the manifests of `sha256` that proved false here (see `reject_manifest`)."""
+    try:
+        found = json.loads(rejected_path(folder, sha256).read_text(encoding="utf-8"))["fingerprints"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [f for f in found if isinstance(f, str)] if isinstance(found, list) else []
+
+
+def reject_manifest(folder: Path, sha256: str, manifest: PieceManifest) -> None:
+    """Remember that `manifest` is false (its pieces verified but the whole file did not, or every
+    peer's bytes contradicted it), so no later pull of `sha256` in `folder` uses it again."""
+    kept = [f for f in rejected_manifests(folder, sha256) if f != fingerprint(manifest)]
+    kept = [*kept, fingerprint(manifest)][-REJECTED_KEPT:]
+    state_dir(folder).mkdir(parents=True, exist_ok=True)
+    _write_atomic(rejected_path(folder, sha256), json.dumps({"fingerprints": kept}))
 
 
 def saved_manifest(folder: Path, sha256: str) -> PieceManifest | None:
