@@ -10,10 +10,11 @@ speculative one alike: the same choices, chunks and usage, so a client cannot te
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from tightwad.errors import TightwadError
 
@@ -145,6 +146,219 @@ def token_list(value: Any, where: str) -> list[int]:
     if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         raise InvalidRequest(f"`{where}` must be a list of token ids (integers)")
     return value
+
+
+# the parameter table ---------------------------------------------------------------------------
+# Every request parameter is honoured, refused with a 400 that names it, or ignored because it
+# cannot change a reply. One the table does not know is refused too: a new OpenAI option must never
+# go silently unheeded. The engine and the proxy both check bodies with `check_params`.
+Treatment = Literal["honoured", "refused", "ignored"]
+CHAT, COMPLETIONS = "chat", "completions"
+ROUTE_PATHS = {CHAT: "/v1/chat/completions", COMPLETIONS: "/v1/completions"}
+
+
+@dataclass(frozen=True)
+class Param:
+    """How this server treats one request parameter."""
+
+    treatment: Treatment
+    note: str  # honoured: what it does here; refused: why, and what to do; ignored: why it is harmless
+    routes: tuple[str, ...] = (CHAT, COMPLETIONS)
+    neutral: tuple[Any, ...] = ()  # values that ask for nothing: accepted even when refused (null always)
+    speculated: bool = True  # False: the proxy passes a request with a non-neutral value to the engine
+
+
+def _honoured(note: str, *, speculated: bool, **kw: Any) -> Param:
+    # `speculated` has no default: whoever makes a parameter honoured says whether the proxy's loop
+    # serves it too, or the request must pass through to the engine.
+    return Param("honoured", note, speculated=speculated, **kw)
+
+
+def _refused(note: str, neutral: tuple[Any, ...], **kw: Any) -> Param:
+    return Param("refused", note, neutral=neutral, speculated=False, **kw)
+
+
+def _ignored(note: str, **kw: Any) -> Param:
+    return Param("ignored", note, **kw)
+
+
+_NOT_YET = "is not supported by this server yet"
+_STRUCTURED = (
+    "structured output (`json_object`, `json_schema`) is not supported by this server yet "
+    '(grammar-constrained decoding is planned): send `response_format: {"type": "text"}` or leave '
+    "it out, and ask for JSON in the prompt"
+)
+_TOOLS = (
+    "tool calling is not supported by this server yet: send the request without `tools` "
+    "(describe the tools in the prompt instead)"
+)
+
+PARAMS: dict[str, Param] = {
+    # what a request is
+    "model": _honoured(
+        "the served model or one of its aliases (else 404 model_not_found); absent: the served model",
+        speculated=True,
+    ),
+    "messages": _honoured(
+        "rendered with the model's own chat template; text content only", routes=(CHAT,), speculated=True
+    ),
+    "prompt": _honoured(
+        "a string, a list of strings (one choice each, in order), a list of token ids, or a list of lists",
+        routes=(COMPLETIONS,),
+        speculated=True,  # a list of several prompts passes through (request_parsing.passthrough_reason)
+    ),
+    # how much, how, and how many
+    "max_tokens": _honoured("tokens to generate at most", speculated=True),
+    "max_completion_tokens": _honoured("the same as max_tokens (OpenAI's newer name)", speculated=True),
+    "temperature": _honoured("0 is greedy", speculated=True),
+    "top_p": _honoured("nucleus sampling", speculated=True),
+    "seed": _honoured("a reproducible random stream (any 64-bit integer)", speculated=True),
+    "stop": _honoured("up to 16 sequences; the text ends before the first one", speculated=True),
+    "stream": _honoured("server-sent events, `[DONE]` last", speculated=True),
+    "stream_options": _honoured("`include_usage`: a last chunk with the token counts", speculated=True),
+    "n": _honoured(
+        "several choices; sampled ones use distinct seeds derived from `seed`, greedy ones are identical",
+        neutral=(1,),
+        speculated=False,
+    ),
+    "response_format": _refused(_STRUCTURED, neutral=({"type": "text"},)),
+    # Tightwad's and llama.cpp's extensions
+    "top_k": _honoured("extension: sample among the k likeliest tokens (0: off)", speculated=True),
+    "ignore_eos": _honoured(
+        "extension: keep generating past end-of-generation", neutral=(False,), speculated=False
+    ),
+    "return_tokens": _honoured(
+        "extension: the generated token ids beside the text in each choice", speculated=True
+    ),
+    # refused: they would change the output if ignored
+    "frequency_penalty": _refused(f"{_NOT_YET}: leave it at 0", neutral=(0,)),
+    "presence_penalty": _refused(f"{_NOT_YET}: leave it at 0", neutral=(0,)),
+    "logit_bias": _refused(f"{_NOT_YET}: leave it out", neutral=({},)),
+    "logprobs": _refused(f"{_NOT_YET}: leave it out", neutral=(False, 0)),
+    "top_logprobs": _refused(f"{_NOT_YET}: leave it out", neutral=(0,)),
+    "echo": _refused(f"{_NOT_YET}: prepend the prompt yourself", neutral=(False,), routes=(COMPLETIONS,)),
+    "suffix": _refused(
+        f"{_NOT_YET} (no fill-in-the-middle): leave it out", neutral=("",), routes=(COMPLETIONS,)
+    ),
+    "best_of": _refused(f"{_NOT_YET}: use n instead, and pick yourself", neutral=(1,), routes=(COMPLETIONS,)),
+    "tools": _refused(_TOOLS, neutral=([],)),
+    "tool_choice": _refused(_TOOLS, neutral=("none", "auto")),
+    "functions": _refused(_TOOLS, neutral=([],)),
+    "function_call": _refused(_TOOLS, neutral=("none", "auto")),
+    "modalities": _refused('only text is generated: send ["text"] or leave it out', neutral=(["text"],)),
+    "audio": _refused("only text is generated: leave `audio` out", neutral=()),
+    "reasoning_effort": _refused("this model has no reasoning modes: leave it out", neutral=()),
+    "verbosity": _refused(f"{_NOT_YET}: ask for the length in the prompt", neutral=()),
+    "web_search_options": _refused("this server cannot search the web: leave it out", neutral=()),
+    # ignored: they cannot change the reply
+    "user": _ignored("an end-user id for abuse monitoring; no effect on the reply"),
+    "safety_identifier": _ignored("an end-user id for abuse monitoring; no effect on the reply"),
+    "store": _ignored("nothing is stored; the reply is the same"),
+    "metadata": _ignored("tags for stored completions; nothing is stored"),
+    "service_tier": _ignored("this server has one tier"),
+    "parallel_tool_calls": _ignored("matters only with `tools`, which are refused"),
+    "prediction": _ignored("OpenAI uses a predicted output only to answer faster; the reply is the same"),
+    "prompt_cache_key": _ignored("a caching hint; the engine keeps each conversation's KV cache anyway"),
+    "prompt_cache_retention": _ignored(
+        "a caching hint; the engine keeps each conversation's KV cache anyway"
+    ),
+}
+
+_FORMATS = ("text", "json_object", "json_schema")
+
+
+def is_neutral(param: Param, value: Any) -> bool:
+    """Whether `value` asks for nothing beyond the default (null always does)."""
+    return value is None or any(_same(value, n) for n in param.neutral)
+
+
+def _same(value: Any, neutral: Any) -> bool:
+    # A boolean is not a number here: `logprobs: true` must not pass for the neutral 1 of `n`.
+    if isinstance(value, bool) != isinstance(neutral, bool):
+        return False
+    return bool(value == neutral)
+
+
+def check_params(body: dict[str, Any], route: str) -> None:
+    """Refuse, with a 400 naming the field, any parameter this server would not heed: one it does
+    not know, one of the other route, or a refused one with a value that asks for something."""
+    for key, value in body.items():
+        param = PARAMS.get(key)
+        if param is None:
+            raise InvalidRequest(
+                f"unknown parameter `{key}` for {ROUTE_PATHS[route]}: this server does not know what it "
+                "asks for and will not ignore it; remove it",
+                param=key,
+                code="unknown_parameter",
+            )
+        if route not in param.routes:
+            other = ROUTE_PATHS[param.routes[0]]
+            raise InvalidRequest(
+                f"`{key}` is a parameter of {other}, not of {ROUTE_PATHS[route]}",
+                param=key,
+                code="unknown_parameter",
+            )
+        if key == "response_format":
+            _check_response_format(value)
+        elif param.treatment == "refused" and not is_neutral(param, value):
+            raise InvalidRequest(f"`{key}` {_refusal(param.note)}", param=key, code="unsupported_parameter")
+
+
+def _refusal(note: str) -> str:
+    return note if note.startswith(_NOT_YET) else f"is refused: {note}"
+
+
+def _check_response_format(value: Any) -> None:
+    if value is None:
+        return
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind not in _FORMATS:
+        raise InvalidRequest(
+            f"`response_format` must be an object whose `type` is one of {', '.join(_FORMATS)}, "
+            f"got {json.dumps(value)[:60]}",
+            param="response_format",
+        )
+    if kind != "text":
+        raise InvalidRequest(
+            f"`response_format` {kind}: {_STRUCTURED}", param="response_format", code="unsupported_parameter"
+        )
+
+
+def passthrough_keys() -> tuple[str, ...]:
+    """Parameters the proxy's speculation loop does not serve: a request with another value than
+    their neutral one goes to the engine, which honours or refuses it."""
+    return tuple(k for k, p in PARAMS.items() if not p.speculated)
+
+
+# model names -----------------------------------------------------------------------------------
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+    param = "model"
+
+
+def served_names(models_body: Any) -> tuple[str, ...]:
+    """The names a `/v1/models` answer of ours serves: every entry's id and its `meta.aliases`."""
+    names: list[str] = []
+    for entry in models_body.get("data", []) if isinstance(models_body, dict) else []:
+        if isinstance(entry, dict) and isinstance(entry.get("id"), str):
+            names.append(entry["id"])
+            meta = entry.get("meta")
+            if isinstance(meta, dict) and isinstance(meta.get("aliases"), list):
+                names += [a for a in meta["aliases"] if isinstance(a, str)]
+    return tuple(dict.fromkeys(names))
+
+
+def check_model(body: dict[str, Any], names: tuple[str, ...]) -> None:
+    """404 model_not_found unless `model` is absent or one of `names` (the served model first)."""
+    model = body.get("model")
+    if model is None or model in names:
+        return
+    if not isinstance(model, str):
+        raise InvalidRequest("`model` must be a string", param="model")
+    raise ModelNotFound(
+        f"The model `{model}` does not exist here: this server serves {', '.join(names)} "
+        "(send one of those, leave `model` out, or add the name to spec.target.aliases)"
+    )
 
 
 # replies ---------------------------------------------------------------------------------------
