@@ -16,8 +16,13 @@ holds). Each draft continues the conversation; all of them are scored in ONE dec
 n_vocab floats or `{"ids": [...], "p": [...]}` (zero elsewhere); rows are normalised by the engine.
 Without it a sampled draft is judged by the point-mass rule, which is exact for any drafter.
 
-`sampling` is `{temperature, top_k, top_p, seed}`, greedy when absent; `seed` seeds the
-conversation's random stream when it starts or resets, and later calls continue that stream.
+`sampling` is `{temperature, top_k, top_p, seed, presence_penalty?, frequency_penalty?, logit_bias?}`,
+greedy when absent. Without `seed` the conversation has a random stream of fresh entropy; with one,
+every random number is a pure function of (seed, the token's absolute position in the
+conversation), so a reply does not depend on how rounds were cut (engine/verify.py, "Seeds").
+Penalties count the tokens of the conversation from `generation_start` on (the generated text, as
+OpenAI defines them), and at a draft position also the draft's earlier tokens; `logit_bias` is
+`{"token id": bias}` with bias in [-100, 100], added to the logits before anything else.
 A temperature below MIN_TEMPERATURE (1e-5) is greedy: dividing logits by less overflows, and the
 distribution is a point mass to within float precision anyway. `seed` is any 64-bit integer,
 signed or not (-2^63 .. 2^64-1); a negative one (llama.cpp clients send -1) is read as its
@@ -25,6 +30,10 @@ two's-complement unsigned value, so it is a reproducible stream like any other.
 
 Sizes are checked before anything grows with them: a row of `probs` is kept as sent (sparse rows
 stay sparse) and made dense, one row at a time, only when the engine's acceptance rule reads it.
+
+`logprobs` (optional, 0..MAX_TOP_LOGPROBS) asks for each returned token's log-probability and that
+many most likely alternatives: log-softmax of the target's logits after `logit_bias` and the
+penalties, at temperature 1, before top-k/top-p (the reply's `logprobs`, one entry per token).
 
 The reply's `tokens` are the accepted draft tokens of draft `draft_index`, then the target's next
 token (a correction, or the bonus after a fully accepted draft); `n_accepted` counts the accepted
@@ -90,6 +99,10 @@ def decode_error(status: int, body: Any, fallback: str) -> OpenAIError:
 # sampling --------------------------------------------------------------------------------------
 MIN_TEMPERATURE = 1e-5  # below it: greedy (see the module doc)
 _SEED_MIN, _SEED_END = -(2**63), 2**64
+MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty: [-2, 2]
+MAX_BIAS = 100.0  # OpenAI's range for a logit_bias value: [-100, 100]
+MAX_BIASED_TOKENS = 1024  # entries of one logit_bias: bounds the work a request can ask for
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
 
 
 class _FieldError(ValueError):
@@ -109,6 +122,9 @@ class Sampling:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     seed: int | None = None  # for a reproducible random stream; None = fresh entropy
+    presence_penalty: float = 0.0  # subtracted once from each token already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence of each token already generated
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), sorted by id, no zeros
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
@@ -120,10 +136,26 @@ class Sampling:
             raise _FieldError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
         if self.seed is not None and not _SEED_MIN <= self.seed < _SEED_END:
             raise _FieldError("seed", f"seed must be a 64-bit integer (-2^63 .. 2^64-1), got {self.seed}")
+        for key in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and -MAX_PENALTY <= value <= MAX_PENALTY):
+                raise _FieldError(key, f"{key} must be between -2 and 2, got {value}")
+        if len(self.logit_bias) > MAX_BIASED_TOKENS:
+            raise _FieldError("logit_bias", f"logit_bias may name at most {MAX_BIASED_TOKENS} tokens")
+        for token, bias in self.logit_bias:
+            if token < 0:
+                raise _FieldError("logit_bias", f"logit_bias keys must be token ids >= 0, got {token}")
+            if not (math.isfinite(bias) and -MAX_BIAS <= bias <= MAX_BIAS):
+                raise _FieldError("logit_bias", f"logit_bias values must be between -100 and 100, got {bias}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < MIN_TEMPERATURE
+
+    @property
+    def penalized(self) -> bool:
+        """The logits are changed before the rule reads them (penalties or a bias)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
     @property
     def rng_seed(self) -> int | None:
@@ -134,6 +166,12 @@ class Sampling:
         body: dict[str, Any] = {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
         if self.seed is not None:
             body["seed"] = self.seed
+        if self.presence_penalty:
+            body["presence_penalty"] = self.presence_penalty
+        if self.frequency_penalty:
+            body["frequency_penalty"] = self.frequency_penalty
+        if self.logit_bias:
+            body["logit_bias"] = {str(t): b for t, b in self.logit_bias}
         return body
 
     @classmethod
@@ -145,11 +183,42 @@ class Sampling:
                 top_k=get_field(body, "top_k", int, 0),
                 top_p=get_field(body, "top_p", float, 1.0),
                 seed=get_field(body, "seed", int, None),
+                **shaping_fields(body),
             )
         except _FieldError as exc:
             raise InvalidRequest(f"`{exc.field}`: {exc}", param=exc.field) from exc
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from exc
+
+
+def shaping_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """`presence_penalty`, `frequency_penalty` and `logit_bias` of an OpenAI body (or of a verify
+    call's `sampling`) as Sampling's keyword arguments; InvalidRequest names the field."""
+    raw = get_field(body, "logit_bias", dict, {})
+    bias: dict[int, float] = {}
+    for key, value in raw.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise InvalidRequest(
+                f"`logit_bias` keys must be token ids (integers as strings), got {key!r}", param="logit_bias"
+            ) from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidRequest(f"`logit_bias[{key}]` must be a number", param="logit_bias")
+        if value:
+            bias[token] = float(value)
+    return {
+        "presence_penalty": get_field(body, "presence_penalty", float, 0.0),
+        "frequency_penalty": get_field(body, "frequency_penalty", float, 0.0),
+        "logit_bias": tuple(sorted(bias.items())),
+    }
+
+
+def sampling_error(exc: ValueError) -> InvalidRequest:
+    """A Sampling that could not be built, as the 400 that names its field."""
+    if isinstance(exc, _FieldError):
+        return InvalidRequest(f"`{exc.field}`: {exc}", param=exc.field)
+    return InvalidRequest(str(exc))
 
 
 # the request -----------------------------------------------------------------------------------
@@ -260,16 +329,25 @@ class VerifyRequest:
     drafts: list[Draft] = field(default_factory=list)
     sampling: Sampling = field(default_factory=Sampling)
     reset: bool = False
+    # Where the generated text starts in the conversation (absolute position): penalties count
+    # the tokens from there on. 0: all of them.
+    generation_start: int = 0
+    logprobs: int | None = None  # None: no logprobs; n: each token's and its n best alternatives
 
 
 def encode_request(request: VerifyRequest) -> dict[str, Any]:
-    return {
+    body: dict[str, Any] = {
         "conversation": request.conversation,
         "tokens": list(request.tokens),
         "reset": request.reset,
         "drafts": [d.to_json() for d in request.drafts],
         "sampling": request.sampling.to_json(),
     }
+    if request.generation_start:
+        body["generation_start"] = request.generation_start
+    if request.logprobs is not None:
+        body["logprobs"] = request.logprobs
+    return body
 
 
 def decode_request(body: dict[str, Any]) -> VerifyRequest:
@@ -290,10 +368,46 @@ def decode_request(body: dict[str, Any]) -> VerifyRequest:
         drafts=drafts,
         sampling=Sampling.from_json(get_field(body, "sampling", dict, {})),
         reset=get_field(body, "reset", bool, False),
+        generation_start=_non_negative(get_field(body, "generation_start", int, 0), "generation_start"),
+        logprobs=check_top_logprobs(get_field(body, "logprobs", int, None), "logprobs"),
     )
 
 
+def _non_negative(value: int, where: str) -> int:
+    if value < 0:
+        raise InvalidRequest(f"`{where}` must be >= 0, got {value}", param=where)
+    return value
+
+
+def check_top_logprobs(value: int | None, where: str) -> int | None:
+    """A count of alternatives per token, 0..MAX_TOP_LOGPROBS (None: no logprobs at all)."""
+    if value is not None and not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise InvalidRequest(f"`{where}` must be between 0 and {MAX_TOP_LOGPROBS}, got {value}", param=where)
+    return value
+
+
 # the reply -------------------------------------------------------------------------------------
+LOGPROB_FLOOR = -9999.0  # what an impossible token's logprob is sent as (JSON has no -inf), as OpenAI
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One emitted token's log-probability under the target, and its most likely alternatives
+    (most likely first, lower id first on ties)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"token": self.token, "logprob": self.logprob, "top": [[t, lp] for t, lp in self.top]}
+
+    @staticmethod
+    def from_json(body: Any) -> TokenLogprob:
+        top = tuple((int(t), float(lp)) for t, lp in body.get("top", []))
+        return TokenLogprob(int(body["token"]), float(body["logprob"]), top)
+
+
 @dataclass(frozen=True)
 class VerifyReply:
     tokens: list[int]  # the accepted draft tokens, then the target's next token (correction or bonus)
@@ -303,10 +417,11 @@ class VerifyReply:
     accepted_per_draft: list[int] = field(default_factory=list)  # per draft: tokens the reply starts with
     n_past: int = 0  # the conversation's tokens now in the KV (all but the last returned token)
     pieces: list[bytes] = field(default_factory=list)  # the bytes of each returned token
+    logprobs: list[TokenLogprob] | None = None  # one per returned token, when the call asked
 
 
 def encode_reply(reply: VerifyReply) -> dict[str, Any]:
-    return {
+    body: dict[str, Any] = {
         "object": REPLY_OBJECT,
         "version": VERSION,
         "tokens": list(reply.tokens),
@@ -317,6 +432,9 @@ def encode_reply(reply: VerifyReply) -> dict[str, Any]:
         "eog": reply.eog,
         "pieces": encode_pieces(reply.pieces),
     }
+    if reply.logprobs is not None:
+        body["logprobs"] = [entry.to_json() for entry in reply.logprobs]
+    return body
 
 
 def decode_reply(body: Any) -> VerifyReply:
@@ -330,9 +448,14 @@ def decode_reply(body: Any) -> VerifyReply:
             accepted_per_draft=[int(n) for n in body.get("accepted_per_draft", [])],
             n_past=int(body.get("n_past", 0)),
             pieces=decode_pieces(body.get("pieces", [])),
+            logprobs=decode_logprobs(body.get("logprobs")),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise UpstreamError(f"the engine's verify answer is not verify API v{VERSION}: {exc!r}") from exc
+
+
+def decode_logprobs(body: Any) -> list[TokenLogprob] | None:
+    return None if body is None else [TokenLogprob.from_json(entry) for entry in body]
 
 
 def encode_pieces(pieces: Sequence[bytes]) -> list[str]:

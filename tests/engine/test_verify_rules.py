@@ -19,11 +19,18 @@ from tightwad.engine.verify import (
     Acceptance,
     accept_greedy,
     accept_sampled,
+    accept_seeded,
     accept_tree,
+    accept_tree_seeded,
+    keyed_uniform,
+    penalty_counts,
     sample,
+    seeded_choice,
+    shape_logits,
     target_distribution,
+    token_logprob,
 )
-from tightwad.verify_api import Sampling
+from tightwad.verify_api import LOGPROB_FLOOR, Sampling
 
 
 # target_distribution ---------------------------------------------------------------------------
@@ -252,3 +259,117 @@ def test_non_finite_logits_give_a_distribution_not_an_exception() -> None:
         probs = target_distribution(logits, Sampling(temperature=1.0, top_p=0.9))
         assert np.isfinite(probs).all() and probs.sum() == pytest.approx(1.0)
         sample(probs, rng)
+
+
+# shaping: logit_bias and penalties -------------------------------------------------------------
+def test_shaping_is_openais_formula() -> None:
+    logits = np.array([1.0, 2.0, 3.0, 4.0])
+    params = Sampling(presence_penalty=0.5, frequency_penalty=0.25, logit_bias=((0, 10.0), (3, -1.0)))
+    shaped = shape_logits(logits, params, penalty_counts([1, 1, 3]))
+    # token 1 seen twice: -(2 * 0.25 + 0.5); token 3 once: -(0.25 + 0.5) and its bias -1
+    assert shaped.tolist() == [11.0, 1.0, 3.0, 2.25]
+    assert logits.tolist() == [1.0, 2.0, 3.0, 4.0]  # the caller's row is never changed
+
+
+def test_shaping_without_penalties_or_bias_is_the_same_row() -> None:
+    logits = np.array([1.0, 2.0])
+    assert shape_logits(logits, Sampling(temperature=1.0), penalty_counts([0, 1])) is logits
+
+
+def test_a_bias_forces_and_bans_under_greedy() -> None:
+    logits = np.array([5.0, 1.0, 0.0])
+    forced = shape_logits(logits, Sampling(logit_bias=((2, 100.0),)), {})
+    assert target_distribution(forced, Sampling()).tolist() == [0.0, 0.0, 1.0]
+    banned = shape_logits(logits, Sampling(logit_bias=((0, -100.0),)), {})
+    assert int(np.argmax(banned)) == 1
+
+
+def test_penalty_history_includes_the_earlier_draft_tokens() -> None:
+    """At draft position i the history is the generated text plus draft[:i], as for the target alone:
+    a penalty that would turn the argmax away from a repeated token does so inside a block too."""
+    row = np.array([3.0, 2.5, 0.0])
+    params = Sampling(frequency_penalty=1.0)
+    rows = [shape_logits(row, params, penalty_counts([0, 1][:i])) for i in range(3)]
+    # position 0: nothing generated -> 0; position 1: 0 seen once -> 2.0 vs 2.5 -> 1; position 2: both seen
+    assert accept_greedy([0, 1], [int(np.argmax(r)) for r in rows]) == Acceptance(2, 0)
+
+
+def test_bad_shaping_values_are_refused_naming_the_field() -> None:
+    from tightwad.openai import InvalidRequest
+
+    with pytest.raises(InvalidRequest) as info:
+        Sampling.from_json({"presence_penalty": 3})
+    assert info.value.param == "presence_penalty"
+    with pytest.raises(InvalidRequest) as info:
+        Sampling.from_json({"logit_bias": {"x": 1}})
+    assert info.value.param == "logit_bias"
+    with pytest.raises(InvalidRequest) as info:
+        Sampling.from_json({"logit_bias": {"5": 101}})
+    assert info.value.param == "logit_bias"
+    parsed = Sampling.from_json({"logit_bias": {"7": 2, "3": -1, "9": 0}, "frequency_penalty": 0.5})
+    assert parsed.logit_bias == ((3, -1.0), (7, 2.0)) and parsed.frequency_penalty == 0.5
+    assert Sampling.from_json(parsed.to_json()) == parsed
+
+
+# seeds -----------------------------------------------------------------------------------------
+def test_keyed_uniforms_are_pure_and_uniform() -> None:
+    assert keyed_uniform(42, 7) == keyed_uniform(42, 7)
+    assert keyed_uniform(42, 7) != keyed_uniform(42, 8) != keyed_uniform(43, 8)
+    assert keyed_uniform(-1, 3) == keyed_uniform(2**64 - 1, 3)  # a negative seed is its two's complement
+    draws = np.array([keyed_uniform(5, p) for p in range(20000)])
+    assert draws.min() >= 0 and draws.max() < 1
+    counts = Counter(int(u * 10) for u in draws)
+    assert tv(counts, np.full(10, 0.1)) < tv_tolerance(10, 20000)
+
+
+def test_a_seeded_verify_emits_the_target_alones_tokens_whatever_the_draft() -> None:
+    """The engine alone picks seeded_choice(p_P, seed, P) at each position P; a seeded verify of ANY
+    draft emits exactly those tokens, only more or fewer per round."""
+    rng = np.random.default_rng(30)
+    rows = [rng.dirichlet(np.ones(6)) for _ in range(8)]
+    seed, start = 1234, 50
+    alone = [seeded_choice(rows[i], seed, start + i) for i in range(8)]
+    for trial in range(200):
+        draft = [int(t) for t in rng.integers(0, 6, size=int(rng.integers(0, 7)))]
+        if trial % 3 == 0:  # a draft that is right for a while
+            cut = int(rng.integers(0, 7))
+            draft = alone[:cut] + draft[cut:]
+        verdict = accept_seeded(draft, rows, seed, start)
+        assert draft[: verdict.n_accepted] == alone[: verdict.n_accepted]
+        assert verdict.next_token == alone[verdict.n_accepted]
+        tree, winner = accept_tree_seeded([draft, alone[:3]], lambda d, i: rows[i], seed, start)
+        emitted = [*([draft, alone[:3]][winner][: tree.n_accepted]), tree.next_token]
+        assert emitted == alone[: tree.n_accepted + 1]
+
+
+def test_the_seeded_rule_is_exact_for_any_draft() -> None:
+    """Over seeds, a seeded verify's first token is distributed as p, whatever the draft token."""
+    p0 = np.array([0.1, 0.5, 0.3, 0.1])
+    for x in (1, 3):
+        verdicts = [accept_seeded([x], [p0, P1], seed, 0) for seed in range(20000)]
+        counts = Counter(x if v.n_accepted else v.next_token for v in verdicts)
+        assert tv(counts, p0) < tv_tolerance(4, 20000)
+
+
+def test_seeded_rows_are_read_only_up_to_the_first_mismatch() -> None:
+    class Rows(list):  # type: ignore[type-arg]
+        def __getitem__(self, i):  # type: ignore[no-untyped-def]
+            assert i <= 1, "read past the first rejection"
+            return super().__getitem__(i)
+
+    certain = np.array([0.0, 1.0, 0.0])
+    verdict = accept_seeded([2, 0, 0], Rows([certain, certain, certain, certain]), 9, 0)
+    assert verdict == Acceptance(0, 1)
+
+
+# logprobs --------------------------------------------------------------------------------------
+def test_token_logprob_is_the_log_softmax_and_the_top_list_is_ordered() -> None:
+    logits = np.array([1.0, 3.0, 3.0, -np.inf, 0.0])
+    entry = token_logprob(logits, 4, top=3)
+    finite = np.array([1.0, 3.0, 3.0, 0.0])
+    norm = np.log(np.exp(finite).sum())
+    assert entry.logprob == pytest.approx(0.0 - norm)
+    assert [t for t, _ in entry.top] == [1, 2, 0]  # ties: lower id first
+    assert entry.top[0][1] == pytest.approx(3.0 - norm)
+    assert token_logprob(logits, 3, top=0).logprob == LOGPROB_FLOOR  # -inf travels as OpenAI's floor
+    assert token_logprob(logits, 1, top=0).top == ()
