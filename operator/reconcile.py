@@ -122,6 +122,7 @@ class Reconciler:
         docker_factory: Callable[[Host, Manifest], Driver] | None = None,
         lock: bool = True,
         dry_run: bool = False,
+        router: Callable[[Unit, Unit, str | None], str | None] | None = None,
     ) -> None:
         self.path = Path(manifest_path).resolve()
         self.policy = policy or PlannerPolicy()
@@ -129,6 +130,7 @@ class Reconciler:
         self.events = events or (lambda line: None)
         self.binaries = binaries or pinned_binaries()
         self.docker_factory = docker_factory
+        self.router = router or (lambda r, backend, token: route(r, backend, token=token))
         # A dry run (`tightwad plan`) contacts no Docker daemon and no host: what runs there is
         # not observed, so those hosts stay out of the plan (named in `unobserved`).
         self.dry_run = dry_run
@@ -398,7 +400,7 @@ class Reconciler:
             case Route(router=router, backend=backend):
                 # Observed units carry no secrets; the desired one knows the token.
                 wanted = self.desired.by_name.get(router.name) if self.desired else None
-                error = route(router, backend, token=wanted.secrets.get("TIGHTWAD_TOKEN") if wanted else None)
+                error = self.router(router, backend, wanted.secrets.get("TIGHTWAD_TOKEN") if wanted else None)
                 if error:
                     line += f": failed, will retry: {error}"
             case VerifyModel(host=host, model=model):

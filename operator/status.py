@@ -141,6 +141,21 @@ def unit_rows(
     return rows
 
 
+_ROWS = "\0units\0"  # where the unit rows go; JSON writes it escaped, so no value can spell it
+
+
+def render_json(doc: dict[str, Any]) -> str:
+    """The status document as indented JSON with one unit row per line. The same JSON as
+    `json.dumps(doc, indent=2)`, laid out differently: indenting is done in pure Python and took
+    most of a pass's time at 1000 hosts; a row per line is written by the C encoder."""
+    units = doc.get("units")
+    if not isinstance(units, list) or not units:
+        return json.dumps(doc, indent=2) + "\n"
+    head = json.dumps({**doc, "units": _ROWS}, indent=2)
+    rows = ",\n".join(f"    {json.dumps(row)}" for row in units)
+    return head.replace(json.dumps(_ROWS), f"[\n{rows}\n  ]", 1) + "\n"
+
+
 class StatusFile:
     """The status document on disk, and the generation counter it carries between runs."""
 
@@ -240,6 +255,6 @@ class StatusFile:
     def _save(self, doc: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+        tmp.write_text(render_json(doc))
         os.replace(tmp, self.path)
         self.previous = doc

@@ -7,11 +7,21 @@ Deterministic: the same N gives the same document, so a figure can be reproduced
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from tightwad.manifest import Manifest
+from tightwad.manifest_views import Host
+from tightwad.operator.commands import Binaries
+from tightwad.operator.desired import Desired
+from tightwad.operator.observed import Health, ModelCheck, ModelState, UnitState
+from tightwad.operator.reconcile import PassResult, Reconciler
+from tightwad.operator.units import ModelRef, Unit
 
 WORKER_PORT = 50052
 TOKEN = "fleet-token"
@@ -89,13 +99,184 @@ def write_fleet(path: Path, hosts: int, name: str = "fleet") -> Path:
 
 
 def edit_fraction(data: dict[str, Any], every: int = 10) -> list[str]:
-    """Move the workers of every `every`-th host to other ports: a spec edit that must restart
-    exactly those hosts' workers (and nothing else). Returns the edited hosts' names."""
+    """Declare the memory of every `every`-th host's devices: a spec edit of those hosts' workers
+    alone (the engine knows its workers by address), so exactly they must restart. Returns the
+    edited hosts' names."""
     edited = []
     for i, host in enumerate(data["spec"]["hosts"]):
         if i % every != every - 1:
             continue
         for gpu in host["gpus"]:
-            gpu["port"] += 100
+            gpu["memory"] = "24GiB"
         edited.append(host["name"])
     return edited
+
+
+# ------------------------------------------------------------------------------------------------
+# A simulated fleet: the REAL reconcile loop (Reconciler: load, observe, plan, execute, status) over
+# N hosts, with STAND-INS at the driver boundary only, in one process. Nothing here is a daemon or
+# an agent: these classes answer the Driver protocol (and the agent reports) the way the real ones
+# do, from memory, so the loop's own costs can be measured and its behaviour asserted at scale.
+
+
+class SimulatedDockerHost:
+    """STAND-IN for one host's DockerDriver (no daemon behind it). Like the real driver it keeps
+    each unit as JSON (the real one keeps it in a container label) and reads it back on every
+    observe; a started unit runs and is healthy from the next observe on."""
+
+    runtime = "docker"
+
+    def __init__(self, host: str, journal: list[str]) -> None:
+        self.host = host
+        self.containers: dict[str, dict[str, Any]] = {}
+        self.checks: dict[Any, ModelCheck] = {}
+        self.log = journal  # "start NAME" / "stop NAME", in order, shared by the whole fleet
+        self.observed = 0
+
+    def observe(self, now: float) -> dict[str, UnitState]:
+        self.observed += 1
+        states = {}
+        for name, box in self.containers.items():
+            unit = Unit.from_json(json.loads(box["unit"]))
+            running = box["exit_code"] is None
+            states[name] = UnitState(
+                unit,
+                running,
+                Health.OK if running else Health.DOWN,
+                started_at=box["started_at"],
+                since=box["started_at"],
+                failures=box["failures"],
+                exited_at=box["exited_at"],
+                exit_code=box["exit_code"],
+                error=None if running else f"exited with code {box['exit_code']}",
+                route=box.get("route"),
+                adopted=True,
+            )
+        return states
+
+    def start(self, unit: Unit, reason: str, failed: bool = False) -> None:
+        failures = self.containers.get(unit.name, {}).get("failures", 0) + 1 if failed else 0
+        self.containers[unit.name] = {
+            "unit": json.dumps(unit.to_json(), sort_keys=True),
+            "started_at": time.time(),
+            "exited_at": None,
+            "exit_code": None,
+            "failures": failures,
+        }
+        self.log.append(f"start {unit.name}")
+
+    def stop(self, unit: Unit, reason: str = "") -> None:
+        self.containers.pop(unit.name, None)
+        self.log.append(f"stop {unit.name}")
+
+    def verify(self, host: str, model: ModelRef) -> None:
+        self.checks[(host, model)] = ModelCheck(ModelState.OK, size=10**9)
+
+    def models(self) -> dict[Any, ModelCheck]:
+        return dict(self.checks)
+
+    def stop_all(self) -> list[str]:
+        names = list(self.containers)
+        self.containers.clear()
+        return names
+
+    def close(self) -> None:
+        pass
+
+    def crash(self, name: str, code: int = 1) -> None:
+        """The unit's process dies (an rpc worker segfaults, say)."""
+        self.containers[name] |= {"exit_code": code, "exited_at": time.time()}
+
+
+class SimulatedAgent:
+    """STAND-IN for `tightwad agent` on one host: it runs what the operator wants on its host and
+    reports it (with its models) as a real agent does over the agent API."""
+
+    def __init__(self, host: str, journal: list[str]) -> None:
+        self.host = host
+        self.running: dict[str, UnitState] = {}
+        self.log = journal
+
+    def report(self, reconciler: Reconciler) -> None:
+        desired = reconciler.desired
+        if desired is None:
+            return
+        wanted = _units_by_host(desired).get(self.host, [])
+        now = time.time()
+        reported = dict(self.running)  # what it had started by the last report
+        for unit in wanted:
+            current = self.running.get(unit.name)
+            if current is None or current.unit.spec_hash != unit.spec_hash:
+                self.running[unit.name] = UnitState(unit, True, Health.OK, started_at=now, since=now)
+                self.log.append(f"start {unit.name}")
+        names = {u.name for u in wanted}
+        self.running = {k: v for k, v in self.running.items() if k in names}
+        models = {(u.host, m): ModelCheck(ModelState.OK, size=10**9) for u in wanted for m in u.models}
+        reconciler.report(self.host, reported, models)
+
+
+_BY_HOST: dict[int, tuple[Desired, dict[str, list[Unit]]]] = {}
+
+
+def _units_by_host(desired: Desired) -> dict[str, list[Unit]]:
+    """The desired units grouped by host, once per desired state (each agent asks for its own)."""
+    known = _BY_HOST.get(id(desired))
+    if known is None or known[0] is not desired:
+        grouped: dict[str, list[Unit]] = {}
+        for unit in (*desired.units, desired.engine):
+            grouped.setdefault(unit.host, []).append(unit)
+        _BY_HOST.clear()
+        known = _BY_HOST[id(desired)] = (desired, grouped)
+    return known[1]
+
+
+class SimulatedFleet:
+    """N hosts of `fleet_manifest` in `folder`, driven by the real Reconciler with the stand-ins
+    above; `tick()` is one pass of the loop (agents report first, as they do between passes)."""
+
+    def __init__(self, folder: Path, hosts: int, name: str = "fleet") -> None:
+        self.path = write_fleet(folder / f"{name}.yaml", hosts, name)
+        self.docker: dict[str, SimulatedDockerHost] = {}
+        self.agents: dict[str, SimulatedAgent] = {}
+        self.journal: list[str] = []  # every start and stop, docker hosts' and agents', in order
+        self.routes: list[str] = []
+        self.reconciler = Reconciler(
+            self.path,
+            components=frozenset({"proxy"}),
+            binaries=Binaries(),
+            docker_factory=self._docker,
+            router=self._route,
+            lock=False,
+        )
+        for host, kind in self.reconciler.host_kinds.items():
+            if kind == "agent":
+                self.agents[host] = SimulatedAgent(host, self.journal)
+
+    def _docker(self, host: Host, manifest: Manifest) -> SimulatedDockerHost:
+        if host.name not in self.docker:
+            self.docker[host.name] = SimulatedDockerHost(host.name, self.journal)
+        return self.docker[host.name]
+
+    def _route(self, router: Unit, backend: Unit, token: str | None) -> str | None:
+        """STAND-IN for the router's PUT: the router container now reports the new route."""
+        self.docker[router.host].containers[router.name]["route"] = backend.name
+        self.routes.append(backend.name)
+        return None
+
+    def tick(self) -> PassResult:
+        for agent in self.agents.values():
+            agent.report(self.reconciler)
+        return self.reconciler.pass_once()
+
+    def converge(self, limit: int = 50) -> list[PassResult]:
+        """Passes until one plans nothing and the cluster is Ready; AssertionError past `limit`."""
+        passes = []
+        for _ in range(limit):
+            result = self.tick()
+            passes.append(result)
+            if result.plan is not None and result.plan.converged and not result.plan.actions:
+                return passes
+        raise AssertionError(f"the fleet did not converge in {limit} passes: {passes[-1].plan}")
+
+    def close(self) -> None:
+        self.reconciler.close()
