@@ -33,15 +33,31 @@ def timeouts(read: float = 20.0) -> httpx.Timeout:
 
 
 class SwarmClient:
-    def __init__(self, token: str | None = None, read_timeout: float = 20.0) -> None:
-        headers = {"authorization": f"Bearer {token}"} if token else {}
+    """Talks to peers and trackers. The cluster token goes only where it belongs: to every URL when
+    `token_hosts` is None (a user naming peers by hand), else only to those hosts (the cluster's
+    own), never to a peer or tracker that someone merely wrote into a manifest."""
+
+    def __init__(
+        self,
+        token: str | None = None,
+        read_timeout: float = 20.0,
+        token_hosts: frozenset[str] | None = None,
+    ) -> None:
+        self.token = token
+        self.token_hosts = token_hosts
         self.http = httpx.AsyncClient(
-            headers=headers,
+            auth=self._authorize,
             timeout=timeouts(read_timeout),
             limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
             follow_redirects=False,
             trust_env=False,  # peers are on the cluster network; never route them through a proxy
         )
+
+    def _authorize(self, request: httpx.Request) -> httpx.Request:
+        host = request.url.host
+        if self.token and (self.token_hosts is None or host in self.token_hosts):
+            request.headers["authorization"] = f"Bearer {self.token}"
+        return request
 
     async def __aenter__(self) -> SwarmClient:
         return self

@@ -30,6 +30,7 @@ class NodeOptions:
     bind: str = "127.0.0.1"
     port: int = 8089
     token: str | None = None
+    token_hosts: frozenset[str] | None = None  # where the token may go (None: every tracker)
     piece_size: int = DEFAULT_PIECE_SIZE
     trackers: list[str] = field(default_factory=list)
     advertise: str | None = None  # the URL others reach us at; default http://BIND:PORT
@@ -97,7 +98,7 @@ class Node:
         await self.server.stop()
 
     async def _announce_loop(self) -> None:
-        async with SwarmClient(self.options.token) as client:
+        async with SwarmClient(self.options.token, token_hosts=self.options.token_hosts) as client:
             while True:
                 for entry in self.library:
                     for tracker in self.options.trackers:

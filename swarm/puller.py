@@ -71,6 +71,7 @@ class PullOptions:
     peers: list[str] = field(default_factory=list)
     trackers: list[str] = field(default_factory=list)
     token: str | None = None
+    token_hosts: frozenset[str] | None = None  # where the token may go (None: every peer and tracker)
     slots_per_peer: int = 2  # parallel requests to one peer: more only slow each piece down (see bench)
     refresh: float = 1.0  # seconds between have-map refreshes
     tracker_refresh: float = 5.0
@@ -633,7 +634,7 @@ class Puller:
 
     async def run(self) -> PullResult:
         began = time.monotonic()
-        async with SwarmClient(self.options.token) as client:
+        async with SwarmClient(self.options.token, token_hosts=self.options.token_hosts) as client:
             self.client = client
             manifest = await self._resolve_manifest()
             self.manifest = manifest

@@ -104,10 +104,14 @@ class Sidecar:
         self.folder = Path(me.model_dir).expanduser()
         self.console = console or Console(stderr=True, highlight=False)
         self.piece_size = parse_size(swarm.piece_size)
+        # The token goes to the cluster's own hosts only: `swarm.peers` and `swarm.trackers` are
+        # whatever the manifest's author wrote, and may be anyone's.
+        own_hosts = frozenset(h.address.strip("[]") for h in manifest.hosts)
         self.node_options = NodeOptions(
             bind=bind or me.address,
             port=port,
             token=manifest.token,
+            token_hosts=own_hosts,
             piece_size=self.piece_size,
             trackers=list(swarm.trackers),
             advertise=f"http://{me.address}:{port}",
@@ -150,6 +154,7 @@ class Sidecar:
                     peers=self.peers,
                     trackers=self.node_options.trackers,
                     token=self.node_options.token,
+                    token_hosts=self.node_options.token_hosts,
                     advertise=self.node_options.advertise,
                     stall_timeout=60.0,
                 )
