@@ -35,6 +35,7 @@ import sys
 import threading
 import traceback
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
@@ -55,9 +56,15 @@ from tightwad.engine.verify import (
     Acceptance,
     accept_greedy,
     accept_sampled,
+    accept_seeded,
     accept_tree,
+    accept_tree_seeded,
+    penalty_counts,
     sample,
+    seeded_choice,
+    shape_logits,
     target_distribution,
+    token_logprob,
 )
 from tightwad.engine.workers import PoolMonitor, describe_loss
 from tightwad.openai import OpenAIError
@@ -67,6 +74,7 @@ from tightwad.verify_api import (
     Draft,
     ProbRows,
     Sampling,
+    TokenLogprob,
     VerifyReply,
     VerifyRequest,
 )
@@ -75,6 +83,7 @@ from tightwad.verify_api import (
 @dataclass(frozen=True)
 class TokenEvent:
     token: int
+    logprob: TokenLogprob | None = None  # when the generation asked for logprobs
 
 
 @dataclass(frozen=True)
@@ -124,9 +133,10 @@ class _Job:
     """A request inside the worker thread. `pending` is the part of its conversation not in the KV
     yet; its last token is the head of the next block."""
 
-    def __init__(self, conversation: str, sampling: Sampling) -> None:
+    def __init__(self, conversation: str, sampling: Sampling, logprobs: int | None) -> None:
         self.conversation = conversation
         self.sampling = sampling
+        self.logprobs = logprobs  # None: none; n: each token's logprob and its n best alternatives
         self.slot: Slot | None = None
         self.pending: list[int] = []
         self.seqs: list[int] = []  # this step's block: one sequence per draft
@@ -159,7 +169,9 @@ class _Job:
 
 class _VerifyJob(_Job):
     def __init__(self, request: VerifyRequest, probs: list[ProbRows | None]) -> None:
-        super().__init__(request.conversation, request.sampling)
+        super().__init__(request.conversation, request.sampling, request.logprobs)
+        self.generation_start = request.generation_start
+        self.counts: Counter[int] = Counter()  # this block: penalty counts of the text at its head
         self.tokens = list(request.tokens)
         self.drafts = request.drafts or [Draft(())]
         self.probs = probs or [None]  # per draft: the drafter's checked rows, made dense when read
@@ -200,9 +212,14 @@ class _GenerateJob(_Job):
         max_tokens: int,
         on_event: Callable[[GenerationEvent], None],
         ignore_eos: bool,
+        logprobs: int | None = None,
+        generated: int = 0,
     ) -> None:
-        super().__init__(f"{ANONYMOUS_PREFIX}{uuid.uuid4().hex}", sampling)
+        super().__init__(f"{ANONYMOUS_PREFIX}{uuid.uuid4().hex}", sampling, logprobs)
         self.prompt = prompt
+        # Penalties count the generated text: the last `generated` prompt tokens (a reply continued
+        # by the proxy) and every token this job adds.
+        self.counts = penalty_counts(prompt[len(prompt) - generated :] if generated else ())
         self.max_tokens = max_tokens
         self.on_event = on_event
         self.ignore_eos = ignore_eos
@@ -353,6 +370,7 @@ class Engine:
             raise BadRequest(
                 f"the drafts need {block} batch slots but n_batch is {self.n_batch}: send shorter drafts"
             )
+        self.check_sampling(request.sampling)
         probs: list[ProbRows | None] = []
         for i, draft in enumerate(drafts):
             self.check_tokens(draft.tokens, f"drafts[{i}].tokens")
@@ -369,9 +387,16 @@ class Engine:
         max_tokens: int,
         on_event: Callable[[GenerationEvent], None],
         ignore_eos: bool = False,
+        logprobs: int | None = None,
+        generated: int = 0,
     ) -> Generation:
-        """The engine's own decoding, one token per step; events arrive on the worker thread."""
+        """The engine's own decoding, one token per step; events arrive on the worker thread.
+        `generated`: how many of the prompt's last tokens are text generated earlier (a reply the
+        caller continues): penalties count them."""
         self.check_tokens(prompt, "prompt")
+        self.check_sampling(sampling)
+        if not 0 <= generated <= len(prompt):
+            raise BadRequest(f"`generated_tokens` must be between 0 and the prompt's {len(prompt)} tokens")
         if not prompt:
             raise BadRequest("the prompt is empty")
         if len(prompt) + 1 > self.n_ctx:
@@ -380,7 +405,7 @@ class Engine:
             )
         if max_tokens < 1:
             raise BadRequest("max_tokens must be >= 1")
-        job = _GenerateJob(list(prompt), sampling, max_tokens, on_event, ignore_eos)
+        job = _GenerateJob(list(prompt), sampling, max_tokens, on_event, ignore_eos, logprobs, generated)
         self._submit(job)
         return Generation(job)
 
@@ -401,6 +426,12 @@ class Engine:
         for t in tokens:
             if not isinstance(t, int | np.integer) or isinstance(t, bool) or not 0 <= int(t) < n_vocab:
                 raise BadRequest(f"{what} holds {t!r}, which is not a token id in [0, {n_vocab})")
+
+    def check_sampling(self, sampling: Sampling) -> None:
+        n_vocab = self.model.n_vocab
+        bad = next((t for t, _ in sampling.logit_bias if t >= n_vocab), None)
+        if bad is not None:
+            raise BadRequest(f"`logit_bias` names {bad}, which is not a token id in [0, {n_vocab})")
 
     def _submit(self, job: _Job) -> None:
         if self.failure is not None:
@@ -650,8 +681,20 @@ class Engine:
         self.sessions.release(job.slot, job.slot.tokens, tail)
 
     # outcomes -----------------------------------------------------------------------------------
-    def _row(self, job: _Job, d: int, i: int) -> np.ndarray:
-        return target_distribution(self.ctx.logits_view(job.indices[d][i]), job.sampling)
+    def _shaped(self, job: _VerifyJob, d: int, i: int) -> np.ndarray:
+        """Row i of draft d with logit_bias and the penalties: the history there is the generated
+        text up to the block's head plus the draft's first i tokens, as for the target alone."""
+        logits = self.ctx.logits_view(job.indices[d][i])
+        s = job.sampling
+        if not s.penalized:
+            return logits
+        counts = job.counts
+        if i and (s.presence_penalty or s.frequency_penalty):
+            counts = counts + penalty_counts(job.block_drafts()[d][:i])
+        return shape_logits(logits, s, counts)
+
+    def _row(self, job: _VerifyJob, d: int, i: int) -> np.ndarray:
+        return target_distribution(self._shaped(job, d, i), job.sampling)
 
     def _finish_verify(self, job: _VerifyJob) -> None:
         slot = job.slot
@@ -659,13 +702,28 @@ class Engine:
         drafts = job.block_drafts()
         head = job.pending[0]
         start = len(slot.tokens)  # the head's position
-        if job.sampling.greedy:
+        sampling = job.sampling
+        if sampling.presence_penalty or sampling.frequency_penalty:
+            job.counts = penalty_counts([*slot.tokens, head][job.generation_start :])
+        if sampling.greedy:
             outcomes = [
-                accept_greedy(draft, [self.ctx.argmax(i) for i in rows])
-                for draft, rows in zip(drafts, job.indices, strict=True)
+                accept_greedy(draft, [int(np.argmax(self._shaped(job, d, i))) for i in range(len(rows))])
+                if sampling.penalized
+                else accept_greedy(draft, [self.ctx.argmax(i) for i in rows])
+                for d, (draft, rows) in enumerate(zip(drafts, job.indices, strict=True))
             ]
             winner = max(range(len(drafts)), key=lambda d: (outcomes[d].n_accepted, -d))
             acceptance: Acceptance = outcomes[winner]
+        elif sampling.seed is not None:
+            # Keyed by (seed, position): the same tokens as the engine alone, whatever the draft.
+            seed = sampling.rng_seed
+            assert seed is not None
+            if len(drafts) == 1:
+                rows = _Rows(len(drafts[0]) + 1, lambda i: self._row(job, 0, i))
+                acceptance, winner = accept_seeded(drafts[0], rows, seed, start + 1), 0
+            else:
+                row = lambda d, i: self._row(job, d, i)  # noqa: E731
+                acceptance, winner = accept_tree_seeded(drafts, row, seed, start + 1)
         else:
             rng = slot.state
             assert isinstance(rng, np.random.Generator)
@@ -680,6 +738,11 @@ class Engine:
             if self.model.is_end_of_generation(token):
                 out, n = out[: j + 1], j
                 break
+        logprobs = None
+        if job.logprobs is not None:  # read before anything else touches the logits
+            logprobs = [
+                token_logprob(self._shaped(job, winner, j), t, job.logprobs) for j, t in enumerate(out)
+            ]
         keep_to = start + 1 + n
         conv = slot.seq
         if job.seqs[winner] == conv:
@@ -702,6 +765,7 @@ class Engine:
             accepted_per_draft=[min(common_prefix(d, out[:n]), len(d)) for d in drafts],
             n_past=len(slot.tokens),
             pieces=[self.model.token_bytes(t) for t in out],
+            logprobs=logprobs,
         )
         self._done(job)
         if job.claim_end():
@@ -711,18 +775,25 @@ class Engine:
         slot = job.slot
         assert slot is not None
         slot.tokens.append(job.pending[0])
-        logits = self.ctx.logits_view(job.indices[0][0])
+        logits = shape_logits(self.ctx.logits_view(job.indices[0][0]), job.sampling, job.counts)
         if job.ignore_eos and self.eog_tokens.size:
             logits = logits.copy()
             logits[self.eog_tokens] = -np.inf
         if job.sampling.greedy:
             token = int(np.argmax(logits))
+        elif job.sampling.seed is not None:
+            # The token's absolute position keys its random number (verify.py, "Seeds").
+            seed = job.sampling.rng_seed
+            assert seed is not None
+            token = seeded_choice(target_distribution(logits, job.sampling), seed, len(slot.tokens))
         else:
             token = sample(target_distribution(logits, job.sampling), job.rng)
+        logprob = token_logprob(logits, token, job.logprobs) if job.logprobs is not None else None
         job.pending = [token]
         job.generated += 1
+        job.counts[token] += 1
         self.stats.generated_tokens += 1
-        job.emit(TokenEvent(token))
+        job.emit(TokenEvent(token, logprob))
         reason = None
         if not job.ignore_eos and self.model.is_end_of_generation(token):
             reason = "stop"

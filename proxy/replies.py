@@ -2,7 +2,8 @@
 
 Tokens are taken one at a time even when a round brings several, so a stop sequence is found at
 the exact token that completes it (usage counts up to that token, as the target alone would), and
-nothing after it is ever sent. End-of-generation tokens count as generated but produce no text.
+nothing after it is ever sent. End-of-generation tokens count as generated but produce no text,
+and no logprobs entry (as the engine alone answers); every other token taken gets its entry.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 from tightwad.proxy.detok import TextStream, Vocabulary
 from tightwad.proxy.speculate import Step
+from tightwad.verify_api import TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,7 @@ class ReplyDelta:
 
     text: str
     tokens: list[int]
+    logprobs: list[TokenLogprob] | None = None  # the rendered tokens' entries, when the reply asked
 
 
 class TextReply:
@@ -44,6 +47,7 @@ class TextReply:
             async for step in self.steps:
                 text: list[str] = []
                 tokens: list[int] = []
+                entries: list[TokenLogprob] | None = [] if step.logprobs is not None else None
                 for i, token in enumerate(step.tokens):
                     self.completion_tokens += 1
                     tokens.append(token)
@@ -52,12 +56,14 @@ class TextReply:
                         self.eog_tokens.add(token)
                     if token in self.eog_tokens:
                         continue
+                    if entries is not None and step.logprobs is not None:
+                        entries.append(step.logprobs[i])
                     text.append(self.stream.feed(token))
                     if self.stream.stopped:
                         self.finish_reason = "stop"
                         break
                 if text or tokens:
-                    yield ReplyDelta("".join(text), tokens)
+                    yield ReplyDelta("".join(text), tokens, entries)
                 if self.finish_reason is not None:
                     return
                 if step.eog:

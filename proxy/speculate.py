@@ -19,7 +19,13 @@ Around that loop:
 Several drafters per round (drafters/race.py): the drafter answers `Candidates`, a round sends them all as
 a list of proposals and the verdict says which one won (`draft_index`). Consensus (APPROXIMATE,
 opt-in, consensus.py): when the candidates agree under `SpeculationSettings.consensus`, the agreed tokens are
-emitted without the target (`Step.skipped`), and sent to the engine with the next verify.
+emitted without the target (`Step.skipped`), and sent to the engine with the next verify. A request
+that asks for logprobs is never skipped: every number it gets is the target's.
+
+Penalties, logit_bias and seeds need nothing from the loop but two facts the engine cannot know:
+where the reply starts in the conversation (`generation_start`, the prompt's length: penalties count
+from there) and, when the target decodes alone, how much of its prompt is the reply so far. A seeded
+reply is then the same token sequence however rounds are cut (engine/verify.py, "Seeds").
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
+from tightwad.openai import UpstreamError
 from tightwad.proxy.consensus import agreed
 from tightwad.proxy.conversations import ConversationPool, Lease
 from tightwad.proxy.detok import Vocabulary
@@ -39,7 +46,7 @@ from tightwad.proxy.drafters.race import Candidates, RaceDrafter
 from tightwad.proxy.kpolicy.controller import KController
 from tightwad.proxy.telemetry import Telemetry
 from tightwad.proxy.upstream import EngineClient
-from tightwad.verify_api import ConversationEvicted, Sampling, VerifyReply
+from tightwad.verify_api import ConversationEvicted, Sampling, TokenLogprob, VerifyReply
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,7 @@ class Job:
     max_tokens: int
     n_ctx: int
     vocabulary: Vocabulary
+    logprobs: int | None = None  # None: none; n: each token's logprob and its n best alternatives
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,7 @@ class Step:
     tokens: list[int]  # new target tokens, in order
     eog: bool = False  # the last token (or, with no tokens, the previous one) ends the reply
     skipped: bool = False  # consensus (approximate): drafters' agreed tokens, not verified
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the job asked
 
 
 class Speculator:
@@ -198,7 +207,7 @@ class _Reply:
         else:
             draft = await self._take_draft(k)
         proposal = draft or Proposal(())
-        if spec.settings.consensus and isinstance(proposal, Candidates):
+        if spec.settings.consensus and isinstance(proposal, Candidates) and self.job.logprobs is None:
             skipped = self._consensus(proposal, k)
             if skipped is not None:
                 return skipped
@@ -219,7 +228,7 @@ class _Reply:
         self.rounds += 1
         if verdict.eog or verdict.n_accepted < drafted:
             self._drop_pending()  # it continued tokens the target did not accept
-        return self._advance(verdict.tokens, verdict.eog)
+        return self._advance(verdict.tokens, verdict.eog, verdict.logprobs)
 
     def _consensus(self, candidates: Candidates, k: int) -> Step | None:
         """APPROXIMATE: the tokens the drafters agree on, emitted without the target; None when
@@ -240,11 +249,14 @@ class _Reply:
         self.speculator.skipped_tokens += len(step.tokens)
         return Step(step.tokens, False, skipped=True)
 
-    def _advance(self, tokens: list[int], eog: bool) -> Step:
-        tokens = tokens[: self.job.max_tokens - self.produced]
+    def _advance(self, tokens: list[int], eog: bool, logprobs: list[TokenLogprob] | None = None) -> Step:
+        room = self.job.max_tokens - self.produced
+        tokens = tokens[:room]
         self.history += tokens
         self.produced += len(tokens)
-        return Step(tokens, eog)
+        if self.job.logprobs is not None and (logprobs is None or len(logprobs) < len(tokens)):
+            raise UpstreamError("the engine's answer lacks the logprobs this reply asked for")
+        return Step(tokens, eog, logprobs=logprobs[:room] if self.job.logprobs is not None else None)
 
     # drafting -----------------------------------------------------------------------------------
     def _expected_draft(self, k: int) -> float:
@@ -307,16 +319,19 @@ class _Reply:
     # the engine ---------------------------------------------------------------------------------
     async def _verify(self, proposals: list[Proposal]) -> VerifyReply:
         engine, job, lease = self.speculator.engine, self.job, self.lease
+        start, logprobs = len(job.prompt), job.logprobs
         if self.synced:
             try:
                 verdict = await engine.verify(
-                    lease.conversation, self.unsent, proposals, job.sampling, reset=False
+                    lease.conversation, self.unsent, proposals, job.sampling, False, start, logprobs
                 )
                 self.unsent = []
                 return verdict
             except ConversationEvicted:
                 self.synced = False  # evicted by other traffic: send it whole again
-        verdict = await engine.verify(lease.conversation, self.history, proposals, job.sampling, reset=True)
+        verdict = await engine.verify(
+            lease.conversation, self.history, proposals, job.sampling, True, start, logprobs
+        )
         self.synced = True
         self.unsent = []
         return verdict
@@ -329,16 +344,18 @@ class _Reply:
         first: float | None = None
         last = 0.0
         count = 0
-        chunks = self.speculator.engine.generate(self.history, self.job.sampling, n)
+        job = self.job
+        generated = len(self.history) - len(job.prompt)
+        chunks = self.speculator.engine.generate(self.history, job.sampling, n, generated, job.logprobs)
         async with contextlib.aclosing(chunks):
-            async for tokens, finish in chunks:
+            async for tokens, finish, logprobs in chunks:
                 if tokens:
                     now = time.perf_counter()
                     first = now if first is None else first
                     last = now
                     count += len(tokens)
                     self.speculator.telemetry.engine_tokens(len(tokens))
-                    yield self._advance(tokens, False)
+                    yield self._advance(tokens, False, logprobs)
                 if finish == "stop":  # the target's end of generation (no stop strings are sent)
                     yield Step([], True)
                     break

@@ -27,9 +27,11 @@ from tightwad.verify_api import (
     VERIFY_PATH,
     Draft,
     Sampling,
+    TokenLogprob,
     VerifyReply,
     VerifyRequest,
     decode_error,
+    decode_logprobs,
     decode_pieces,
     decode_reply,
     encode_request,
@@ -170,6 +172,8 @@ class EngineClient:
         drafts: Sequence[Proposal],
         sampling: Sampling,
         reset: bool,
+        generation_start: int = 0,
+        logprobs: int | None = None,
     ) -> VerifyReply:
         """One verify call; ConversationEvicted when the engine no longer holds `conversation`."""
         request = VerifyRequest(
@@ -178,20 +182,33 @@ class EngineClient:
             [Draft(d.tokens, d.probs) for d in drafts if d.tokens],  # an empty draft says nothing
             sampling,
             reset,
+            generation_start,
+            logprobs,
         )
         return decode_reply(await self._post(VERIFY_PATH, encode_request(request)))
 
     async def generate(
-        self, prompt: Sequence[int], sampling: Sampling, max_tokens: int
-    ) -> AsyncIterator[tuple[list[int], str | None]]:
-        """The target decoding alone: yields (token ids, finish_reason or None) as they stream."""
-        body = {
+        self,
+        prompt: Sequence[int],
+        sampling: Sampling,
+        max_tokens: int,
+        generated: int = 0,
+        logprobs: int | None = None,
+    ) -> AsyncIterator[tuple[list[int], str | None, list[TokenLogprob] | None]]:
+        """The target decoding alone: yields (token ids, finish_reason or None, their logprobs when
+        asked) as they stream. `generated`: the prompt's last tokens that are the reply so far (the
+        engine's penalties count them); logprobs come in the engine's `token_logprobs` extension."""
+        body: dict[str, Any] = {
             "prompt": list(prompt),
             "max_tokens": max_tokens,
             "stream": True,
             "return_tokens": True,
             **sampling.to_json(),
         }
+        if generated:
+            body["generated_tokens"] = generated
+        if logprobs is not None:
+            body["logprobs"] = logprobs
         try:
             async with self.client.stream("POST", "/v1/completions", json=body) as response:
                 if response.status_code != 200:
@@ -207,7 +224,11 @@ class EngineClient:
                     if "error" in chunk:
                         raise from_upstream(503, chunk, "the engine's stream failed")
                     choice = chunk["choices"][0]
-                    yield [int(t) for t in choice.get("tokens") or []], choice.get("finish_reason")
+                    tokens = [int(t) for t in choice.get("tokens") or []]
+                    entries = decode_logprobs(choice.get("token_logprobs")) if logprobs is not None else None
+                    if entries is not None and len(entries) != len(tokens):
+                        raise UpstreamError("the engine's stream sent logprobs that do not match its tokens")
+                    yield tokens, choice.get("finish_reason"), entries
         except httpx.HTTPError as exc:
             raise self._unreachable(exc) from exc
 

@@ -93,6 +93,8 @@ class FakeEngine(EngineClient):
         drafts: Sequence[Proposal],
         sampling: Sampling,
         reset: bool,
+        generation_start: int = 0,
+        logprobs: int | None = None,
     ) -> VerifyReply:
         self.verify_calls += 1
         self.seen_tokens.append(list(tokens))
@@ -120,19 +122,24 @@ class FakeEngine(EngineClient):
         return VerifyReply(out, best_n, best, out[-1] == EOG)
 
     async def generate(
-        self, prompt: Sequence[int], sampling: Sampling, max_tokens: int
-    ) -> AsyncIterator[tuple[list[int], str | None]]:
+        self,
+        prompt: Sequence[int],
+        sampling: Sampling,
+        max_tokens: int,
+        generated: int = 0,
+        logprobs: int | None = None,
+    ) -> AsyncIterator[tuple[list[int], str | None, None]]:
         history = list(prompt)
         for _ in range(max_tokens):
             await asyncio.sleep(self.decode_s)
             token = target_next(history, self.eog_at)
             history.append(token)
             self.generated += 1
-            yield [token], None
+            yield [token], None, None
             if token == EOG:
-                yield [], "stop"
+                yield [], "stop", None
                 return
-        yield [], "length"
+        yield [], "length", None
 
     async def info(self) -> EngineInfo:
         body = {"object": "list", "data": [{"id": "fake", "meta": {"n_ctx": self.n_ctx, "n_vocab": N_VOCAB}}]}
