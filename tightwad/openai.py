@@ -230,6 +230,10 @@ PARAMS: dict[str, Param] = {
     "return_tokens": _honoured(
         "extension: the generated token ids beside the text in each choice", speculated=True
     ),
+    "generated_tokens": _honoured(
+        "extension: how many of the prompt's last tokens were generated (penalties count them)",
+        speculated=False,
+    ),
     # refused: they would change the output if ignored
     "frequency_penalty": _refused(f"{_NOT_YET}: leave it at 0", neutral=(0,)),
     "presence_penalty": _refused(f"{_NOT_YET}: leave it at 0", neutral=(0,)),
