@@ -34,8 +34,8 @@ import asyncio
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sse_starlette.sse import EventSourceResponse
@@ -50,7 +50,18 @@ from tightwad.engine.core import Engine, ErrorEvent, FinishEvent, Generation, Ge
 from tightwad.engine.errors import BadRequest, ContextLengthExceeded, EngineError, PoolFailure
 from tightwad.engine.textstream import TextAssembler
 from tightwad.engine.workers import PoolMonitor, describe_loss
-from tightwad.openai import OpenAIError, ReplyShape, get_field, token_list, usage
+from tightwad.openai import (
+    CHAT,
+    COMPLETIONS,
+    OpenAIError,
+    ReplyShape,
+    check_model,
+    check_params,
+    get_field,
+    token_list,
+    usage,
+)
+from tightwad.logprobs import LogprobShape, attach, requested
 from tightwad.stops import parse_stops
 from tightwad.verify_api import (
     PREFIX,
@@ -58,6 +69,7 @@ from tightwad.verify_api import (
     VERIFY_PATH,
     VERSION,
     Sampling,
+    TokenLogprob,
     decode_request,
     encode_pieces,
     encode_reply,
@@ -87,14 +99,56 @@ async def read_json(request: Request, limit: int = DEFAULT_MAX_BODY) -> dict[str
     return _parse_json(raw)
 
 
-async def _cancel_on_disconnect(request: Request, handle: Generation) -> None:
-    """Cancel the generation once the client is gone (the body was read: the next message a
+async def _cancel_on_disconnect(request: Request, *handles: Generation) -> None:
+    """Cancel the generations once the client is gone (the body was read: the next message a
     connection gives is its disconnect)."""
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
-            handle.cancel()
+            for handle in handles:
+                handle.cancel()
             return
+
+
+MAX_CHOICES = 16  # n times the prompts: each choice is a generation of its own
+_SEED_STEP = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: one request's choice seeds lie far apart
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed of choice `index` of a request seeded with `seed`: choice 0 keeps it (so it answers
+    as n = 1 does), the others get distinct ones derived from it; None stays fresh entropy."""
+    if seed is None or index == 0:
+        return seed
+    return (seed + index * _SEED_STEP) % 2**64
+
+
+def _is_token(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_prompts(prompt: Any) -> list[str | list[int]]:
+    """A completions `prompt`: a string, a list of strings, a list of token ids, or a list of lists
+    of token ids; one entry per prompt, in order."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(_is_token(t) for t in prompt):
+            return [list(prompt)]
+        if all(isinstance(p, str) for p in prompt):
+            return list(prompt)
+        if all(isinstance(p, list) and p and all(_is_token(t) for t in p) for p in prompt):
+            return [list(p) for p in prompt]
+    raise BadRequest(
+        "`prompt` must be a string, a list of strings, a non-empty list of token ids, or a list of "
+        "such lists",
+        param="prompt",
+    )
+
+
+def _usage(choices: list[GenerationOptions], outcomes: list[Outcome], n: int) -> dict[str, int]:
+    """A request's usage: each prompt counted once (not once per choice), every choice's tokens."""
+    prompt_tokens = sum(len(choices[i].prompt) for i in range(0, len(choices), n))
+    return usage(prompt_tokens, sum(o.completion_tokens for o in outcomes))
 
 
 @dataclass
@@ -106,12 +160,17 @@ class GenerationOptions:
     stream: bool
     return_tokens: bool
     ignore_eos: bool
+    logprobs: int | None = None  # None: none; n: each token's logprob and n alternatives
+    generated: int = 0  # extension `generated_tokens`: the prompt's tail that is generated text
+    echo: bool = False  # completions: the prompt's text before the reply's
 
 
 @dataclass
 class Delta:
     text: str
     tokens: list[int]
+    entries: list[TokenLogprob] = field(default_factory=list)  # per token of `tokens`, when asked
+    shown: list[TokenLogprob] = field(default_factory=list)  # the rendered tokens' (no end of generation)
 
 
 @dataclass
@@ -135,10 +194,14 @@ class Api:
         formatter: ChatFormatter | None = None,
         token: str | None = None,
         max_body: int = DEFAULT_MAX_BODY,
+        aliases: Sequence[str] = (),
     ) -> None:
         self.engine = engine
         self.model = engine.model
         self.model_name = model_name
+        # Other names apps may send in `model` (a hard-coded one, say): served like the real one.
+        self.aliases = tuple(a for a in dict.fromkeys(aliases) if a != model_name)
+        self.names = (model_name, *self.aliases)
         self.monitor = monitor
         self.formatter = formatter if formatter is not None else ChatFormatter(engine.model)
         self.created = int(time.time())
@@ -207,9 +270,21 @@ class Api:
             "size": self.model.size_bytes,
             "chat_template": self.formatter.describe(),
             "verify_api": VERSION,
+            "aliases": list(self.aliases),
         }
-        entry = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "tightwad"}
-        return JSONResponse({"object": "list", "data": [{**entry, "meta": meta}]})
+        # The served model first (the proxy reads it there), then each alias as a model of its own.
+        data = [{**self._model_object(self.model_name), "meta": meta}]
+        data += [self._model_object(alias) for alias in self.aliases]
+        return JSONResponse({"object": "list", "data": data})
+
+    def _model_object(self, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "tightwad"}
+
+    async def model_detail(self, request: Request) -> Response:
+        """GET /v1/models/{id}: OpenAI's model object for the served model or an alias."""
+        name = request.path_params["model"]
+        check_model({"model": name}, self.names)  # 404 model_not_found for any other name
+        return JSONResponse(self._model_object(name))
 
     async def stats(self, request: Request) -> Response:
         return JSONResponse(self.engine.snapshot())
@@ -256,7 +331,8 @@ class Api:
         if len(text) > self.max_prompt_chars:
             raise ContextLengthExceeded(
                 f"the {what} has {len(text)} characters, more than a context of {self.engine.n_ctx} "
-                "tokens can hold: shorten it"
+                "tokens can hold: shorten it",
+                param=what,
             )
         return self.model.tokenize(text, add_special=True, parse_special=True)
 
@@ -271,15 +347,8 @@ class Api:
 
     # generation -------------------------------------------------------------------------------
     def _options(self, body: dict[str, Any], prompt: list[int], default_max: int) -> GenerationOptions:
-        if get_field(body, "n", int, 1) != 1:
-            raise BadRequest("only n = 1 is supported")
-        # Options that would change the output if silently ignored are refused instead.
-        for key in ("presence_penalty", "frequency_penalty"):
-            if get_field(body, key, float, 0.0) != 0.0:
-                raise BadRequest(f"`{key}` is not supported by this engine; leave it at 0")
-        for key in ("logit_bias", "tools", "functions", "logprobs", "top_logprobs", "echo", "suffix"):
-            if body.get(key) not in (None, False, 0, {}, [], ""):
-                raise BadRequest(f"`{key}` is not supported by this engine")
+        chat = body.get("messages") is not None
+        generated = get_field(body, "generated_tokens", int, 0)  # extension: the proxy continuing a reply
         max_tokens = get_field(body, "max_tokens", int, None)
         if max_tokens is None:
             max_tokens = get_field(body, "max_completion_tokens", int, default_max)
@@ -293,6 +362,9 @@ class Api:
             stream=get_field(body, "stream", bool, False),
             return_tokens=get_field(body, "return_tokens", bool, False),
             ignore_eos=get_field(body, "ignore_eos", bool, False),
+            logprobs=requested(body, chat),
+            generated=generated,
+            echo=not chat and get_field(body, "echo", bool, False),
         )
 
     def _start(self, options: GenerationOptions) -> tuple[Generation, asyncio.Queue[GenerationEvent]]:
@@ -306,6 +378,8 @@ class Api:
             options.max_tokens,
             lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
             ignore_eos=options.ignore_eos,
+            logprobs=options.logprobs,
+            generated=options.generated,
         )
         return handle, events
 
@@ -334,12 +408,13 @@ class Api:
                     return
                 n_generated += 1
                 token = event.token
+                entries = [event.logprob] if event.logprob is not None else []
                 if not options.ignore_eos and self.model.is_end_of_generation(token):
-                    yield Delta("", [token])
+                    yield Delta("", [token], entries)
                     continue
                 text = assembler.feed(self.model.token_bytes(token))
-                if text or options.return_tokens:
-                    yield Delta(text, [token])
+                if text or options.return_tokens or entries:
+                    yield Delta(text, [token], entries, entries)
                 if assembler.stopped:
                     handle.cancel()
                     outcome.append(Outcome("stop", len(options.prompt), n_generated))
@@ -347,84 +422,171 @@ class Api:
         finally:
             handle.cancel()  # the client went away, or we are done: a no-op once finished
 
+    def _check(self, body: dict[str, Any], route: str) -> None:
+        """Every parameter honoured or refused (tightwad.openai.PARAMS), and a model we serve."""
+        check_params(body, route)
+        check_model(body, self.names)
+
     async def completions(self, request: Request) -> Response:
         body = await read_json(request, self.max_body)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            tokens = await asyncio.to_thread(self._prompt_tokens, prompt, "prompt")
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-            tokens = prompt
-        else:
-            raise BadRequest("`prompt` must be a string, or a non-empty list of token ids")
-        options = self._options(body, tokens, default_max=16)
-        return await self._respond(request, options, chat=False)
+        self._check(body, COMPLETIONS)
+        prompts = []
+        for prompt in parse_prompts(body.get("prompt")):
+            if isinstance(prompt, str):
+                prompt = await asyncio.to_thread(self._prompt_tokens, prompt, "prompt")
+            prompts.append(self._fits(prompt, "prompt"))
+        choices = self._choices(body, prompts, default_max=16)
+        return await self._respond(request, choices, chat=False, n=len(choices) // len(prompts))
 
     async def chat_completions(self, request: Request) -> Response:
         body = await read_json(request, self.max_body)
+        self._check(body, CHAT)
         messages = normalise_messages(body.get("messages"))
-        tokens = await asyncio.to_thread(self._chat_tokens, messages)
-        options = self._options(body, tokens, default_max=self.engine.n_ctx)
-        return await self._respond(request, options, chat=True)
+        tokens = self._fits(await asyncio.to_thread(self._chat_tokens, messages), "messages")
+        choices = self._choices(body, [tokens], default_max=self.engine.n_ctx)
+        return await self._respond(request, choices, chat=True, n=len(choices))
+
+    def _fits(self, tokens: list[int], what: str) -> list[int]:
+        if len(tokens) + 1 > self.engine.n_ctx:
+            raise ContextLengthExceeded(
+                f"the {what} has {len(tokens)} tokens but the context holds {self.engine.n_ctx}: shorten it",
+                param=what,
+            )
+        return tokens
+
+    def _choices(
+        self, body: dict[str, Any], prompts: list[list[int]], default_max: int
+    ) -> list[GenerationOptions]:
+        """One generation per choice: each prompt `n` times, in OpenAI's order (index = prompt * n + j).
+        Sampled choices of one prompt get distinct seeds derived from the request's (choice 0 keeps
+        it, so it is the n = 1 answer); greedy ones are the same answer n times."""
+        n = get_field(body, "n", int, 1)
+        if not 1 <= n <= MAX_CHOICES or len(prompts) * n > MAX_CHOICES:
+            raise BadRequest(
+                f"`n` is {n} for {len(prompts)} prompt(s): at most {MAX_CHOICES} choices per request",
+                param="n",
+            )
+        first = self._options(body, prompts[0], default_max)
+        seed = first.sampling.seed
+        return [
+            replace(first, prompt=prompt, sampling=replace(first.sampling, seed=choice_seed(seed, j)))
+            for prompt in prompts
+            for j in range(n)
+        ]
 
     def _chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
         size = sum(len(m.get("content") or "") for m in messages)
         if size > self.max_prompt_chars:
             raise ContextLengthExceeded(
                 f"the messages have {size} characters, more than a context of {self.engine.n_ctx} "
-                "tokens can hold: shorten them"
+                "tokens can hold: shorten them",
+                param="messages",
             )
         return self.formatter.tokens(messages)
 
-    async def _respond(self, request: Request, options: GenerationOptions, chat: bool) -> Response:
+    async def _respond(
+        self, request: Request, choices: list[GenerationOptions], chat: bool, n: int
+    ) -> Response:
         shape = ReplyShape(chat, self.model_name)
-        handle, events = self._start(options)
-        if options.stream:
-            return EventSourceResponse(self._stream(options, handle, events, shape), ping=15)
+        started: list[tuple[Generation, asyncio.Queue[GenerationEvent]]] = []
+        try:
+            for options in choices:
+                started.append(self._start(options))
+        except BaseException:
+            for handle, _ in started:  # one choice refused: the others must not run on unread
+                handle.cancel()
+            raise
+        if choices[0].stream:
+            return EventSourceResponse(self._stream(choices, started, shape, n), ping=15)
         # Not streamed: nothing is written until the end, so only the connection says the client
         # left; without this a chat (max_tokens defaults to the whole context) would run on.
-        watcher = asyncio.ensure_future(_cancel_on_disconnect(request, handle))
-        outcome: list[Outcome] = []
-        text, tokens = [], []
+        handles = [handle for handle, _ in started]
+        watcher = asyncio.ensure_future(_cancel_on_disconnect(request, *handles))
+        tasks = [
+            asyncio.ensure_future(self._collect(options, handle, events))
+            for options, (handle, events) in zip(choices, started, strict=True)
+        ]
         try:
-            async for delta in self._drain(options, handle, events, outcome):
-                text.append(delta.text)
-                tokens.extend(delta.tokens)
+            results = await asyncio.gather(*tasks)
         finally:
             watcher.cancel()
+            for task in tasks:  # one choice failed: the others stop with it
+                task.cancel()
+        bodies = [
+            shape.body(text, done.finish_reason, done.usage(), tokens if options.return_tokens else None)
+            for options, (text, tokens, done) in zip(choices, results, strict=True)
+        ]
+        body = bodies[0]  # one choice: exactly the body it always was
+        body["choices"] = [{**one["choices"][0], "index": i} for i, one in enumerate(bodies)]
+        body["usage"] = _usage(choices, [done for _, _, done in results], n)
+        return JSONResponse(body)
+
+    async def _collect(
+        self, options: GenerationOptions, handle: Generation, events: asyncio.Queue[GenerationEvent]
+    ) -> tuple[str, list[int], Outcome]:
+        """One choice's whole text, tokens and outcome."""
+        outcome: list[Outcome] = []
+        text, tokens = [], []
+        async for delta in self._drain(options, handle, events, outcome):
+            text.append(delta.text)
+            tokens.extend(delta.tokens)
         if not outcome:
             raise EngineError("the generation ended without an outcome")
-        done = outcome[0]
-        returned = tokens if options.return_tokens else None
-        return JSONResponse(shape.body("".join(text), done.finish_reason, done.usage(), returned))
+        return "".join(text), tokens, outcome[0]
 
     async def _stream(
         self,
-        options: GenerationOptions,
-        handle: Generation,
-        events: asyncio.Queue[GenerationEvent],
+        choices: list[GenerationOptions],
+        started: list[tuple[Generation, asyncio.Queue[GenerationEvent]]],
         shape: ReplyShape,
+        n: int,
     ) -> AsyncIterator[str]:
-        outcome: list[Outcome] = []
+        """The choices' chunks as they come, each with its `index`. One choice: its last chunk carries
+        usage (the proxy reads it; OpenAI clients ignore it); several: a usage chunk ends the stream."""
+        merged: asyncio.Queue[tuple[int, Delta | Outcome | Exception]] = asyncio.Queue()
 
-        def returned(tokens: list[int]) -> list[int] | None:
-            return tokens if options.return_tokens else None
+        async def pump(index: int) -> None:
+            options, (handle, events) = choices[index], started[index]
+            outcome: list[Outcome] = []
+            try:
+                async for delta in self._drain(options, handle, events, outcome):
+                    await merged.put((index, delta))
+                await merged.put((index, outcome[0]))
+            except Exception as exc:  # the stream ends with it, not silently
+                await merged.put((index, exc))
 
+        def chunk(index: int, text: str | None, tokens: list[int], **kw: Any) -> str:
+            returned = tokens if choices[index].return_tokens else None
+            out = shape.chunk(text, tokens=returned, **kw)
+            out["choices"][0]["index"] = index
+            return json.dumps(out)
+
+        single = len(choices) == 1
+        tasks = [asyncio.ensure_future(pump(i)) for i in range(len(choices))]
+        outcomes: dict[int, Outcome] = {}
         try:
             if shape.chat:
-                yield json.dumps(shape.chunk("", role=True, tokens=returned([])))
-            async for delta in self._drain(options, handle, events, outcome):
-                yield json.dumps(shape.chunk(delta.text, tokens=returned(delta.tokens)))
-            done = outcome[0]
-            # The engine's last chunk always carries usage (the proxy reads it; OpenAI clients ignore it).
-            final = shape.chunk(
-                None, done.finish_reason, tokens=returned([]), with_usage=True, usage=done.usage()
-            )
-            yield json.dumps(final)
+                for index in range(len(choices)):
+                    yield chunk(index, "", [], role=True)
+            while len(outcomes) < len(choices):
+                index, item = await merged.get()
+                if isinstance(item, Exception):
+                    raise item
+                if isinstance(item, Delta):
+                    yield chunk(index, item.text, item.tokens)
+                    continue
+                outcomes[index] = item
+                final = {"with_usage": True, "usage": item.usage()} if single else {}
+                yield chunk(index, None, [], finish_reason=item.finish_reason, **final)
+            if not single:
+                done = [outcomes[i] for i in range(len(choices))]
+                yield json.dumps(shape.usage_chunk(_usage(choices, done, n)))
             yield "[DONE]"
         except OpenAIError as exc:
             yield json.dumps(exc.to_json())
+        finally:
+            for task in tasks:
+                task.cancel()
 
 
 def create_app(
@@ -434,13 +596,15 @@ def create_app(
     token: str | None = None,
     formatter: ChatFormatter | None = None,
     max_body: int = DEFAULT_MAX_BODY,
+    aliases: Sequence[str] = (),
 ) -> Starlette:
-    api = Api(engine, model_name, monitor, formatter, token=token, max_body=max_body)
+    api = Api(engine, model_name, monitor, formatter, token=token, max_body=max_body, aliases=aliases)
     routes = [
         Route("/health", api.health, methods=["GET"]),
         Route(HEALTH_PATH, api.health_detail, methods=["GET"]),
         Route("/ready", api.ready, methods=["GET"]),
         Route("/v1/models", api.models, methods=["GET"]),
+        Route("/v1/models/{model:path}", api.model_detail, methods=["GET"]),
         Route("/v1/completions", api.completions, methods=["POST"]),
         Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
         Route(VERIFY_PATH, api.verify, methods=["POST"]),

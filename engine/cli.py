@@ -2,6 +2,7 @@
 
     tightwad engine --model PATH [--rpc host:port,...] [--tensor-split auto|a,b,c] [--ctx N]
                     [--port P] [--host 127.0.0.1] [--threads N] [--parallel N] [--token T]
+                    [--alias NAME ...]
 
 It refuses to start, with one clear line, when a worker is unreachable or runs another llama.cpp
 build (libllama.rpc_devices probes each first), and when asked to listen beyond loopback without a
@@ -66,7 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluation agree with a one-token one to ~1e-5, so speculation ties break like plain decoding",
     )
     p.add_argument("--cache-type", choices=["f16", "f32", "q8_0"], default="f16", help="KV cache type")
-    p.add_argument("--alias", default=None, help="model name in the API (default: the file name)")
+    p.add_argument(
+        "--alias",
+        action="append",
+        default=None,
+        help="model name in the API (default: the file name); repeat it for more names: the first is "
+        "the one replies carry, the others are aliases a request's `model` may also use",
+    )
     p.add_argument("--token", default=None, help="bearer token required by the API (or TIGHTWAD_TOKEN)")
     p.add_argument(
         "--max-body-bytes", type=int, default=DEFAULT_MAX_BODY, help="largest request body (413 above it)"
@@ -171,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         # and turns into 503s instead of killing the process.
         libllama.install_abort_trap(engine.on_fatal_ggml_error)
         engine.start()
-        name = args.alias or Path(args.model).name
+        name = args.alias[0] if args.alias else Path(args.model).name
         app = create_app(
             engine,
             name,
@@ -179,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             token=token,
             formatter=ChatFormatter(model),
             max_body=args.max_body_bytes,
+            aliases=args.alias[1:] if args.alias else (),
         )
     except (TightwadError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
