@@ -6,6 +6,7 @@ in state.py, and the objects built from the config in stack.py.
   GET  /tightwad/v1/health      the same with its details: the engine, model, rpc workers, drafter
   GET  /v1/models               the engine's model, with the proxy's mode in `meta.proxy`
                                 (mode consensus is APPROXIMATE: `exact: false`, `approximate: consensus`)
+  GET  /v1/models/{id}          that model (the engine's, or one of its aliases), else 404 model_not_found
   POST /v1/completions          speculative when it can be (see request_parsing.py), else passed through
   POST /v1/chat/completions     the same, the prompt rendered by the engine's chat template
   POST /tightwad/v1/gate/chat/completions   the quality gate (gate.py), when configured
@@ -49,6 +50,7 @@ def create_app(config: ProxyConfig, engine: EngineClient | None = None) -> Starl
         Route("/ready", health.ready, methods=["GET"]),
         Route(DETAILS_PATH, health.details, methods=["GET"]),
         Route("/v1/models", info.models, methods=["GET"]),
+        Route("/v1/models/{model:path}", info.model_detail, methods=["GET"]),
         Route("/v1/completions", generate.completions, methods=["POST"]),
         Route("/v1/chat/completions", generate.chat_completions, methods=["POST"]),
         Route("/tightwad/v1/gate/chat/completions", gate.gate_chat, methods=["POST"]),

@@ -1,9 +1,10 @@
 """Parsing OpenAI request bodies: what the speculation loop needs, or why it cannot serve them.
 
 Speculation serves one choice of plain text from a prompt or chat messages, greedy or sampled with
-temperature / top_p / top_k / seed, with stop sequences and max_tokens. Anything else (tools,
-n > 1, logprobs, penalties, JSON modes, ...) would change the output if it were ignored, so such
-requests go to the engine unchanged (`passthrough_reason`).
+temperature / top_p / top_k / seed, with stop sequences and max_tokens. Anything else the engine
+honours (n > 1, several prompts, ...) would change the output if it were ignored, so such requests
+go to the engine unchanged (`passthrough_reason`). What neither serves is refused before that, by
+the one parameter table (tightwad.openai.PARAMS, `check_params`).
 
 Pure but for `read_body`, which reads the body off the connection under the proxy's size limit.
 """
@@ -17,29 +18,10 @@ from typing import Any
 from starlette.requests import Request
 
 from tightwad.http import read_limited
-from tightwad.openai import InvalidRequest
+from tightwad.openai import PARAMS, InvalidRequest, is_neutral, passthrough_keys
 from tightwad.verify_api import Sampling
 
-# Keys whose presence (with a non-default value) means the speculation path cannot serve a request.
-_PASSTHROUGH_KEYS = (
-    "tools",
-    "tool_choice",
-    "functions",
-    "function_call",
-    "logprobs",
-    "top_logprobs",
-    "echo",
-    "suffix",
-    "logit_bias",
-    "response_format",
-    "grammar",
-    "json_schema",
-    "ignore_eos",
-    "best_of",
-    "min_p",
-    "repeat_penalty",
-)
-_NEUTRAL: tuple[Any, ...] = (None, False, 0, {}, [], "", {"type": "text"})
+_PASSTHROUGH_KEYS = passthrough_keys()
 MAX_STOPS = 16
 
 
@@ -68,16 +50,11 @@ async def read_body(request: Request, limit: int) -> tuple[bytes, dict[str, Any]
 
 
 def passthrough_reason(body: dict[str, Any]) -> str | None:
-    """Why the speculation loop cannot serve `body` (the engine then serves it), or None."""
-    n = body.get("n")
-    if n not in (None, 1):
-        return "n > 1"
-    for key in ("presence_penalty", "frequency_penalty"):
-        if body.get(key) not in (None, 0, 0.0):
-            return key
+    """Why the speculation loop cannot serve `body` (the engine then serves it), or None. Which
+    parameters the loop serves is the `speculated` column of tightwad.openai.PARAMS."""
     for key in _PASSTHROUGH_KEYS:
-        if key in body and body[key] not in _NEUTRAL:
-            return key
+        if key in body and not is_neutral(PARAMS[key], body[key]):
+            return "n > 1" if key == "n" else key
     prompt = body.get("prompt")
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) and len(prompt) > 1:
         return "several prompts"

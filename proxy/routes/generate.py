@@ -21,7 +21,16 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from tightwad.openai import InvalidRequest, OpenAIError, error_body
+from tightwad.openai import (
+    CHAT,
+    COMPLETIONS,
+    InvalidRequest,
+    OpenAIError,
+    check_model,
+    check_params,
+    error_body,
+    served_names,
+)
 from tightwad.proxy.replies import ReplyDelta, TextReply
 from tightwad.proxy.request_parsing import (
     Params,
@@ -45,9 +54,11 @@ class GenerateRoutes:
     async def completions(self, request: Request) -> Response:
         proxy = self.proxy
         raw, body = await read_body(request, proxy.config.max_body_bytes)
+        check_params(body, COMPLETIONS)  # refused here as the engine would: never ignored
         if proxy.speculator is None or passthrough_reason(body):
             return await pass_through(proxy, request, raw, body, "completions")
         profile = await proxy.engine_profile()
+        check_model(body, served_names(profile.info.models_body))
         params = parse_params(body, proxy.config.max_tokens, default_max_tokens=16)
         prompt = parse_prompt(body)
         if isinstance(prompt, str):
@@ -59,9 +70,11 @@ class GenerateRoutes:
     async def chat_completions(self, request: Request) -> Response:
         proxy = self.proxy
         raw, body = await read_body(request, proxy.config.max_body_bytes)
+        check_params(body, CHAT)
         if proxy.speculator is None or passthrough_reason(body):
             return await pass_through(proxy, request, raw, body, "chat")
         profile = await proxy.engine_profile()
+        check_model(body, served_names(profile.info.models_body))
         if not profile.chat_tokens:
             # An engine without the chat-template rendering (`/tokenize` with `messages`) serves
             # the chat itself: exact, just not sped up.
@@ -82,10 +95,10 @@ class GenerateRoutes:
         if bad is not None:
             raise InvalidRequest(f"`prompt` holds {bad}, which is not a token id in [0, {info.n_vocab})")
         if len(prompt) + 1 > info.n_ctx:
-            raise OpenAIError(
-                f"the prompt has {len(prompt)} tokens but the context holds {info.n_ctx}",
-                status=400,
+            raise InvalidRequest(
+                f"the prompt has {len(prompt)} tokens but the context holds {info.n_ctx}: shorten it",
                 code="context_length_exceeded",
+                param="messages" if chat else "prompt",
             )
         room = info.n_ctx - len(prompt)
         max_tokens = min(params.max_tokens or room, room)

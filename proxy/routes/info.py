@@ -2,7 +2,8 @@
 /tightwad/v1/events and /dashboard (the live page), and /metrics (Prometheus).
 
 /v1/models is the engine's answer with the proxy's mode added under `meta.proxy`; in mode
-consensus it says `exact: false` and `approximate: consensus`.
+consensus it says `exact: false` and `approximate: consensus`. /v1/models/{id} answers for the
+engine's model and its aliases, and 404 model_not_found for any other name.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
-from tightwad.openai import OpenAIError
+from tightwad.openai import OpenAIError, check_model, served_names
 from tightwad.proxy.dashboard import DASHBOARD_HTML, live_stats
 from tightwad.proxy.drafters.race import RaceDrafter
 from tightwad.proxy.state import Proxy
@@ -43,6 +44,15 @@ class InfoRoutes:
                 meta["proxy"]["approximate"] = "consensus"
                 meta["proxy"]["consensus_policy"] = proxy.config.consensus_policy
         return JSONResponse(body)
+
+    async def model_detail(self, request: Request) -> Response:
+        """GET /v1/models/{id}: OpenAI's model object for the engine's model or one of its aliases."""
+        profile = await self.proxy.engine_profile()
+        name = request.path_params["model"]
+        check_model({"model": name}, served_names(profile.info.models_body))
+        entry = profile.info.models_body["data"][0]
+        keys = ("object", "created", "owned_by")
+        return JSONResponse({"id": name, **{k: entry[k] for k in keys if k in entry}})
 
     async def stats(self, request: Request) -> Response:
         return JSONResponse(self.stats_body())
