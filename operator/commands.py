@@ -58,6 +58,8 @@ def command(
             return cmd
         case Kind.ENGINE:
             cmd = [*tightwad, "engine", "--model", models[spec["model"]], "--alias", spec["alias"]]
+            for alias in spec.get("aliases", ()):  # more names a request's `model` may use
+                cmd += ["--alias", alias]
             if spec["rpc"]:
                 cmd += ["--rpc", ",".join(spec["rpc"]), "--tensor-split", spec["tensorSplit"]]
             cmd += ["--ctx", str(spec["ctx"]), "--parallel", str(spec["parallel"])]

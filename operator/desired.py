@@ -255,6 +255,8 @@ def desired_state(
             "token": fingerprint,
             "slot": slot,
         }
+        if target.aliases:  # only when set: an unchanged manifest keeps its engine's hash
+            engine_spec["aliases"] = list(target.aliases)
         # The name carries the content: a changed target is a new engine, which a swap needs.
         content = digest({"spec": engine_spec, "models": [m.to_json() for m in engine_models]})
         engine = unit(

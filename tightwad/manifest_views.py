@@ -130,6 +130,7 @@ class Target:
     context_size: int | None = None  # None: the model's own
     tensor_split: Literal["auto"] | tuple[float, ...] = "auto"
     max_conversations: int = 8  # KV sequences the engine keeps, one per conversation
+    aliases: tuple[str, ...] = ()  # other names a request's `model` may use
 
 
 @dataclass(frozen=True)
