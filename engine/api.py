@@ -50,6 +50,7 @@ from tightwad.engine.core import Engine, ErrorEvent, FinishEvent, Generation, Ge
 from tightwad.engine.errors import BadRequest, ContextLengthExceeded, EngineError, PoolFailure
 from tightwad.engine.textstream import TextAssembler
 from tightwad.engine.workers import PoolMonitor, describe_loss
+from tightwad.logprobs import LogprobShape, attach, requested
 from tightwad.openai import (
     CHAT,
     COMPLETIONS,
@@ -61,7 +62,6 @@ from tightwad.openai import (
     token_list,
     usage,
 )
-from tightwad.logprobs import LogprobShape, attach, requested
 from tightwad.stops import parse_stops
 from tightwad.verify_api import (
     PREFIX,
@@ -178,6 +178,8 @@ class Outcome:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    shown: list[TokenLogprob] = field(default_factory=list)  # filled by _collect when asked
+    entries: list[TokenLogprob] = field(default_factory=list)
 
     def usage(self) -> dict[str, int]:
         return usage(self.prompt_tokens, self.completion_tokens)
@@ -516,6 +518,8 @@ class Api:
             shape.body(text, done.finish_reason, done.usage(), tokens if options.return_tokens else None)
             for options, (text, tokens, done) in zip(choices, results, strict=True)
         ]
+        for options, one, (_, _, done) in zip(choices, bodies, results, strict=True):
+            self._add_logprobs(one, options, done.shown, done.entries)
         body = bodies[0]  # one choice: exactly the body it always was
         body["choices"] = [{**one["choices"][0], "index": i} for i, one in enumerate(bodies)]
         body["usage"] = _usage(choices, [done for _, _, done in results], n)
@@ -526,13 +530,42 @@ class Api:
     ) -> tuple[str, list[int], Outcome]:
         """One choice's whole text, tokens and outcome."""
         outcome: list[Outcome] = []
-        text, tokens = [], []
+        text, tokens = [self._echo(options)], []
+        shown: list[TokenLogprob] = []
+        entries: list[TokenLogprob] = []
         async for delta in self._drain(options, handle, events, outcome):
             text.append(delta.text)
             tokens.extend(delta.tokens)
+            shown += delta.shown
+            entries += delta.entries
         if not outcome:
             raise EngineError("the generation ended without an outcome")
+        outcome[0].shown, outcome[0].entries = shown, entries
         return "".join(text), tokens, outcome[0]
+
+    def _echo(self, options: GenerationOptions) -> str:
+        """`echo`: the prompt's text, which the reply's text starts with."""
+        if not options.echo:
+            return ""
+        return b"".join(self.model.token_bytes(t) for t in options.prompt).decode("utf-8", "replace")
+
+    def _add_logprobs(
+        self,
+        reply: dict[str, Any],
+        options: GenerationOptions,
+        shown: list[TokenLogprob],
+        entries: list[TokenLogprob],
+        shaper: LogprobShape | None = None,
+    ) -> None:
+        """The OpenAI `logprobs` of a body or chunk; with `return_tokens` also every token's entry
+        (end of generation included) as `token_logprobs`, which the proxy reads."""
+        if options.logprobs is None:
+            return
+        chat = "message" in reply["choices"][0] or "delta" in reply["choices"][0]
+        shaper = shaper or LogprobShape(chat, self.model.token_bytes, len(self._echo(options)))
+        attach(reply, shaper.shape(shown))
+        if options.return_tokens:
+            reply["choices"][0]["token_logprobs"] = [e.to_json() for e in entries]
 
     async def _stream(
         self,
@@ -555,9 +588,17 @@ class Api:
             except Exception as exc:  # the stream ends with it, not silently
                 await merged.put((index, exc))
 
-        def chunk(index: int, text: str | None, tokens: list[int], **kw: Any) -> str:
+        shapers = [
+            LogprobShape(shape.chat, self.model.token_bytes, len(self._echo(options))) for options in choices
+        ]
+
+        def chunk(
+            index: int, text: str | None, tokens: list[int], delta: Delta | None = None, **kw: Any
+        ) -> str:
             returned = tokens if choices[index].return_tokens else None
             out = shape.chunk(text, tokens=returned, **kw)
+            if delta is not None:
+                self._add_logprobs(out, choices[index], delta.shown, delta.entries, shapers[index])
             out["choices"][0]["index"] = index
             return json.dumps(out)
 
@@ -568,12 +609,15 @@ class Api:
             if shape.chat:
                 for index in range(len(choices)):
                     yield chunk(index, "", [], role=True)
+            for index, options in enumerate(choices):
+                if options.echo:
+                    yield chunk(index, self._echo(options), [])
             while len(outcomes) < len(choices):
                 index, item = await merged.get()
                 if isinstance(item, Exception):
                     raise item
                 if isinstance(item, Delta):
-                    yield chunk(index, item.text, item.tokens)
+                    yield chunk(index, item.text, item.tokens, item)
                     continue
                 outcomes[index] = item
                 final = {"with_usage": True, "usage": item.usage()} if single else {}

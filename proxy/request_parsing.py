@@ -18,8 +18,9 @@ from typing import Any
 from starlette.requests import Request
 
 from tightwad.http import read_limited
+from tightwad.logprobs import requested
 from tightwad.openai import PARAMS, InvalidRequest, is_neutral, passthrough_keys
-from tightwad.verify_api import Sampling
+from tightwad.verify_api import Sampling, sampling_error, shaping_fields
 
 _PASSTHROUGH_KEYS = passthrough_keys()
 MAX_STOPS = 16
@@ -34,6 +35,7 @@ class Params:
     include_usage: bool
     return_tokens: bool
     model: str | None
+    logprobs: int | None = None  # None: none; n: each token's logprob and n alternatives (tightwad.logprobs)
 
 
 async def read_body(request: Request, limit: int) -> tuple[bytes, dict[str, Any]]:
@@ -137,8 +139,16 @@ def parse_params(
     if not isinstance(options, dict):
         raise InvalidRequest("`stream_options` must be an object")
     model = body.get("model")
+    seed = _integer(body, "seed")
+    try:  # penalties and logit_bias: checked by Sampling, the 400 names the field
+        sampling = Sampling(
+            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, **shaping_fields(body)
+        )
+    except ValueError as exc:
+        raise sampling_error(exc) from exc
     return Params(
-        sampling=Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=_integer(body, "seed")),
+        sampling=sampling,
+        logprobs=requested(body, chat=body.get("messages") is not None),
         max_tokens=max_tokens,
         stops=[s for s in stops if s],
         stream=stream,

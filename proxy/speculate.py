@@ -347,17 +347,32 @@ class _Reply:
         job = self.job
         generated = len(self.history) - len(job.prompt)
         chunks = self.speculator.engine.generate(self.history, job.sampling, n, generated, job.logprobs)
+        # A token that renders as nothing may be the end of generation, which the stream only says
+        # with its next event: it is held until then, so it reaches the reply marked (no text, no
+        # logprobs entry), as in a verify verdict.
+        held: tuple[list[int], list[TokenLogprob] | None] | None = None
         async with contextlib.aclosing(chunks):
             async for tokens, finish, logprobs in chunks:
+                if held is not None:
+                    ends = finish == "stop" and not tokens
+                    yield self._advance(held[0], ends, held[1])
+                    held = None
+                    if ends:
+                        break
                 if tokens:
                     now = time.perf_counter()
                     first = now if first is None else first
                     last = now
                     count += len(tokens)
                     self.speculator.telemetry.engine_tokens(len(tokens))
+                    if finish is None and not job.vocabulary.piece(tokens[-1]):
+                        held = (tokens, logprobs)
+                        continue
                     yield self._advance(tokens, False, logprobs)
                 if finish == "stop":  # the target's end of generation (no stop strings are sent)
                     yield Step([], True)
                     break
+            if held is not None:
+                yield self._advance(held[0], False, held[1])
         steady = last - first if first is not None else 0.0
         self.speculator.controller.record_engine(count, max(count - 1, 0), steady)

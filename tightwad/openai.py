@@ -234,13 +234,28 @@ PARAMS: dict[str, Param] = {
         "extension: how many of the prompt's last tokens were generated (penalties count them)",
         speculated=False,
     ),
+    # shaping and logprobs: the target's, identical with and without speculation (engine/verify.py)
+    "frequency_penalty": _honoured(
+        "OpenAI's: minus the penalty per occurrence in the generated text", speculated=True
+    ),
+    "presence_penalty": _honoured(
+        "OpenAI's: minus the penalty once for a token in the generated text", speculated=True
+    ),
+    "logit_bias": _honoured("{token id: -100..100} added to the logits", speculated=True),
+    "logprobs": _honoured(
+        "chat: true for choices[].logprobs.content; completions: 0..20 alternatives (not with echo)",
+        speculated=True,
+    ),
+    "top_logprobs": _honoured(
+        "chat: 0..20 alternatives per token, with logprobs: true", routes=(CHAT,), speculated=True
+    ),
+    "echo": _honoured(
+        "the prompt's text before the reply's (not with logprobs)",
+        neutral=(False,),
+        speculated=False,
+        routes=(COMPLETIONS,),
+    ),
     # refused: they would change the output if ignored
-    "frequency_penalty": _refused(f"{_NOT_YET}: leave it at 0", neutral=(0,)),
-    "presence_penalty": _refused(f"{_NOT_YET}: leave it at 0", neutral=(0,)),
-    "logit_bias": _refused(f"{_NOT_YET}: leave it out", neutral=({},)),
-    "logprobs": _refused(f"{_NOT_YET}: leave it out", neutral=(False, 0)),
-    "top_logprobs": _refused(f"{_NOT_YET}: leave it out", neutral=(0,)),
-    "echo": _refused(f"{_NOT_YET}: prepend the prompt yourself", neutral=(False,), routes=(COMPLETIONS,)),
     "suffix": _refused(
         f"{_NOT_YET} (no fill-in-the-middle): leave it out", neutral=("",), routes=(COMPLETIONS,)
     ),

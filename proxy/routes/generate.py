@@ -102,7 +102,7 @@ class GenerateRoutes:
             )
         room = info.n_ctx - len(prompt)
         max_tokens = min(params.max_tokens or room, room)
-        job = Job(prompt, params.sampling, max_tokens, info.n_ctx, profile.vocabulary)
+        job = Job(prompt, params.sampling, max_tokens, info.n_ctx, profile.vocabulary, params.logprobs)
         route = "chat" if chat else "completions"
         proxy.telemetry.request(route, "speculate")
         proxy.remember(route, proxy.config.mode, len(prompt), max_tokens)
@@ -110,21 +110,23 @@ class GenerateRoutes:
         reply = TextReply(proxy.speculator.run(job), profile.vocabulary, params.stops, profile.eog_tokens)
         deltas = _Timed(reply.deltas(), proxy.telemetry, started)
         first = await self._first(deltas)  # errors before the first byte get a real status
-        shape = ReplyShape.of(params, info.model, chat)
+        shape = ReplyShape.of(params, info.model, chat, profile.vocabulary.piece)
         if params.stream:
             events = self._events(first, deltas, reply, shape, len(prompt))
             return EventSourceResponse(events, ping=15, headers=proxy.mode_headers())
-        texts, tokens = [], []
+        texts, tokens, entries = [], [], []
         delta: ReplyDelta | None = first
         try:
             while delta is not None:
                 texts.append(delta.text)
                 tokens.extend(delta.tokens)
+                entries.extend(delta.logprobs or [])
                 delta = await deltas.next()
         except OpenAIError as exc:
             proxy.reply_failed(exc)
             raise
-        body = shape.body("".join(texts), tokens, reply.finish_reason, len(prompt), reply.completion_tokens)
+        n_completion = reply.completion_tokens
+        body = shape.body("".join(texts), tokens, reply.finish_reason, len(prompt), n_completion, entries)
         return JSONResponse(body, headers=proxy.mode_headers())
 
     async def _first(self, deltas: _Timed) -> ReplyDelta | None:

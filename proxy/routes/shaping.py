@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from tightwad import openai
+from tightwad.logprobs import LogprobShape, Piece, attach
 from tightwad.proxy.replies import ReplyDelta
 from tightwad.proxy.request_parsing import Params
+from tightwad.verify_api import TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -22,21 +24,33 @@ class ReplyShape:
     reply: openai.ReplyShape
     return_tokens: bool
     include_usage: bool
+    logprobs: LogprobShape | None = None  # when the request asked for logprobs
 
     @staticmethod
-    def of(params: Params, model: str, chat: bool) -> ReplyShape:
-        return ReplyShape(openai.ReplyShape(chat, model), params.return_tokens, params.include_usage)
+    def of(params: Params, model: str, chat: bool, piece: Piece | None = None) -> ReplyShape:
+        shaper = LogprobShape(chat, piece) if params.logprobs is not None and piece is not None else None
+        return ReplyShape(openai.ReplyShape(chat, model), params.return_tokens, params.include_usage, shaper)
 
     @property
     def chat(self) -> bool:
         return self.reply.chat
 
     def body(
-        self, text: str, tokens: list[int], finish: str | None, n_prompt: int, n_completion: int
+        self,
+        text: str,
+        tokens: list[int],
+        finish: str | None,
+        n_prompt: int,
+        n_completion: int,
+        logprobs: list[TokenLogprob] | None = None,
     ) -> dict[str, Any]:
         """The whole reply, not streamed."""
         returned = tokens if self.return_tokens else None
-        return self.reply.body(text, finish, openai.usage(n_prompt, n_completion), returned)
+        body = self.reply.body(text, finish, openai.usage(n_prompt, n_completion), returned)
+        return self._with_logprobs(body, logprobs or [])
+
+    def _with_logprobs(self, reply: dict[str, Any], entries: list[TokenLogprob]) -> dict[str, Any]:
+        return attach(reply, self.logprobs.shape(entries)) if self.logprobs is not None else reply
 
     def chunk(self, delta: ReplyDelta | None, finish: str | None, role: bool = False) -> str:
         """One stream event: a delta, the role announcement (chat) or the finish reason. With
@@ -44,6 +58,8 @@ class ReplyShape:
         text = delta.text if delta is not None else ("" if role else None)
         tokens = (delta.tokens if delta else []) if self.return_tokens else None
         out = self.reply.chunk(text, finish, role=role, tokens=tokens, with_usage=self.include_usage)
+        if delta is not None:
+            out = self._with_logprobs(out, delta.logprobs or [])
         return json.dumps(out)
 
     def usage_chunk(self, n_prompt: int, n_completion: int) -> str:

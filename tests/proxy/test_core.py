@@ -287,9 +287,11 @@ def test_what_speculation_cannot_serve_passes_through() -> None:
     assert passthrough_reason({"prompt": "x", "n": 1, "logprobs": None, "stop": ["a"]}) is None
     assert passthrough_reason({"messages": [], "tools": [{"type": "function"}]}) == "tools"
     assert passthrough_reason({"prompt": "x", "n": 2}) == "n > 1"
-    assert passthrough_reason({"prompt": "x", "logprobs": 3}) == "logprobs"
-    assert passthrough_reason({"messages": [], "logprobs": True, "top_logprobs": 2}) == "logprobs"
-    assert passthrough_reason({"prompt": "x", "presence_penalty": 0.5}) == "presence_penalty"
+    # Speculated since the verify API carries them (the target's logprobs, penalties, bias):
+    assert passthrough_reason({"prompt": "x", "logprobs": 3}) is None
+    assert passthrough_reason({"messages": [], "logprobs": True, "top_logprobs": 2}) is None
+    assert passthrough_reason({"prompt": "x", "presence_penalty": 0.5, "logit_bias": {"1": 5}}) is None
+    assert passthrough_reason({"prompt": "x", "echo": True}) == "echo"  # the engine serves it
     assert passthrough_reason({"prompt": ["a", "b"]}) == "several prompts"
 
 
