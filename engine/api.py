@@ -5,8 +5,8 @@
                                and a 503 names the dead rpc worker
   GET  /ready                  200 once the model serves, 503 otherwise
   GET  /tightwad/v1/health     /health with its details, behind the token like every other route
-  GET  /v1/models               the served model, then its aliases
-  GET  /v1/models/{id}          one of them, or 404 model_not_found
+  GET  /v1/models              the served model, then its aliases
+  GET  /v1/models/{id}         one of them, or 404 model_not_found
   POST /v1/completions         prompt (text or token ids), streaming SSE, stop, sampling, max_tokens
   POST /v1/chat/completions    the model's own chat template; same options
   POST /tightwad/v1/verify     the verify API: its contract (request, reply, errors) is
@@ -24,8 +24,8 @@ refused too. `model` must be the served name or an alias (`--alias`, repeated), 
 model_not_found; `GET /v1/models/{id}` answers for each. A list of prompts and `n` give several
 choices, each a generation of its own (their stream chunks carry `index`). Errors have the one
 shape of tightwad.openai, with a real status; a stream that fails after it started ends with one
-`data: {"error": ...}` event. With a token
-configured every route but /health and /ready needs it (tightwad.http.BearerAuth).
+`data: {"error": ...}` event. With a token configured every route but /health and /ready needs it
+(tightwad.http.BearerAuth).
 
 Nothing a request carries may hurt another request: bodies are limited (413 over --max-body-bytes),
 stop lists are bounded (tightwad.stops), a prompt that cannot fit the context is refused before it
