@@ -77,7 +77,8 @@ def post(app: Any, path: str, body: dict[str, Any]) -> httpx.Response:
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_passthrough_refuses_a_token_count_over_the_limit(field: str, path: str) -> None:
     engine = MockEngine()
-    body = {"prompt": "hi", "messages": [{"role": "user", "content": "hi"}], field: LIMIT + 1}
+    ask = {"prompt": "hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]}
+    body = {**ask, field: LIMIT + 1}
     response = post(app_for(engine), path, body)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
