@@ -177,10 +177,13 @@ def test_errors_are_openai_shaped(local_engine: EngineProcess) -> None:
     bad_json = httpx.post(f"{local_engine.url}/v1/completions", content=b"{nope", timeout=30)
     error(bad_json, 400, "invalid_request")
     error(local_engine.post("/v1/completions", {"prompt": "x", "temperature": -1}), 400, "invalid_request")
-    error(local_engine.post("/v1/completions", {"prompt": "x", "n": 2}), 400, "invalid_request")
+    error(local_engine.post("/v1/completions", {"prompt": "x", "n": 0}), 400, "invalid_request")
     error(
-        local_engine.post("/v1/completions", {"prompt": "x", "logit_bias": {"5": 10}}), 400, "invalid_request"
+        local_engine.post("/v1/completions", {"prompt": "x", "logit_bias": {"5": 1000}}),
+        400,
+        "invalid_request",
     )
+    error(local_engine.post("/v1/completions", {"prompt": "x", "mirostat": 2}), 400, "unknown_parameter")
     message = error(
         local_engine.post("/tightwad/v1/verify", {"conversation": "e", "tokens": [1, 999999]}),
         400,
