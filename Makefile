@@ -45,9 +45,10 @@ $(VENV)/.installed: pyproject.toml scripts/install-python.sh
 models: venv ## the small real models the examples and tests use (cached)
 	$(TIGHTWAD) models fetch
 
-kube: ## the CRD API server and helm that the Kubernetes tests use (cached)
+kube: ## the CRD API server, a full Kubernetes control plane and helm that the Kubernetes tests use (cached)
 	scripts/install-system-deps.sh test
 	scripts/build-crd-apiserver.sh >/dev/null
+	scripts/build-full-kube.sh >/dev/null
 	scripts/fetch-helm.sh >/dev/null
 
 browser: ## playwright-core for the dashboard's headless-browser test (cached)
