@@ -33,9 +33,19 @@ running() {
 if [[ ${1:-start} == stop ]]; then
   if running; then
     pid=$(cat "$pidfile")
+    # Remove the containers first (at once, not each after its stop timeout), then the daemon;
+    # one that still hangs after 30 s is killed, with its containerd.
+    mapfile -t containers < <(docker -H "unix://$sock" ps -aq 2>/dev/null || true)
+    if ((${#containers[@]})); then
+      docker -H "unix://$sock" rm -f "${containers[@]}" >/dev/null 2>&1 || true
+    fi
     kill "$pid"
-    # dockerd stops its containers before it exits (up to its own 15 s timeout each).
-    for _ in $(seq 600); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    for _ in $(seq 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$pid" 2>/dev/null; then
+      echo "dockerd $pid did not stop in 30 s; killing it" >&2
+      pkill -KILL -P "$pid" 2>/dev/null || true
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
   fi
   exit 0
 fi

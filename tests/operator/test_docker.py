@@ -348,7 +348,7 @@ def far_docker(worker_image: str, docker_endpoint: str) -> Iterator[str]:
             far.images.load(b"".join(near.images.get(worker_image).save(named=True)))
         yield endpoint
     finally:
-        subprocess.run([script, "stop"], env=env, timeout=60, check=False)
+        subprocess.run([script, "stop"], env=env, timeout=120, check=False)
         sh("ip", "link", "del", f"{VETH}-r", check=False)
         sh("ip", "netns", "del", NETNS, check=False)
 
