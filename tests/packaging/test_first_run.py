@@ -18,7 +18,7 @@ import httpx
 import pytest
 import yaml
 from support import ROOT
-from support.procs import Processes
+from support.procs import Processes, stop_group
 
 from tightwad.ports import free_port_below_ephemeral
 from tightwad.toolchain import Toolchain
@@ -82,7 +82,11 @@ def test_make_up_on_an_empty_cache_reaches_a_chat_completion(
         time.sleep(2)
     assert reply is not None, f"no chat completion after {FIRST_RUN_TIMEOUT_S} s:\n{log.read_text()[-4000:]}"
     assert reply["choices"][0]["message"]["content"]
+    # Stopped as a user would (Ctrl-C reaches make and `tightwad up` alike), with time to stop the
+    # units in order: nothing may be left running.
+    stop_group(make, grace=90)
     assert "Traceback" not in log.read_text(), log.read_text()[-4000:]
+    assert "stopped worker-local-0" in log.read_text(), log.read_text()[-4000:]
     # Everything the first run needed now sits in the new cache.
     assert list((cache / "wheels").glob("llama_cpp_python-*.whl"))
     assert list((cache / "models").glob("*.gguf"))

@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,14 +30,27 @@ def default_signals() -> None:
 
 
 def stop_group(process: subprocess.Popen[bytes], grace: float = GRACE_SECONDS) -> None:
-    """SIGTERM the process's group, then SIGKILL it if it has not exited after `grace` seconds."""
-    if process.poll() is None:
-        _signal_group(process.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=grace)
-    # The leader may have exited while its group lives on (a child it did not wait for).
+    """SIGTERM the process's group, then SIGKILL what is left of the group after `grace` seconds.
+
+    The whole group gets the grace period, not just its leader: `make up` exits at once on SIGTERM
+    while the `tightwad up` below it is still stopping its units in order."""
+    _signal_group(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        process.poll()  # reap the leader, or its zombie keeps the group alive
+        if not _group_alive(process.pid):
+            break
+        time.sleep(0.05)
     _signal_group(process.pid, signal.SIGKILL)
     process.wait()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
