@@ -36,7 +36,7 @@ _UNITS |= {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
 
 def parse_size(text: str) -> int:
     """Bytes in a manifest size such as `8GiB`, `12GB` or `512MiB`."""
-    match = _SIZE.match(text)
+    match = _SIZE.fullmatch(text)
     if not match:
         raise ValueError(f"{text!r} is not a size; write a number and a unit, e.g. 8GiB")
     return int(float(match.group(1)) * _UNITS[match.group(2)])

@@ -356,8 +356,9 @@ def test_helpers() -> None:
     assert parse_size("8GiB") == 8 * 2**30
     assert parse_size("12GB") == 12 * 10**9
     assert parse_size("1.5 MiB") == 3 * 2**19
-    with pytest.raises(ValueError):
-        parse_size("lots")
+    for bad in ("lots", "8GiB\n", "8 GiBs"):  # the whole text is a size, not a prefix of it
+        with pytest.raises(ValueError):
+            parse_size(bad)
     assert all(is_loopback(a) for a in ["127.0.0.1", "127.8.0.1", "::1", "localhost", "[::1]"])
     assert not any(is_loopback(a) for a in ["0.0.0.0", "::", "192.168.1.10", "gpu-box.lan"])
 
