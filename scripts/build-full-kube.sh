@@ -31,7 +31,7 @@ cache="${TIGHTWAD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tightwad}"
 jobs="${TIGHTWAD_BUILD_JOBS:-$(nproc)}"
 
 # Bump when the patches below or the layout of the cache folder change.
-layout=1
+layout=2
 key="$(printf '%s\n' "$k8s_version" "$go_version" "$reflect2_version" "${targets[*]}" "layout=$layout" |
   sha256sum | cut -c1-12)"
 prefix="$cache/full-kube/$upstream-$key"
@@ -98,7 +98,7 @@ src="$work/kubernetes"
 # Debian developer keys to hand and only warns.)
 dpkg-source -q -x "$work"/debs/kubernetes_*.dsc "$src" >"$work/dpkg-source.log" 2>&1
 
-# Five local patches, each checked, so a changed source fails here rather than at run time.
+# Six local patches, each checked, so a changed source fails here rather than at run time.
 patch_file() { # patch_file FILE PERL-EXPRESSION MARKER: edit FILE in place, then require MARKER
   perl -0pi -e "$2" "$src/$1"
   grep -q -- "$3" "$src/$1" || { echo "error: patching $1 failed (no '$3' after it)" >&2; exit 1; }
@@ -141,6 +141,16 @@ patch_file pkg/kubelet/prober/prober.go \
   's|(\n\tvar probeSpec \*v1\.Probe\n)|\n\tif os.Getenv("HOLLOW_PROBES_SUCCEED") != "" {\n\t\treturn results.Success, nil\n\t}$1|;
    s|\nimport \(\n|\nimport (\n\t"os"\n|' \
   'HOLLOW_PROBES_SUCCEED'
+# 6. A hollow node is 1 CPU and 3.75 GiB by default: $HOLLOW_NODE_CPUS and $HOLLOW_NODE_MEMORY (bytes)
+#    size it like the machine it stands for (the kubelet rewrites a node's cpu and memory capacity
+#    from its machine info every few seconds, so patching the Node would not last).
+# shellcheck disable=SC2016 # $1 is perl's, not the shell's
+patch_file pkg/kubelet/cadvisor/testing/cadvisor_fake.go \
+  's|NumCores:(\s+)([fF]akeNumCores),|NumCores:$1hollowSize("HOLLOW_NODE_CPUS", $2),|;
+   s|MemoryCapacity:(\s+)([fF]akeMemoryCapacity),|MemoryCapacity:$1uint64(hollowSize("HOLLOW_NODE_MEMORY", $2)),|;
+   s|\nimport \(\n|\nimport (\n\t"os"\n\t"strconv"\n|;
+   s|\z|\n// hollowSize is a size from the environment, when it gives one.\nfunc hollowSize(name string, fallback int) int {\n\tif n, err := strconv.Atoi(os.Getenv(name)); err == nil \&\& n > 0 {\n\t\treturn n\n\t}\n\treturn fallback\n}\n|' \
+  'HOLLOW_NODE_MEMORY'
 
 # Kubernetes' build copies its binaries with `rsync -pc SRC DST`; cp does the same here.
 printf '#!/bin/sh\nshift\nexec cp -p "$@"\n' >"$work/shim/rsync"

@@ -9,14 +9,16 @@
 #   scripts/start-full-kube.sh DIR [NODE...]   # prints the kubeconfig path (an admin's)
 #   scripts/start-full-kube.sh --stop DIR      # stops what DIR's pid files name
 #
-# NODE is a node name, optionally with labels to register it with: `radeon:tightwad.dev/gpu=rx6800`
-# (comma-separated). Default: one node, hollow-1. DIR/apiserver.url says where the API listens.
+# NODE is NAME[:LABELS[:CPUS:MEMORY]]: a node name, optionally with labels to register it with
+# (comma-separated, `radeon:tightwad.dev/gpu=rx6800`) and its size (`xeon::20:42949672960`, memory
+# in bytes; default 1 CPU and 3.75 GiB). Default: one node, hollow-1. DIR/apiserver.url says where
+# the API listens.
 # TIGHTWAD_FULL_KUBE overrides the folder of the binaries.
 #
 # Nothing runs in a hollow node's containers, so nothing would ever exit or answer a probe: every
 # probe succeeds (after its delay and period), and the containers whose names match
-# TIGHTWAD_HOLLOW_COMPLETED (a regular expression; default: Tightwad's model-check init containers,
-# model-0, model-1, ...) complete as soon as they start.
+# TIGHTWAD_HOLLOW_COMPLETED (a regular expression; default: Tightwad's init containers, model-0,
+# model-1, ..., model-folder) complete as soon as they start.
 set -Eeuo pipefail
 # Fail loudly: name the command and the line that failed, never just a bare non-zero exit.
 trap 'echo "error: $0: line $LINENO: \`$BASH_COMMAND\` failed (exit $?)" >&2' ERR
@@ -159,13 +161,11 @@ echo $! >"$dir/controller-manager.pid"
   >"$dir/logs/scheduler.log" 2>&1 &
 echo $! >"$dir/scheduler.pid"
 
-completed="${TIGHTWAD_HOLLOW_COMPLETED:-^model-[0-9]+\$}"
+completed="${TIGHTWAD_HOLLOW_COMPLETED:-^model-}"
 names=()
 index=0
 for spec in "${nodes[@]}"; do
-  name="${spec%%:*}"
-  labels=""
-  [[ "$spec" == *:* ]] && labels="${spec#*:}"
+  IFS=: read -r name labels cpus memory <<<"$spec"
   names+=("$name")
   index=$((index + 1))
   # Each node's fake runtime keeps its sockets and root folder under its own TMPDIR, a short path:
@@ -173,6 +173,7 @@ for spec in "${nodes[@]}"; do
   mkdir -p "$dir/nodes/$index"
   echo "$name" >"$dir/nodes/$index/name"
   HOLLOW_NODE_IP="$node_ip" HOLLOW_PROBES_SUCCEED=1 HOLLOW_COMPLETED_CONTAINERS="$completed" \
+    HOLLOW_NODE_CPUS="${cpus:-}" HOLLOW_NODE_MEMORY="${memory:-}" \
     TMPDIR="$dir/nodes/$index" "$bin/kubemark" --morph kubelet --name "$name" \
     --kubeconfig "$dir/kubeconfig" --kubelet-port "$(free_port)" --kubelet-read-only-port 0 \
     --kube-api-content-type application/json ${labels:+--node-labels "$labels"} \
