@@ -8,6 +8,7 @@ expires a watch's resourceVersion for real.
 That server has no core API, so the rendered Pods and Deployments cannot be created there:
 `RecordingWorkloads` renders every unit with the real renderer, validates each object against the
 real Kubernetes schemas (kubernetes-validate), keeps it, and reports the units as running and ready.
+Those objects are created for real, on a full control plane, in support/kubefull.py's tests.
 """
 
 from __future__ import annotations
