@@ -41,6 +41,12 @@ GOLDEN = [
 MAX_TOKENS = 40
 
 
+def golden_body(case: int) -> dict:  # type: ignore[type-arg]
+    """The greedy completion request for GOLDEN[case], asking for token ids back."""
+    prompt, stop = GOLDEN[case]
+    return {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "return_tokens": True, "stop": stop}
+
+
 # fixtures ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def drafter_url(toolchain: Toolchain, module_processes: Processes) -> str:
@@ -56,14 +62,8 @@ def proxy(local_engine: EngineProcess, drafter_url: str, module_processes: Proce
 def references(local_engine: EngineProcess) -> list[dict]:  # type: ignore[type-arg]
     """The engine alone, greedy, for each golden prompt."""
     out = []
-    for prompt, stop in GOLDEN:
-        body = {
-            "prompt": prompt,
-            "max_tokens": MAX_TOKENS,
-            "temperature": 0,
-            "return_tokens": True,
-            "stop": stop,
-        }
+    for case in range(len(GOLDEN)):
+        body = golden_body(case)
         choice = local_engine.post("/v1/completions", body).json()["choices"][0]
         out.append(choice)
     return out
@@ -76,9 +76,8 @@ def test_greedy_through_the_proxy_equals_the_target_alone(
     references: list[dict],
     case: int,  # type: ignore[type-arg]
 ) -> None:
-    prompt, stop = GOLDEN[case]
-    expected = references[case]
-    body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "return_tokens": True, "stop": stop}
+    expected, stop = references[case], GOLDEN[case][1]
+    body = golden_body(case)
     response = proxy.post("/v1/completions", body)
     assert response.status_code == 200, response.text
     reply = response.json()
@@ -243,14 +242,7 @@ def test_garbage_drafter_still_exact(
     with ThreadServer(garbage_drafter()) as drafter:
         proxy = start_proxy(processes, local_engine.url, "--draft-timeout", "2", draft=drafter.url)
         for case in (0, 2):
-            prompt, stop = GOLDEN[case]
-            body = {
-                "prompt": prompt,
-                "max_tokens": MAX_TOKENS,
-                "temperature": 0,
-                "return_tokens": True,
-                "stop": stop,
-            }
+            body = golden_body(case)
             choice = proxy.post("/v1/completions", body).json()["choices"][0]
             assert choice["tokens"] == references[case]["tokens"]
             assert choice["text"] == references[case]["text"]
@@ -288,8 +280,7 @@ def test_a_text_drafter_is_retokenized_and_still_exact(
 ) -> None:
     # llama-server's /v1/completions as "any OpenAI-compatible server": text in, text out.
     proxy = start_proxy(processes, local_engine.url, "--draft-kind", "openai", draft=f"{drafter_url}/v1")
-    prompt, stop = GOLDEN[0]
-    body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "return_tokens": True, "stop": stop}
+    body = golden_body(0)
     choice = proxy.post("/v1/completions", body).json()["choices"][0]
     assert choice["tokens"] == references[0]["tokens"] and choice["text"] == references[0]["text"]
     stats = proxy.stats()
@@ -353,14 +344,7 @@ def test_concurrent_replies_are_each_exact(proxy: ProxyProcess, references: list
     results: dict[int, list[int]] = {}
 
     def ask(case: int) -> None:
-        prompt, stop = GOLDEN[case]
-        body = {
-            "prompt": prompt,
-            "max_tokens": MAX_TOKENS,
-            "temperature": 0,
-            "return_tokens": True,
-            "stop": stop,
-        }
+        body = golden_body(case)
         results[case] = proxy.post("/v1/completions", body).json()["choices"][0]["tokens"]
 
     threads = [threading.Thread(target=ask, args=(case,)) for case in cases]
