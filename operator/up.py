@@ -93,6 +93,10 @@ def _agent_server(reconciler: Reconciler, listen: str | None) -> AgentServer | N
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> Any:
+    # Once: a second signal (make forwards SIGTERM to its children, a user presses Ctrl-C twice)
+    # must not interrupt the orderly stop that the first one starts.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
@@ -104,7 +108,7 @@ def up(
 ) -> int:
     # Ctrl-C and SIGTERM mean "stop what was started" from the first instant: a shell's background
     # job, nohup or a CI runner may have handed this process an ignored SIGINT.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, _interrupt)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     reconciler: Reconciler | None = None
     agents: AgentServer | None = None
