@@ -16,6 +16,7 @@
                                or {messages} -> the chat rendered with the model's template, as tokens
   POST /detokenize             {tokens, special?} -> {content, pieces}; `pieces` are base64 bytes per
                                token, so a client can join them without splitting a UTF-8 character
+  GET  /openapi.json           open: this API's OpenAPI document (tightwad.openapi)
 
 Extensions to the OpenAI request bodies: `top_k`, `ignore_eos`, `return_tokens` (the generated token
 ids in each choice). Every parameter is honoured, refused with a 400 naming it, or ignored because it
@@ -49,7 +50,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tightwad import http
+from tightwad import http, openapi
 from tightwad.engine.chat import ChatFormatter, normalise_messages
 from tightwad.engine.core import Engine, ErrorEvent, FinishEvent, Generation, GenerationEvent
 from tightwad.engine.errors import BadRequest, ContextLengthExceeded, EngineError, PoolFailure
@@ -80,7 +81,7 @@ from tightwad.verify_api import (
     encode_reply,
 )
 
-OPEN_PATHS = ("/health", "/ready")
+OPEN_PATHS = ("/health", "/ready", openapi.OPENAPI_PATH)
 HEALTH_PATH = f"{PREFIX}/health"
 DEFAULT_MAX_BODY = 8 * 1024 * 1024  # bytes; a dense drafter row is ~0.5 MB of JSON
 _THREADED_JSON = 64 * 1024  # bodies above this are parsed off the event loop
@@ -660,5 +661,6 @@ def create_app(
         Route(STATS_PATH, api.stats, methods=["GET"]),
         Route("/tokenize", api.tokenize, methods=["POST"]),
         Route("/detokenize", api.detokenize, methods=["POST"]),
+        openapi.route(openapi.engine_document()),
     ]
     return http.app(routes, token=token, open_paths=OPEN_PATHS)

@@ -13,6 +13,7 @@ in state.py, and the objects built from the config in stack.py.
   GET  /tightwad/v1/stats       live numbers for `tightwad proxy status`
   GET  /tightwad/v1/events      the same, once a second (SSE), for /dashboard
   GET  /metrics                 Prometheus
+  GET  /openapi.json            open: this API's OpenAPI document (tightwad.openapi)
 
 Errors are OpenAI-shaped with a real status before the first byte of a reply; a streamed reply that
 breaks later ends with one `data: {"error": ...}` event. Replies generated in mode consensus carry
@@ -29,7 +30,7 @@ from collections.abc import AsyncIterator
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from tightwad import http
+from tightwad import http, openapi
 from tightwad.proxy.config import ProxyConfig
 from tightwad.proxy.routes.gate_chat import GateRoutes
 from tightwad.proxy.routes.generate import GenerateRoutes
@@ -38,7 +39,8 @@ from tightwad.proxy.routes.info import InfoRoutes
 from tightwad.proxy.state import Proxy
 from tightwad.proxy.upstream import EngineClient
 
-OPEN_PATHS = ("/health", "/ready", "/dashboard")  # /dashboard: a page with no data in it
+# /dashboard: a page with no data in it; /openapi.json: shapes only, no secrets
+OPEN_PATHS = ("/health", "/ready", "/dashboard", openapi.OPENAPI_PATH)
 
 
 def create_app(config: ProxyConfig, engine: EngineClient | None = None) -> Starlette:
@@ -58,6 +60,7 @@ def create_app(config: ProxyConfig, engine: EngineClient | None = None) -> Starl
         Route("/tightwad/v1/events", info.events, methods=["GET"]),
         Route("/dashboard", info.dashboard, methods=["GET"]),
         Route("/metrics", info.metrics, methods=["GET"]),
+        openapi.route(openapi.proxy_document()),
     ]
 
     @contextlib.asynccontextmanager
