@@ -7,8 +7,9 @@ host's units itself, and reports them back; the operator's next pass plans with 
     GET  /v1/manifest                 the manifest in force (the last good one)
     GET  /v1/observed                 every unit and model check of the last pass
     POST /v1/hosts/{host}/report      an agent's units and model checks
+    GET  /openapi.json                this API's OpenAPI document (tightwad.openapi; open, no secrets)
 
-Every route needs the token (agents learn the whole manifest here); auth, errors and serving are the
+Every other route needs the token (agents learn the whole manifest here); auth, errors and serving are the
 house's (tightwad.http).
 """
 
@@ -21,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tightwad import http
+from tightwad import http, openapi
 from tightwad.errors import TightwadError
 from tightwad.openai import OpenAIError
 from tightwad.operator.observed import checks_from_json, checks_to_json, state_from_json, state_to_json
@@ -81,8 +82,9 @@ def create_app(reconciler: Reconciler, token: str) -> Starlette:
         Route("/v1/manifest", manifest, methods=["GET"]),
         Route("/v1/observed", observed, methods=["GET"]),
         Route("/v1/hosts/{host}/report", report, methods=["POST"]),
+        openapi.route(openapi.agent_document()),
     ]
-    return http.app(routes, token=token)
+    return http.app(routes, token=token, open_paths=(openapi.OPENAPI_PATH,))
 
 
 class AgentServer:

@@ -12,7 +12,7 @@ unit and no address). With no backend yet it answers 503 in OpenAI's error shape
 NAME}` re-points it, both with the bearer token when TIGHTWAD_TOKEN is set; the engine behind checks
 the clients' tokens itself. Every body is bounded (MAX_BODY_BYTES) before it is read. Auth, errors
 and serving are the house's (tightwad.http), loopback rule included: beyond loopback it needs a
-token.
+token. `GET /_tightwad/openapi.json` (open) is its OpenAPI document (tightwad.openapi).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tightwad import http
+from tightwad import http, openapi
 from tightwad.errors import TightwadError
 from tightwad.openai import OpenAIError
 
@@ -186,6 +186,8 @@ def create_app(router: Router) -> Starlette:
         Route(ROUTE_PATH, router.show_route, methods=["GET"]),
         Route(ROUTE_PATH, router.set_route, methods=["PUT"]),
         Route(HEALTH_PATH, router.probe, methods=["GET"]),
+        # Its own document under /_tightwad/: /openapi.json is the engine's, forwarded like the rest.
+        openapi.route(openapi.router_document(), openapi.ROUTER_OPENAPI_PATH),
         Route("/{path:path}", router.forward, methods=methods),
     ]
     return http.app(routes, token=router.token, guarded=_guarded, lifespan=router.lifespan)

@@ -8,6 +8,7 @@
     GET  /swarm/v1/files/{sha256}/peers         tracker: peers that announced this file
     POST /swarm/v1/announce                     tracker: {"sha256": ..., "url": "http://host:port"}
     GET  /swarm/v1/status                       what the node (or its sidecar) is doing
+    GET  /openapi.json                          open: this API's OpenAPI document (tightwad.openapi)
 
 Files are addressed only by SHA-256, so no request names a path; the bytes come from files the
 library registered. Data is streamed from disk in worker threads and stops when the client leaves.
@@ -28,7 +29,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tightwad import http
+from tightwad import http, openapi
 from tightwad.openai import InvalidRequest, NotFound, OpenAIError
 from tightwad.swarm.httprange import RangeError, content_range, parse_range
 from tightwad.swarm.library import Entry, Library
@@ -38,7 +39,7 @@ from tightwad.swarm.tracker import Tracker, normalise_peer_url
 
 API = "/swarm/v1"
 CHUNK = 256 << 10
-OPEN_PATHS = frozenset({f"{API}/health"})
+OPEN_PATHS = frozenset({f"{API}/health", openapi.OPENAPI_PATH})
 
 
 def _not_found(message: str) -> JSONResponse:
@@ -211,6 +212,7 @@ def create_app(
         Route(f"{API}/files/{{sha256}}/peers", peers),
         Route(f"{API}/announce", announce, methods=["POST"]),
         Route(f"{API}/status", node_status),
+        openapi.route(openapi.swarm_document()),
     ]
     return http.app(routes, token=token, open_paths=OPEN_PATHS)
 
