@@ -15,7 +15,7 @@ case "${1:-}" in
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends \
-      cmake ninja-build g++ python3 python3-pip python3-venv ca-certificates
+      cmake ninja-build g++ patch python3 python3-pip python3-venv ca-certificates
     rm -rf /var/lib/apt/lists/*
     prefix=$(scripts/build-llama.sh)
     cp -a "$prefix" /opt/llama

@@ -25,6 +25,7 @@ for group in "${groups[@]}"; do
       want cmake cmake
       want g++ g++ build-essential
       want ninja ninja-build
+      want patch patch
       want git git
       python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
       ;;
