@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tightwad.errors import TightwadError
+from tightwad.swarm.assign import plan_requests
 from tightwad.swarm.bitfield import Bitfield
 from tightwad.swarm.client import NotHeld, PeerError, SwarmClient, Unauthorized
 from tightwad.swarm.delta import Fetch, is_fetch_only, plan_all
@@ -485,40 +486,21 @@ class Puller:
         peer.active[piece] = task
 
     def _assign(self) -> None:
-        """Fill every usable peer's free request slots: best-ranked peers first, rarest pieces first,
-        then (once every piece is requested) endgame duplicates of the slowest requests."""
+        """Start the requests `plan_requests` chooses: every usable peer's free slots filled."""
         assert self.book is not None
-        book = self.book
-        now = time.monotonic()
-        live = [p for p in self.peers.values() if p.have is not None and p.score.usable(now)]
-        book.count_holders(p.have for p in live if p.have is not None)
-        self.rng.shuffle(live)  # equal ranks in random order
-        live.sort(key=lambda p: p.score.rank(), reverse=True)
-        slots = self.options.slots_per_peer
-        for peer in live:
-            assert peer.have is not None
-            while len(peer.active) < slots and book.wanted:
-                piece = book.next_piece(peer.have, self.rng, peer.score.excluded)
-                if piece is None:
-                    break
-                self._start(peer, piece, duplicate=False)
-        if not book.all_requested:
-            return
-        for peer in live:  # endgame: everything missing is requested; race the slow ones
-            assert peer.have is not None
-            while len(peer.active) < slots:
-                piece = book.next_duplicate(
-                    peer.url,
-                    peer.have,
-                    now=now,
-                    min_age=max(0.5, 2 * self.tally.piece_seconds),
-                    memory=self.options.endgame_memory,
-                    excluded=peer.score.excluded,
-                )
-                if piece is None:
-                    break
+        chosen = plan_requests(
+            self.book,
+            list(self.peers.values()),
+            self.rng,
+            now=time.monotonic(),
+            slots=self.options.slots_per_peer,
+            min_age=max(0.5, 2 * self.tally.piece_seconds),
+            memory=self.options.endgame_memory,
+        )
+        for peer, piece, duplicate in chosen:
+            if duplicate:
                 self.events.emit("endgame", piece=piece, peer=peer.url)
-                self._start(peer, piece, duplicate=True)
+            self._start(peer, piece, duplicate)
 
     # -- the whole pull
 
