@@ -64,6 +64,7 @@ from tightwad.openai import (
     ReplyShape,
     check_model,
     check_params,
+    constraint_of,
     get_field,
     token_list,
     usage,
@@ -169,6 +170,7 @@ class GenerationOptions:
     logprobs: int | None = None  # None: none; n: each token's logprob and n alternatives
     generated: int = 0  # extension `generated_tokens`: the prompt's tail that is generated text
     echo: bool = False  # completions: the prompt's text before the reply's
+    grammar: dict[str, Any] | None = None  # a decoding constraint (tightwad.openai.constraint_of)
 
 
 @dataclass
@@ -278,6 +280,7 @@ class Api:
             "size": self.model.size_bytes,
             "chat_template": self.formatter.describe(),
             "verify_api": VERSION,
+            "grammar": True,  # the verify API takes `grammar` (tightwad.openai.serves_grammar)
             "aliases": list(self.aliases),
         }
         # The served model first (the proxy reads it there), then each alias as a model of its own.
@@ -373,6 +376,7 @@ class Api:
             logprobs=requested(body, chat),
             generated=generated,
             echo=not chat and get_field(body, "echo", bool, False),
+            grammar=constraint_of(body),
         )
 
     def _start(self, options: GenerationOptions) -> tuple[Generation, asyncio.Queue[GenerationEvent]]:
@@ -388,6 +392,7 @@ class Api:
             ignore_eos=options.ignore_eos,
             logprobs=options.logprobs,
             generated=options.generated,
+            grammar=options.grammar,
         )
         return handle, events
 

@@ -51,6 +51,7 @@ from tightwad.engine.errors import (
     Overloaded,
     PoolFailure,
 )
+from tightwad.engine.grammar import Grammar, GrammarState, compile_constraint
 from tightwad.engine.sessions import ANONYMOUS_PREFIX, SessionTable, Slot
 from tightwad.engine.verify import (
     Acceptance,
@@ -137,6 +138,7 @@ class _Job:
         self.conversation = conversation
         self.sampling = sampling
         self.logprobs = logprobs  # None: none; n: each token's logprob and its n best alternatives
+        self.grammar: Grammar | None = None  # constrained decoding (engine/grammar.py)
         self.slot: Slot | None = None
         self.pending: list[int] = []
         self.seqs: list[int] = []  # this step's block: one sequence per draft
@@ -177,6 +179,8 @@ class _VerifyJob(_Job):
         self.probs = probs or [None]  # per draft: the drafter's checked rows, made dense when read
         self.reset = request.reset
         self.future: Future[VerifyReply] = Future()
+        # Grammar states of this block, by (draft, position): position 0 is the state at the head.
+        self.states: dict[tuple[int, int], GrammarState | None] = {}
 
     def full_tokens(self, slot: Slot | None, sessions: SessionTable) -> list[int]:
         if slot is None and not self.reset:
@@ -226,6 +230,7 @@ class _GenerateJob(_Job):
         self.generated = 0
         self.cancelled = threading.Event()
         self.rng = np.random.default_rng(sampling.rng_seed)
+        self.state: GrammarState | None = None  # the grammar after the generated text so far
 
     def full_tokens(self, slot: Slot | None, sessions: SessionTable) -> list[int]:
         if not self.prompt:
@@ -248,6 +253,18 @@ class _GenerateJob(_Job):
     def fail(self, error: OpenAIError) -> None:
         if self.claim_end():
             self.emit(ErrorEvent(error))
+
+
+@dataclass
+class _Cursor:
+    """A conversation's grammar state after `tokens` (its constrained text so far), kept between
+    verify calls so a call advances it over its new tokens only."""
+
+    conversation: str
+    grammar: Grammar
+    start: int
+    tokens: list[int]
+    state: GrammarState
 
 
 class Generation:
@@ -304,6 +321,9 @@ class Engine:
             [t for t in range(model.n_vocab) if model.is_end_of_generation(t)], dtype=np.int64
         )
         self.stats = EngineStats()
+        self._parsed: set[Grammar] = set()  # grammars llama.cpp has parsed
+        # Per conversation sequence: the grammar state after its generated text (see _grammar_base).
+        self._cursors: dict[int, _Cursor] = {}
         self._batch = libllama.Batch(self.n_batch, max(1, parallel + n_scratch))
         self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._waiting: list[_Job] = []
@@ -377,6 +397,8 @@ class Engine:
             # Checked here (sizes first), made dense one row at a time in the worker when read.
             probs.append(draft.prob_rows(self.model.n_vocab, f"drafts[{i}].probs"))
         job = _VerifyJob(request, probs)
+        if request.grammar is not None:
+            job.grammar = self._grammar(request.grammar)
         self._submit(job)
         return job.future
 
@@ -389,10 +411,12 @@ class Engine:
         ignore_eos: bool = False,
         logprobs: int | None = None,
         generated: int = 0,
+        grammar: dict[str, object] | None = None,
     ) -> Generation:
         """The engine's own decoding, one token per step; events arrive on the worker thread.
         `generated`: how many of the prompt's last tokens are text generated earlier (a reply the
-        caller continues): penalties count them."""
+        caller continues): penalties count them, and `grammar` (a constraint, engine/grammar.py)
+        constrains them with what follows."""
         self.check_tokens(prompt, "prompt")
         self.check_sampling(sampling)
         if not 0 <= generated <= len(prompt):
@@ -406,6 +430,12 @@ class Engine:
         if max_tokens < 1:
             raise BadRequest("max_tokens must be >= 1")
         job = _GenerateJob(list(prompt), sampling, max_tokens, on_event, ignore_eos, logprobs, generated)
+        if grammar is not None:
+            if ignore_eos:
+                raise BadRequest("`ignore_eos` cannot be used with a grammar", param="ignore_eos")
+            job.grammar = self._grammar(grammar)
+            job.state = GrammarState.start(self.model, job.grammar)
+            job.state.advance_over(prompt[len(prompt) - generated :] if generated else (), "generated_tokens")
         self._submit(job)
         return Generation(job)
 
@@ -426,6 +456,14 @@ class Engine:
         for t in tokens:
             if not isinstance(t, int | np.integer) or isinstance(t, bool) or not 0 <= int(t) < n_vocab:
                 raise BadRequest(f"{what} holds {t!r}, which is not a token id in [0, {n_vocab})")
+
+    def _grammar(self, constraint: dict[str, object]) -> Grammar:
+        """A constraint compiled, and parsed once by llama.cpp (BadRequest names the field)."""
+        grammar = compile_constraint(constraint)
+        if grammar not in self._parsed:
+            GrammarState.start(self.model, grammar)
+            self._parsed.add(grammar)
+        return grammar
 
     def check_sampling(self, sampling: Sampling) -> None:
         n_vocab = self.model.n_vocab
@@ -681,17 +719,62 @@ class Engine:
         self.sessions.release(job.slot, job.slot.tokens, tail)
 
     # outcomes -----------------------------------------------------------------------------------
-    def _shaped(self, job: _VerifyJob, d: int, i: int) -> np.ndarray:
-        """Row i of draft d with logit_bias and the penalties: the history there is the generated
-        text up to the block's head plus the draft's first i tokens, as for the target alone."""
+    def _shaped(self, job: _VerifyJob, d: int, i: int, masked: bool = True) -> np.ndarray:
+        """Row i of draft d with logit_bias and the penalties (the history there is the generated
+        text up to the block's head plus the draft's first i tokens, as for the target alone), and
+        the grammar's mask at that position unless `masked` is False."""
         logits = self.ctx.logits_view(job.indices[d][i])
         s = job.sampling
-        if not s.penalized:
-            return logits
-        counts = job.counts
-        if i and (s.presence_penalty or s.frequency_penalty):
-            counts = counts + penalty_counts(job.block_drafts()[d][:i])
-        return shape_logits(logits, s, counts)
+        if s.penalized:
+            counts = job.counts
+            if i and (s.presence_penalty or s.frequency_penalty):
+                counts = counts + penalty_counts(job.block_drafts()[d][:i])
+            logits = shape_logits(logits, s, counts)
+        state = self._state(job, d, i) if masked and job.grammar is not None else None
+        return logits if state is None else state.mask(logits)
+
+    def _state(self, job: _VerifyJob, d: int, i: int) -> GrammarState | None:
+        """The grammar at row i of draft d: the head's state advanced over the draft's first i
+        tokens; None past a draft token the grammar refuses (that row can never be reached)."""
+        if (d, i) not in job.states:
+            before = self._state(job, d, i - 1)
+            token = job.block_drafts()[d][i - 1]
+            job.states[(d, i)] = before.advanced(token) if before is not None else None
+        return job.states[(d, i)]
+
+    def _greedy(self, job: _VerifyJob, d: int, i: int) -> int:
+        """The target's greedy token at row i of draft d. Under a grammar the unmasked argmax is
+        checked first: when the grammar allows it, it is the masked argmax too (the same first
+        maximum), and the whole-vocabulary mask is not needed."""
+        logits = self._shaped(job, d, i, masked=False)
+        token = int(np.argmax(logits))
+        state = self._state(job, d, i) if job.grammar is not None else None
+        if state is None or state.allows(token):
+            return token
+        return int(np.argmax(state.mask(logits)))
+
+    def _grammar_base(self, job: _VerifyJob) -> GrammarState:
+        """The grammar after the conversation's generated text up to the block's head: the
+        sequence's cursor, advanced over the tokens added since the last call (checked: a token the
+        grammar refuses is a 400), or built afresh for a new conversation, grammar or history."""
+        slot, grammar = job.slot, job.grammar
+        assert slot is not None and grammar is not None
+        text = [*slot.tokens, job.pending[0]][job.generation_start :]
+        cursor = self._cursors.get(slot.seq)
+        if (
+            cursor is None
+            or (cursor.conversation, cursor.grammar, cursor.start)
+            != (job.conversation, grammar, job.generation_start)
+            or text[: len(cursor.tokens)] != cursor.tokens
+        ):
+            state = GrammarState.start(self.model, grammar)
+            cursor = _Cursor(job.conversation, grammar, job.generation_start, [], state)
+        self._cursors.pop(slot.seq, None)  # put back only once it is consistent
+        new = text[len(cursor.tokens) :]
+        cursor.state.advance_over(new, "tokens")
+        cursor.tokens += new
+        self._cursors[slot.seq] = cursor
+        return cursor.state
 
     def _row(self, job: _VerifyJob, d: int, i: int) -> np.ndarray:
         return target_distribution(self._shaped(job, d, i), job.sampling)
@@ -705,10 +788,18 @@ class Engine:
         sampling = job.sampling
         if sampling.presence_penalty or sampling.frequency_penalty:
             job.counts = penalty_counts([*slot.tokens, head][job.generation_start :])
+        if job.grammar is not None:
+            try:
+                base = self._grammar_base(job)
+            except OpenAIError as exc:  # generated text the grammar refuses: this request's 400
+                self._abandon(job, exc)
+                return
+            job.states = {(d, 0): base for d in range(len(drafts))}
         if sampling.greedy:
             outcomes = [
-                accept_greedy(draft, [int(np.argmax(self._shaped(job, d, i))) for i in range(len(rows))])
-                if sampling.penalized
+                # Rows read lazily, up to the first mismatch: a masked row costs a grammar pass.
+                accept_greedy(draft, _Rows(len(rows), lambda i, d=d: self._greedy(job, d, i)))  # type: ignore[misc]
+                if sampling.penalized or job.grammar is not None
                 else accept_greedy(draft, [self.ctx.argmax(i) for i in rows])
                 for d, (draft, rows) in enumerate(zip(drafts, job.indices, strict=True))
             ]
@@ -779,6 +870,17 @@ class Engine:
         if job.ignore_eos and self.eog_tokens.size:
             logits = logits.copy()
             logits[self.eog_tokens] = -np.inf
+        state = job.state
+        # Greedy without logprobs needs the whole mask only when the grammar refuses the argmax.
+        if state is not None and (
+            not job.sampling.greedy or job.logprobs is not None or not state.allows(int(np.argmax(logits)))
+        ):
+            logits = state.mask(logits)
+            if not np.isfinite(logits).any():  # the grammar allows nothing more (not even the end)
+                self._release(job, tail=[])
+                self._done(job)
+                job.finish("stop")
+                return
         if job.sampling.greedy:
             token = int(np.argmax(logits))
         elif job.sampling.seed is not None:
@@ -789,6 +891,8 @@ class Engine:
         else:
             token = sample(target_distribution(logits, job.sampling), job.rng)
         logprob = token_logprob(logits, token, job.logprobs) if job.logprobs is not None else None
+        if state is not None:
+            state.accept(token)
         job.pending = [token]
         job.generated += 1
         job.counts[token] += 1

@@ -19,7 +19,7 @@ from starlette.requests import Request
 
 from tightwad.http import read_limited
 from tightwad.logprobs import requested
-from tightwad.openai import PARAMS, InvalidRequest, is_neutral, passthrough_keys
+from tightwad.openai import PARAMS, InvalidRequest, constraint_of, is_neutral, passthrough_keys
 from tightwad.verify_api import Sampling, sampling_error, shaping_fields
 
 _PASSTHROUGH_KEYS = passthrough_keys()
@@ -36,6 +36,7 @@ class Params:
     return_tokens: bool
     model: str | None
     logprobs: int | None = None  # None: none; n: each token's logprob and n alternatives (tightwad.logprobs)
+    grammar: dict[str, Any] | None = None  # a decoding constraint (tightwad.openai.constraint_of)
 
 
 async def read_body(request: Request, limit: int) -> tuple[bytes, dict[str, Any]]:
@@ -155,6 +156,7 @@ def parse_params(
         include_usage=bool(options.get("include_usage")),
         return_tokens=bool(body.get("return_tokens")),
         model=model if isinstance(model, str) else None,
+        grammar=constraint_of(body),
     )
 
 

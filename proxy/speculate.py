@@ -35,6 +35,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from tightwad.openai import UpstreamError
 from tightwad.proxy.consensus import agreed
@@ -73,6 +74,7 @@ class Job:
     n_ctx: int
     vocabulary: Vocabulary
     logprobs: int | None = None  # None: none; n: each token's logprob and its n best alternatives
+    grammar: dict[str, Any] | None = None  # a decoding constraint the engine enforces (verify API)
 
 
 @dataclass(frozen=True)
@@ -207,7 +209,9 @@ class _Reply:
         else:
             draft = await self._take_draft(k)
         proposal = draft or Proposal(())
-        if spec.settings.consensus and isinstance(proposal, Candidates) and self.job.logprobs is None:
+        # Consensus skips the target: never for logprobs (the target's numbers) or a grammar.
+        unchecked_ok = self.job.logprobs is None and self.job.grammar is None
+        if spec.settings.consensus and isinstance(proposal, Candidates) and unchecked_ok:
             skipped = self._consensus(proposal, k)
             if skipped is not None:
                 return skipped
@@ -319,18 +323,18 @@ class _Reply:
     # the engine ---------------------------------------------------------------------------------
     async def _verify(self, proposals: list[Proposal]) -> VerifyReply:
         engine, job, lease = self.speculator.engine, self.job, self.lease
-        start, logprobs = len(job.prompt), job.logprobs
+        start, logprobs, grammar = len(job.prompt), job.logprobs, job.grammar
         if self.synced:
             try:
                 verdict = await engine.verify(
-                    lease.conversation, self.unsent, proposals, job.sampling, False, start, logprobs
+                    lease.conversation, self.unsent, proposals, job.sampling, False, start, logprobs, grammar
                 )
                 self.unsent = []
                 return verdict
             except ConversationEvicted:
                 self.synced = False  # evicted by other traffic: send it whole again
         verdict = await engine.verify(
-            lease.conversation, self.history, proposals, job.sampling, True, start, logprobs
+            lease.conversation, self.history, proposals, job.sampling, True, start, logprobs, grammar
         )
         self.synced = True
         self.unsent = []
@@ -346,7 +350,9 @@ class _Reply:
         count = 0
         job = self.job
         generated = len(self.history) - len(job.prompt)
-        chunks = self.speculator.engine.generate(self.history, job.sampling, n, generated, job.logprobs)
+        chunks = self.speculator.engine.generate(
+            self.history, job.sampling, n, generated, job.logprobs, job.grammar
+        )
         # A token that renders as nothing may be the end of generation, which the stream only says
         # with its next event: it is held until then, so it reaches the reply marked (no text, no
         # logprobs entry), as in a verify verdict.

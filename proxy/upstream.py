@@ -174,8 +174,10 @@ class EngineClient:
         reset: bool,
         generation_start: int = 0,
         logprobs: int | None = None,
+        grammar: dict[str, Any] | None = None,
     ) -> VerifyReply:
-        """One verify call; ConversationEvicted when the engine no longer holds `conversation`."""
+        """One verify call; ConversationEvicted when the engine no longer holds `conversation`.
+        `grammar`: the reply's decoding constraint (tightwad.openai.constraint_of)."""
         request = VerifyRequest(
             conversation,
             list(tokens),
@@ -184,6 +186,7 @@ class EngineClient:
             reset,
             generation_start,
             logprobs,
+            grammar,
         )
         return decode_reply(await self._post(VERIFY_PATH, encode_request(request)))
 
@@ -194,6 +197,7 @@ class EngineClient:
         max_tokens: int,
         generated: int = 0,
         logprobs: int | None = None,
+        grammar: dict[str, Any] | None = None,
     ) -> AsyncIterator[tuple[list[int], str | None, list[TokenLogprob] | None]]:
         """The target decoding alone: yields (token ids, finish_reason or None, their logprobs when
         asked) as they stream. `generated`: the prompt's last tokens that are the reply so far (the
@@ -209,6 +213,9 @@ class EngineClient:
             body["generated_tokens"] = generated
         if logprobs is not None:
             body["logprobs"] = logprobs
+        if grammar is not None:
+            # The OpenAI fields the constraint came from: the engine compiles them as verify does.
+            body.update(grammar)
         try:
             async with self.client.stream("POST", "/v1/completions", json=body) as response:
                 if response.status_code != 200:

@@ -183,15 +183,11 @@ def _ignored(note: str, **kw: Any) -> Param:
 
 
 _NOT_YET = "is not supported by this server yet"
-_STRUCTURED = (
-    "structured output (`json_object`, `json_schema`) is not supported by this server yet "
-    '(grammar-constrained decoding is planned): send `response_format: {"type": "text"}` or leave '
-    "it out, and ask for JSON in the prompt"
-)
 _TOOLS = (
     "tool calling is not supported by this server yet: send the request without `tools` "
     "(describe the tools in the prompt instead)"
 )
+_LEGACY_FUNCTIONS = "the deprecated function-calling API: send `tools` and `tool_choice` instead"
 
 PARAMS: dict[str, Param] = {
     # what a request is
@@ -221,7 +217,15 @@ PARAMS: dict[str, Param] = {
         neutral=(1,),
         speculated=False,
     ),
-    "response_format": _refused(_STRUCTURED, neutral=({"type": "text"},)),
+    "response_format": _honoured(
+        "`text`; `json_object` (a JSON object) and `json_schema` (that schema, `strict` or not) are "
+        "enforced by a grammar on the target's distribution, speculated exactly",
+        neutral=({"type": "text"},),
+        speculated=True,
+    ),
+    "tools": _refused(_TOOLS, neutral=([],), routes=(CHAT,)),
+    "tool_choice": _refused(_TOOLS, neutral=("none", "auto"), routes=(CHAT,)),
+    "parallel_tool_calls": _ignored("matters only with `tools`, which are refused", routes=(CHAT,)),
     # Tightwad's and llama.cpp's extensions
     "top_k": _honoured("extension: sample among the k likeliest tokens (0: off)", speculated=True),
     "ignore_eos": _honoured(
@@ -260,10 +264,8 @@ PARAMS: dict[str, Param] = {
         f"{_NOT_YET} (no fill-in-the-middle): leave it out", neutral=("",), routes=(COMPLETIONS,)
     ),
     "best_of": _refused(f"{_NOT_YET}: use n instead, and pick yourself", neutral=(1,), routes=(COMPLETIONS,)),
-    "tools": _refused(_TOOLS, neutral=([],)),
-    "tool_choice": _refused(_TOOLS, neutral=("none", "auto")),
-    "functions": _refused(_TOOLS, neutral=([],)),
-    "function_call": _refused(_TOOLS, neutral=("none", "auto")),
+    "functions": _refused(_LEGACY_FUNCTIONS, neutral=([],), routes=(CHAT,)),
+    "function_call": _refused(_LEGACY_FUNCTIONS, neutral=("none", "auto"), routes=(CHAT,)),
     "modalities": _refused('only text is generated: send ["text"] or leave it out', neutral=(["text"],)),
     "audio": _refused("only text is generated: leave `audio` out", neutral=()),
     "reasoning_effort": _refused("this model has no reasoning modes: leave it out", neutral=()),
@@ -275,7 +277,6 @@ PARAMS: dict[str, Param] = {
     "store": _ignored("nothing is stored; the reply is the same"),
     "metadata": _ignored("tags for stored completions; nothing is stored"),
     "service_tier": _ignored("this server has one tier"),
-    "parallel_tool_calls": _ignored("matters only with `tools`, which are refused"),
     "prediction": _ignored("OpenAI uses a predicted output only to answer faster; the reply is the same"),
     "prompt_cache_key": _ignored("a caching hint; the engine keeps each conversation's KV cache anyway"),
     "prompt_cache_retention": _ignored(
@@ -337,10 +338,39 @@ def _check_response_format(value: Any) -> None:
             f"got {json.dumps(value)[:60]}",
             param="response_format",
         )
-    if kind != "text":
-        raise InvalidRequest(
-            f"`response_format` {kind}: {_STRUCTURED}", param="response_format", code="unsupported_parameter"
-        )
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise InvalidRequest(
+                "`response_format.json_schema` must be an object with a string `name` and a `schema`",
+                param="response_format.json_schema",
+            )
+        if not isinstance(spec.get("schema", {}), dict):
+            raise InvalidRequest(
+                "`response_format.json_schema.schema` must be a JSON Schema object",
+                param="response_format.json_schema.schema",
+            )
+        if not isinstance(spec.get("strict", False), bool | None):
+            raise InvalidRequest(
+                "`response_format.json_schema.strict` must be true or false",
+                param="response_format.json_schema.strict",
+            )
+
+
+def constraint_of(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The decoding constraint a request asks for (the verify API's `grammar`): a JSON
+    `response_format`, or None. (A required tool call adds its own, where tools are rendered.)"""
+    response_format = body.get("response_format")
+    if isinstance(response_format, dict) and response_format.get("type") in ("json_object", "json_schema"):
+        return {"response_format": response_format}
+    return None
+
+
+def serves_grammar(models_body: Any) -> bool:
+    """Whether an engine's `/v1/models` says it takes the verify API's `grammar`."""
+    data = models_body.get("data") if isinstance(models_body, dict) else None
+    meta = data[0].get("meta") if isinstance(data, list) and data and isinstance(data[0], dict) else None
+    return isinstance(meta, dict) and meta.get("grammar") is True
 
 
 def passthrough_keys() -> tuple[str, ...]:

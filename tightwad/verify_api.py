@@ -35,6 +35,15 @@ stay sparse) and made dense, one row at a time, only when the engine's acceptanc
 many most likely alternatives: log-softmax of the target's logits after `logit_bias` and the
 penalties, at temperature 1, before top-k/top-p (the reply's `logprobs`, one entry per token).
 
+`grammar` (optional) constrains the generated text, from `generation_start` on: an OpenAI
+constraint, `{"response_format": {...}}` (json_object, json_schema), `{"tools": [...],
+"tool_choice": ..., "family": ...}` (a required call) or `{"gbnf": "..."}`. The target's
+distribution at every draft position is masked by the grammar in the state the conversation's text
+and the draft's earlier tokens put it in; a draft token it refuses is rejected like any other, and
+an end of generation is allowed only where the grammar is complete. The engine keeps each
+conversation's grammar state between calls, advanced over accepted tokens only. An engine that
+predates `grammar` refuses it by name (unknown field), never ignores it.
+
 The reply's `tokens` are the accepted draft tokens of draft `draft_index`, then the target's next
 token (a correction, or the bonus after a fully accepted draft); `n_accepted` counts the accepted
 draft tokens; `accepted_per_draft` is, for each draft, how many of its tokens the reply starts with.
@@ -333,6 +342,8 @@ class VerifyRequest:
     # the tokens from there on. 0: all of them.
     generation_start: int = 0
     logprobs: int | None = None  # None: no logprobs; n: each token's and its n best alternatives
+    # A decoding constraint on the generated text (from `generation_start` on): see `grammar` above.
+    grammar: dict[str, Any] | None = None
 
 
 def encode_request(request: VerifyRequest) -> dict[str, Any]:
@@ -347,6 +358,8 @@ def encode_request(request: VerifyRequest) -> dict[str, Any]:
         body["generation_start"] = request.generation_start
     if request.logprobs is not None:
         body["logprobs"] = request.logprobs
+    if request.grammar is not None:
+        body["grammar"] = request.grammar
     return body
 
 
@@ -370,6 +383,7 @@ def decode_request(body: dict[str, Any]) -> VerifyRequest:
         reset=get_field(body, "reset", bool, False),
         generation_start=_non_negative(get_field(body, "generation_start", int, 0), "generation_start"),
         logprobs=check_top_logprobs(get_field(body, "logprobs", int, None), "logprobs"),
+        grammar=get_field(body, "grammar", dict, None),
     )
 
 

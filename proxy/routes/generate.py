@@ -28,8 +28,10 @@ from tightwad.openai import (
     OpenAIError,
     check_model,
     check_params,
+    constraint_of,
     error_body,
     served_names,
+    serves_grammar,
 )
 from tightwad.proxy.replies import ReplyDelta, TextReply
 from tightwad.proxy.request_parsing import (
@@ -54,11 +56,15 @@ class GenerateRoutes:
     async def completions(self, request: Request) -> Response:
         proxy = self.proxy
         raw, body = await read_body(request, proxy.config.max_body_bytes)
+        route = "completions"
         check_params(body, COMPLETIONS)  # refused here as the engine would: never ignored
         if proxy.speculator is None or passthrough_reason(body):
             return await pass_through(proxy, request, raw, body, "completions")
         profile = await proxy.engine_profile()
         check_model(body, served_names(profile.info.models_body))
+        if constraint_of(body) is not None and not serves_grammar(profile.info.models_body):
+            # An engine from before the verify API's `grammar` would ignore it: it serves alone.
+            return await pass_through(proxy, request, raw, body, route)
         params = parse_params(body, proxy.config.max_tokens, default_max_tokens=16)
         prompt = parse_prompt(body)
         if isinstance(prompt, str):
@@ -70,11 +76,15 @@ class GenerateRoutes:
     async def chat_completions(self, request: Request) -> Response:
         proxy = self.proxy
         raw, body = await read_body(request, proxy.config.max_body_bytes)
+        route = "chat"
         check_params(body, CHAT)
         if proxy.speculator is None or passthrough_reason(body):
             return await pass_through(proxy, request, raw, body, "chat")
         profile = await proxy.engine_profile()
         check_model(body, served_names(profile.info.models_body))
+        if constraint_of(body) is not None and not serves_grammar(profile.info.models_body):
+            # An engine from before the verify API's `grammar` would ignore it: it serves alone.
+            return await pass_through(proxy, request, raw, body, route)
         if not profile.chat_tokens:
             # An engine without the chat-template rendering (`/tokenize` with `messages`) serves
             # the chat itself: exact, just not sped up.
@@ -102,7 +112,8 @@ class GenerateRoutes:
             )
         room = info.n_ctx - len(prompt)
         max_tokens = min(params.max_tokens or room, room)
-        job = Job(prompt, params.sampling, max_tokens, info.n_ctx, profile.vocabulary, params.logprobs)
+        sampling, vocabulary = params.sampling, profile.vocabulary
+        job = Job(prompt, sampling, max_tokens, info.n_ctx, vocabulary, params.logprobs, params.grammar)
         route = "chat" if chat else "completions"
         proxy.telemetry.request(route, "speculate")
         proxy.remember(route, proxy.config.mode, len(prompt), max_tokens)

@@ -67,9 +67,16 @@ def test_tools_are_refused_with_what_to_do() -> None:
 
 
 def test_response_format() -> None:
-    for kind in ("json_object", "json_schema"):
-        error = refusal({"response_format": {"type": kind}})
-        assert error.param == "response_format" and "structured output" in str(error)
+    check_params({"response_format": {"type": "json_object"}}, CHAT)
+    schema = {
+        "type": "json_schema",
+        "json_schema": {"name": "p", "schema": {"type": "object"}, "strict": True},
+    }
+    check_params({"response_format": schema}, CHAT)
+    nameless = refusal({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}})
+    assert nameless.param == "response_format.json_schema"
+    not_a_schema = {"type": "json_schema", "json_schema": {"name": "p", "schema": "object"}}
+    assert refusal({"response_format": not_a_schema}).param == "response_format.json_schema.schema"
     bogus = refusal({"response_format": {"type": "bogus"}})
     assert bogus.param == "response_format" and "one of text, json_object, json_schema" in str(bogus)
     assert refusal({"response_format": "json"}).param == "response_format"

@@ -1,0 +1,257 @@
+"""OpenAI tool calling, the pure parts: checking `tools` / `tool_choice`, the schema of a required
+call, and tool calls parsed out of a model's text per template family. No I/O, no libllama.
+
+A model calls a tool by writing it in its own format, which its chat template teaches it:
+
+  hermes   (Hermes, Qwen 2.5 / 3)   <tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>
+  llama3   (Llama 3.1 - 3.3)        {"name": ..., "parameters": {...}}   (the whole reply)
+  mistral  (Mistral, Mixtral)       [TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]
+
+`family_of` tells the family from the template's source; `parse` splits a finished reply into its
+text and its calls; `ToolStream` does the same for a stream, holding back text that may start a call.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from tightwad.openai import InvalidRequest
+
+FAMILIES = ("hermes", "llama3", "mistral")
+_OPEN = {"hermes": "<tool_call>", "mistral": "[TOOL_CALLS]", "llama3": '{"name"'}
+
+
+def family_of(template: str | None) -> str | None:
+    """The tool-call format a chat template teaches, or None when it does not take `tools`."""
+    if not template or "tools" not in template:
+        return None
+    if "<tool_call>" in template:
+        return "hermes"
+    if "[TOOL_CALLS]" in template:
+        return "mistral"
+    if "<|python_tag|>" in template or "ipython" in template or '"parameters"' in template:
+        return "llama3"
+    return "hermes"  # a template that takes tools without saying how to call them: the common format
+
+
+# request checks ---------------------------------------------------------------------------------
+def check_tools(value: Any) -> list[dict[str, Any]]:
+    """`tools`: a list of `{"type": "function", "function": {"name", "description"?, "parameters"?}}`;
+    the functions, or InvalidRequest naming the entry that is wrong."""
+    if not isinstance(value, list):
+        raise InvalidRequest("`tools` must be a list of tools", param="tools")
+    functions = []
+    for i, tool in enumerate(value):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            raise InvalidRequest(
+                f'`{where}` must be {{"type": "function", "function": {{...}}}}', param=where
+            )
+        function = tool.get("function")
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InvalidRequest(f"`{where}.function` must be an object with a string `name`", param=where)
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", function["name"]):
+            raise InvalidRequest(
+                f"`{where}.function.name` must be 1 to 64 letters, digits, `_`, `.` or `-`", param=where
+            )
+        parameters = function.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(parameters, dict):
+            raise InvalidRequest(f"`{where}.function.parameters` must be a JSON Schema object", param=where)
+        functions.append({**function, "parameters": parameters})
+    names = [f["name"] for f in functions]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise InvalidRequest(f"`tools` names the function {dup!r} twice", param="tools")
+    return functions
+
+
+def choice_of(tool_choice: Any, functions: list[dict[str, Any]]) -> str:
+    """`tool_choice` as "none", "auto", "required" or the name of the function that must be called."""
+    if tool_choice is None:
+        return "auto" if functions else "none"
+    if tool_choice in ("none", "auto", "required"):
+        if tool_choice == "required" and not functions:
+            raise InvalidRequest("`tool_choice` is required but `tools` is empty", param="tool_choice")
+        return str(tool_choice)
+    name = None
+    if isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
+        function = tool_choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str):
+        raise InvalidRequest(
+            '`tool_choice` must be "none", "auto", "required" or '
+            '{"type": "function", "function": {"name": ...}}',
+            param="tool_choice",
+        )
+    if name not in {f["name"] for f in functions}:
+        raise InvalidRequest(f"`tool_choice` names {name!r}, which is not in `tools`", param="tool_choice")
+    return name
+
+
+def required_calls(tools: Any, tool_choice: Any) -> list[dict[str, Any]]:
+    """The functions a reply must call from (all of them for "required", one when named)."""
+    functions = check_tools(tools)
+    choice = choice_of(tool_choice, functions)
+    if choice in ("none", "auto"):
+        raise InvalidRequest(f"`tool_choice` {choice!r} requires no call", param="tool_choice")
+    return functions if choice == "required" else [f for f in functions if f["name"] == choice]
+
+
+def calls_schema(functions: list[dict[str, Any]], parallel: bool = True) -> dict[str, Any]:
+    """The JSON Schema of one call of one of `functions`: `{"name": ..., "arguments": {...}}`."""
+    del parallel  # one call's schema; the grammar repeats it when parallel calls are allowed
+    options = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]},
+            "required": ["name", "arguments"],
+        }
+        for f in functions
+    ]
+    return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+def wrap_gbnf(call_gbnf: str, family: str, parallel: bool = True) -> str:
+    """A grammar for a reply made only of calls, in `family`'s format, from the GBNF of one call
+    (its `root` rule is renamed `call`)."""
+    body = re.sub(r"^root ::=", "call ::=", call_gbnf, flags=re.MULTILINE)
+    many = "*" if parallel else ""
+    if family == "mistral":
+        root = f'root ::= "[TOOL_CALLS]" "[" call ("," space call){many} "]"'
+    elif family == "llama3":
+        root = "root ::= call"
+    else:
+        one = '"<tool_call>\\n" call "\\n</tool_call>"'
+        root = f'root ::= {one} ("\\n" {one}){many}'
+    if "space ::=" not in body:
+        body += '\nspace ::= " "?'
+    return f"{root}\n{body}"
+
+
+# parsing replies --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+    id: str = ""
+
+    def to_json(self, index: int | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.id or f"call_{uuid.uuid4().hex[:24]}",
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
+        if index is not None:
+            out["index"] = index
+        return out
+
+
+def _call(obj: Any) -> ToolCall | None:
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):  # some models write the arguments as a JSON string already
+        return ToolCall(obj["name"], args)
+    return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
+
+
+def _json_values(text: str) -> list[Any] | None:
+    """Every JSON value in `text` (whitespace and `;` between them), or None if it is anything else."""
+    decoder = json.JSONDecoder()
+    values, i = [], 0
+    while True:
+        while i < len(text) and text[i] in " \t\r\n;":
+            i += 1
+        if i == len(text):
+            return values
+        try:
+            value, i = decoder.raw_decode(text, i)
+        except ValueError:
+            return None
+        values.append(value)
+
+
+def parse(text: str, family: str) -> tuple[str, list[ToolCall]]:
+    """A finished reply as (its text, its calls). A reply whose calls cannot be read stays text."""
+    if family == "hermes":
+        calls: list[ToolCall] = []
+        blocks = re.findall(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", text, flags=re.DOTALL)
+        for block in blocks:
+            values = _json_values(block)
+            call = _call(values[0]) if values and len(values) == 1 else None
+            if call is None:
+                return text, []
+            calls.append(call)
+        content = re.sub(r"<tool_call>.*?(?:</tool_call>|$)", "", text, flags=re.DOTALL).strip()
+        return (content if calls else text), calls
+    if family == "mistral":
+        at = text.find("[TOOL_CALLS]")
+        if at < 0:
+            return text, []
+        values = _json_values(text[at + len("[TOOL_CALLS]") :])
+        if not values:
+            return text, []
+        flat = [v for value in values for v in (value if isinstance(value, list) else [value])]
+        parsed = [_call(v) for v in flat]
+        if not parsed or any(c is None for c in parsed):
+            return text, []
+        return text[:at].strip(), [c for c in parsed if c is not None]
+    if family == "llama3":
+        body = text.strip().removeprefix("<|python_tag|>")
+        values = _json_values(body)
+        parsed = [_call(v) for v in values or []]
+        if not parsed or any(c is None for c in parsed):
+            return text, []
+        return "", [c for c in parsed if c is not None]
+    raise ValueError(f"unknown tool-call family {family!r}")
+
+
+class ToolStream:
+    """A streamed reply split into text to send now and calls to send at the end: text is held back
+    from where a call may start (the family's opening marker, or what may be its beginning)."""
+
+    def __init__(self, family: str) -> None:
+        self.family = family
+        self.marker = _OPEN[family]
+        self.text = ""
+        self.sent = 0  # characters of `text` already given out as content
+        self.holding = False  # a call may have started: everything from here is held
+
+    def feed(self, piece: str) -> str:
+        """Content that is safe to send now."""
+        self.text += piece
+        if self.holding:
+            return ""
+        rest = self.text[self.sent :]
+        if self.family == "llama3" and self.sent == 0:
+            # A Llama call is the whole reply: held while it may be one.
+            head = rest.lstrip()
+            if not head or head.startswith(("{", "<|python_tag|>")) or "<|python_tag|>".startswith(head):
+                self.holding = bool(head) and not "<|python_tag|>".startswith(head)
+                return ""
+            self.sent = len(self.text)
+            return rest
+        at = rest.find(self.marker)
+        if at >= 0:
+            self.holding = True
+            out = rest[:at]
+        else:
+            longest = min(len(self.marker) - 1, len(rest))
+            keep = next((n for n in range(longest, 0, -1) if self.marker.startswith(rest[-n:])), 0)
+            out = rest[: len(rest) - keep]
+        self.sent += len(out)
+        return out
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        """The held text that turns out to be content, and the calls."""
+        content, calls = parse(self.text, self.family)
+        sent = self.text[: self.sent]
+        self.sent = len(self.text)
+        if not calls:
+            return self.text[len(sent) :], []
+        done = sent.strip()
+        return (content[len(done) :].strip() if content.startswith(done) else ""), calls
