@@ -133,9 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["build", "path", "env"])
     p.set_defaults(handler=_toolchain)
 
-    p = sub.add_parser("models", help="fetch the tiny real models used by examples and tests")
+    p = sub.add_parser("models", help="fetch the real models used by examples, tests and benchmarks")
     p.add_argument("action", choices=["fetch", "list"])
-    p.add_argument("names", nargs="*", metavar="NAME", help="catalog models to fetch (default: all)")
+    p.add_argument(
+        "names", nargs="*", metavar="NAME", help="catalog models to fetch (default: all but opt-in)"
+    )
     p.add_argument("--verify", action="store_true", help="re-hash every file instead of trusting size+mtime")
     p.set_defaults(handler=_models)
 

