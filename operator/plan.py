@@ -396,7 +396,9 @@ class _Planner:
     def alongside(self, engine: Unit, serving: UnitState) -> bool:
         """Is there room for the new model while the serving one stays loaded?"""
         check = self.check(engine.host, engine.models[0])
-        need = self.policy.need(check.size or 0) if check else 0
+        if check is None or check.size is None:
+            return False  # its size unknown (a driver that could not measure it): no room known
+        need = self.policy.need(check.size)
         serving_need = self.serving_need(serving)
         if self.observed.free_bytes is not None:
             return need <= self.observed.free_bytes
