@@ -79,6 +79,23 @@ def _models(args: argparse.Namespace) -> int:
     return models.list_command()
 
 
+def _benchmark(args: argparse.Namespace) -> int:
+    from tightwad import benchmark
+
+    return benchmark.command(
+        args.manifest,
+        proxy=args.proxy,
+        target=args.target,
+        prompts_file=args.prompts,
+        max_tokens=args.tokens,
+        runs=args.runs,
+        as_json=args.json,
+        token=args.token,
+        model=args.model,
+        warmup=args.warmup,
+    )
+
+
 COMPONENTS = {
     "engine": "run the coordinator on libllama across the rpc pool",
     "proxy": "run or query the speculative front door (start, status)",
@@ -140,6 +157,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--verify", action="store_true", help="re-hash every file instead of trusting size+mtime")
     p.set_defaults(handler=_models)
+
+    p = sub.add_parser(
+        "benchmark",
+        help="measure the target alone vs speculation on a running cluster; check outputs are identical",
+    )
+    p.add_argument(
+        "manifest", nargs="?", metavar="FILE", help="the cluster manifest (finds proxy and engine)"
+    )
+    p.add_argument("--proxy", metavar="URL", help="the proxy's URL (instead of a manifest)")
+    p.add_argument("--target", metavar="URL", help="the engine's own URL: the target alone")
+    p.add_argument(
+        "--prompts", metavar="FILE", help="one prompt per line, or a .json list (default: built-in)"
+    )
+    p.add_argument("--tokens", type=int, default=128, help="completion tokens per reply (default 128)")
+    p.add_argument("--runs", type=int, default=1, help="runs per prompt and side; the median is kept")
+    p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    p.add_argument("--token", help="bearer token (default: the manifest's, or $TIGHTWAD_TOKEN)")
+    p.add_argument("--model", help="the model name to send (default: the server's own)")
+    p.add_argument(
+        "--warmup", action=argparse.BooleanOptionalAction, default=True, help="one short request first"
+    )
+    p.set_defaults(handler=_benchmark)
 
     for name, help_text in {**COMPONENTS, **OPERATOR_COMMANDS}.items():
         sub.add_parser(name, help=help_text, add_help=False)  # listed in --help; dispatched in main()
