@@ -50,7 +50,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tightwad import http, openapi
+from tightwad import http, openapi, tools
 from tightwad.engine.chat import ChatFormatter, normalise_messages
 from tightwad.engine.core import Engine, ErrorEvent, FinishEvent, Generation, GenerationEvent
 from tightwad.engine.errors import BadRequest, ContextLengthExceeded, EngineError, PoolFailure
@@ -173,6 +173,72 @@ class GenerationOptions:
     grammar: dict[str, Any] | None = None  # a decoding constraint (tightwad.openai.constraint_of)
 
 
+@dataclass(frozen=True)
+class ToolPlan:
+    """A chat request's tools: the functions given to the template, the `tool_choice`, the grammar
+    that enforces a required or named call, and how calls are read back out of the reply."""
+
+    tools: list[dict[str, Any]]  # as the template takes them ({"type": "function", "function": ...})
+    choice: str  # "auto", "required" or a function's name
+    family: str
+    parallel: bool
+    grammar: dict[str, Any] | None
+
+    @staticmethod
+    def of(body: dict[str, Any], family: str | None) -> ToolPlan | None:
+        """None when the request gives no tools or says `tool_choice: "none"` (the model is then not
+        shown them); a 400 naming `tools` when the model's template cannot take tools."""
+        raw = body.get("tools")
+        if not raw:
+            if body.get("tool_choice") not in (None, "none", "auto"):
+                raise BadRequest("`tool_choice` asks for a call but `tools` is empty", param="tool_choice")
+            return None
+        functions = tools.check_tools(raw)
+        choice = tools.choice_of(body.get("tool_choice"), functions)
+        if family is None:
+            raise tools.unsupported()
+        parallel = get_field(body, "parallel_tool_calls", bool, True)
+        if choice == "none":
+            return None
+        grammar = None
+        if choice != "auto":  # required or named: a grammar admits nothing but calls
+            grammar = {
+                "tools": raw,
+                "tool_choice": body.get("tool_choice"),
+                "family": family,
+                "parallel_tool_calls": parallel,
+            }
+        given = [{"type": "function", "function": f} for f in functions]
+        return ToolPlan(given, choice, family, parallel, grammar)
+
+    @property
+    def parses(self) -> bool:
+        return True
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(t["function"]["name"] for t in self.tools)
+
+    def stream(self) -> tools.ToolStream:
+        return tools.ToolStream(self.family, self.names)
+
+    def calls_json(self, calls: list[tools.ToolCall]) -> list[dict[str, Any]]:
+        """The calls as `delta.tool_calls` entries (with `index`); one only without parallel calls."""
+        kept = calls if self.parallel else calls[:1]
+        return [call.to_json(index=i) for i, call in enumerate(kept)]
+
+    def shape_message(self, choice: dict[str, Any]) -> None:
+        """A finished chat choice with the calls in its text moved to `message.tool_calls`."""
+        message = choice["message"]
+        content, calls = tools.parse(message.get("content") or "", self.family, self.names)
+        if calls:
+            message["content"] = content or None
+            message["tool_calls"] = [
+                {k: v for k, v in call.items() if k != "index"} for call in self.calls_json(calls)
+            ]
+            choice["finish_reason"] = "tool_calls"
+
+
 @dataclass
 class Delta:
     text: str
@@ -281,6 +347,7 @@ class Api:
             "chat_template": self.formatter.describe(),
             "verify_api": VERSION,
             "grammar": True,  # the verify API takes `grammar` (tightwad.openai.serves_grammar)
+            "tools": self.formatter.tool_family,  # how the template calls tools; None: it takes none
             "aliases": list(self.aliases),
         }
         # The served model first (the proxy reads it there), then each alias as a model of its own.
@@ -455,9 +522,19 @@ class Api:
         body = await read_json(request, self.max_body)
         self._check(body, CHAT)
         messages = normalise_messages(body.get("messages"))
-        tokens = self._fits(await asyncio.to_thread(self._chat_tokens, messages), "messages")
+        plan = ToolPlan.of(body, self.formatter.tool_family)
+        rendered = plan.tools if plan is not None else None
+        tokens = self._fits(await asyncio.to_thread(self._chat_tokens, messages, rendered), "messages")
         choices = self._choices(body, [tokens], default_max=self.engine.n_ctx)
-        return await self._respond(request, choices, chat=True, n=len(choices))
+        if plan is not None and plan.grammar is not None:
+            if choices[0].grammar is not None:
+                raise BadRequest(
+                    "`response_format` and a required tool call (`tool_choice`) cannot both shape the "
+                    "reply: send one of them",
+                    param="tool_choice",
+                )
+            choices = [replace(options, grammar=plan.grammar) for options in choices]
+        return await self._respond(request, choices, chat=True, n=len(choices), plan=plan)
 
     def _fits(self, tokens: list[int], what: str) -> list[int]:
         if len(tokens) + 1 > self.engine.n_ctx:
@@ -487,7 +564,9 @@ class Api:
             for j in range(n)
         ]
 
-    def _chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+    def _chat_tokens(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
         size = sum(len(m.get("content") or "") for m in messages)
         if size > self.max_prompt_chars:
             raise ContextLengthExceeded(
@@ -495,10 +574,15 @@ class Api:
                 "tokens can hold: shorten them",
                 param="messages",
             )
-        return self.formatter.tokens(messages)
+        return self.formatter.tokens(messages, tools)
 
     async def _respond(
-        self, request: Request, choices: list[GenerationOptions], chat: bool, n: int
+        self,
+        request: Request,
+        choices: list[GenerationOptions],
+        chat: bool,
+        n: int,
+        plan: ToolPlan | None = None,
     ) -> Response:
         shape = ReplyShape(chat, self.model_name)
         started: list[tuple[Generation, asyncio.Queue[GenerationEvent]]] = []
@@ -510,7 +594,7 @@ class Api:
                 handle.cancel()
             raise
         if choices[0].stream:
-            return EventSourceResponse(self._stream(choices, started, shape, n), ping=15)
+            return EventSourceResponse(self._stream(choices, started, shape, n, plan), ping=15)
         # Not streamed: nothing is written until the end, so only the connection says the client
         # left; without this a chat (max_tokens defaults to the whole context) would run on.
         handles = [handle for handle, _ in started]
@@ -531,6 +615,8 @@ class Api:
         ]
         for options, one, (_, _, done) in zip(choices, bodies, results, strict=True):
             self._add_logprobs(one, options, done.shown, done.entries)
+            if plan is not None and plan.parses:
+                plan.shape_message(one["choices"][0])
         body = bodies[0]  # one choice: exactly the body it always was
         body["choices"] = [{**one["choices"][0], "index": i} for i, one in enumerate(bodies)]
         body["usage"] = _usage(choices, [done for _, _, done in results], n)
@@ -584,6 +670,7 @@ class Api:
         started: list[tuple[Generation, asyncio.Queue[GenerationEvent]]],
         shape: ReplyShape,
         n: int,
+        plan: ToolPlan | None = None,
     ) -> AsyncIterator[str]:
         """The choices' chunks as they come, each with its `index`. One choice: its last chunk carries
         usage (the proxy reads it; OpenAI clients ignore it); several: a usage chunk ends the stream."""
@@ -614,6 +701,8 @@ class Api:
             return json.dumps(out)
 
         single = len(choices) == 1
+        # With tools: text that may start a call is held back, the calls go out at the end.
+        streams = [plan.stream() if plan is not None and plan.parses else None for _ in choices]
         tasks = [asyncio.ensure_future(pump(i)) for i in range(len(choices))]
         outcomes: dict[int, Outcome] = {}
         try:
@@ -627,12 +716,25 @@ class Api:
                 index, item = await merged.get()
                 if isinstance(item, Exception):
                     raise item
+                stream = streams[index]
                 if isinstance(item, Delta):
-                    yield chunk(index, item.text, item.tokens, item)
+                    text = stream.feed(item.text) if stream is not None else item.text
+                    yield chunk(index, text, item.tokens, item)
                     continue
                 outcomes[index] = item
+                reason = item.finish_reason
+                if stream is not None and plan is not None:
+                    rest, calls = stream.finish()
+                    if rest:
+                        yield chunk(index, rest, [])
+                    if calls:
+                        out = shape.chunk(None)
+                        out["choices"][0]["index"] = index
+                        out["choices"][0]["delta"]["tool_calls"] = plan.calls_json(calls)
+                        yield json.dumps(out)
+                        reason = "tool_calls"
                 final = {"with_usage": True, "usage": item.usage()} if single else {}
-                yield chunk(index, None, [], finish_reason=item.finish_reason, **final)
+                yield chunk(index, None, [], finish_reason=reason, **final)
             if not single:
                 done = [outcomes[i] for i in range(len(choices))]
                 yield json.dumps(shape.usage_chunk(_usage(choices, done, n)))

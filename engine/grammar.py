@@ -60,10 +60,12 @@ def _compile(key: str) -> Grammar:
         return Grammar(constraint["gbnf"], "grammar")
     if "tools" in constraint:
         calls = tools.required_calls(constraint.get("tools"), constraint.get("tool_choice"))
-        schema = tools.calls_schema(calls, parallel=constraint.get("parallel_tool_calls") is not False)
+        parallel = constraint.get("parallel_tool_calls") is not False
         family = constraint.get("family") or "hermes"
-        body = _schema_gbnf(schema, "tools")
-        return Grammar(tools.wrap_gbnf(body, family), "tool_choice")
+        if family not in tools.FAMILIES:
+            raise BadRequest(f"`grammar.family` must be one of {', '.join(tools.FAMILIES)}", param="grammar")
+        body = _schema_gbnf(tools.calls_schema(calls), "tools")
+        return Grammar(tools.wrap_gbnf(body, family, parallel), "tool_choice")
     response_format = constraint.get("response_format")
     if not isinstance(response_format, dict):
         raise BadRequest("`grammar` needs `response_format`, `tools` or `gbnf`", param="grammar")

@@ -183,10 +183,6 @@ def _ignored(note: str, **kw: Any) -> Param:
 
 
 _NOT_YET = "is not supported by this server yet"
-_TOOLS = (
-    "tool calling is not supported by this server yet: send the request without `tools` "
-    "(describe the tools in the prompt instead)"
-)
 _LEGACY_FUNCTIONS = "the deprecated function-calling API: send `tools` and `tool_choice` instead"
 
 PARAMS: dict[str, Param] = {
@@ -223,9 +219,23 @@ PARAMS: dict[str, Param] = {
         neutral=({"type": "text"},),
         speculated=True,
     ),
-    "tools": _refused(_TOOLS, neutral=([],), routes=(CHAT,)),
-    "tool_choice": _refused(_TOOLS, neutral=("none", "auto"), routes=(CHAT,)),
-    "parallel_tool_calls": _ignored("matters only with `tools`, which are refused", routes=(CHAT,)),
+    # tools: rendered by the model's own chat template, calls parsed out of its reply
+    "tools": _honoured(
+        "function tools, given to the model's chat template; its calls come back in `tool_calls` "
+        "(Hermes/Qwen, Llama 3, Mistral formats); a template without tools is a 400",
+        routes=(CHAT,),
+        neutral=([],),
+        speculated=False,
+    ),
+    "tool_choice": _honoured(
+        "`none`, `auto`, `required` or a named function; required and named are enforced by a grammar",
+        routes=(CHAT,),
+        neutral=("none", "auto"),
+        speculated=False,
+    ),
+    "parallel_tool_calls": _honoured(
+        "false: at most one call per reply", routes=(CHAT,), neutral=(True,), speculated=False
+    ),
     # Tightwad's and llama.cpp's extensions
     "top_k": _honoured("extension: sample among the k likeliest tokens (0: off)", speculated=True),
     "ignore_eos": _honoured(

@@ -16,13 +16,14 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
 from tightwad.openai import InvalidRequest
 
 FAMILIES = ("hermes", "llama3", "mistral")
-_OPEN = {"hermes": "<tool_call>", "mistral": "[TOOL_CALLS]", "llama3": '{"name"'}
+_OPEN = {"hermes": "<tool_call>", "mistral": "[TOOL_CALLS]", "llama3": "<|python_tag|>"}
 
 
 def family_of(template: str | None) -> str | None:
@@ -101,9 +102,8 @@ def required_calls(tools: Any, tool_choice: Any) -> list[dict[str, Any]]:
     return functions if choice == "required" else [f for f in functions if f["name"] == choice]
 
 
-def calls_schema(functions: list[dict[str, Any]], parallel: bool = True) -> dict[str, Any]:
+def calls_schema(functions: list[dict[str, Any]]) -> dict[str, Any]:
     """The JSON Schema of one call of one of `functions`: `{"name": ..., "arguments": {...}}`."""
-    del parallel  # one call's schema; the grammar repeats it when parallel calls are allowed
     options = [
         {
             "type": "object",
@@ -117,16 +117,17 @@ def calls_schema(functions: list[dict[str, Any]], parallel: bool = True) -> dict
 
 def wrap_gbnf(call_gbnf: str, family: str, parallel: bool = True) -> str:
     """A grammar for a reply made only of calls, in `family`'s format, from the GBNF of one call
-    (its `root` rule is renamed `call`)."""
-    body = re.sub(r"^root ::=", "call ::=", call_gbnf, flags=re.MULTILINE)
-    many = "*" if parallel else ""
+    (its `root` rule renamed `tightwad-call`); one call only unless `parallel`."""
+    body = re.sub(r"^root ::=", "tightwad-call ::=", call_gbnf, flags=re.MULTILINE)
     if family == "mistral":
-        root = f'root ::= "[TOOL_CALLS]" "[" call ("," space call){many} "]"'
+        more = ' ("," space tightwad-call)*' if parallel else ""
+        root = f'root ::= "[TOOL_CALLS]" "[" tightwad-call{more} "]"'
     elif family == "llama3":
-        root = "root ::= call"
+        root = "root ::= tightwad-call"
     else:
-        one = '"<tool_call>\\n" call "\\n</tool_call>"'
-        root = f'root ::= {one} ("\\n" {one}){many}'
+        one = '"<tool_call>\\n" tightwad-call "\\n</tool_call>"'
+        more = f' ("\\n" {one})*' if parallel else ""
+        root = f"root ::= {one}{more}"
     if "space ::=" not in body:
         body += '\nspace ::= " "?'
     return f"{root}\n{body}"
@@ -175,9 +176,29 @@ def _json_values(text: str) -> list[Any] | None:
         values.append(value)
 
 
-def parse(text: str, family: str) -> tuple[str, list[ToolCall]]:
-    """A finished reply as (its text, its calls). A reply whose calls cannot be read stays text."""
-    if family == "hermes":
+def _bare_calls(text: str, names: Collection[str] | None) -> list[ToolCall]:
+    """A reply that is nothing but call objects (a JSON object or list of them, perhaps in a code
+    fence or after Llama's <|python_tag|>): small models often drop their family's tags. Only calls
+    of the request's functions count, so JSON content is never mistaken for a call."""
+    body = text.strip().removeprefix("<|python_tag|>").strip()
+    fenced = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", body, flags=re.DOTALL)
+    values = _json_values(fenced.group(1) if fenced else body)
+    flat = [v for value in values or [] for v in (value if isinstance(value, list) else [value])]
+    calls = [_call(v) for v in flat]
+    if not calls or any(c is None for c in calls):
+        return []
+    found = [c for c in calls if c is not None]
+    if names is not None and any(c.name not in names for c in found):
+        return []
+    return found
+
+
+def parse(text: str, family: str, names: Collection[str] | None = None) -> tuple[str, list[ToolCall]]:
+    """A finished reply as (its text, its calls); `names`: the request's functions. A reply whose
+    calls cannot be read stays text."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown tool-call family {family!r}")
+    if family == "hermes" and "<tool_call>" in text:
         calls: list[ToolCall] = []
         blocks = re.findall(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", text, flags=re.DOTALL)
         for block in blocks:
@@ -187,35 +208,23 @@ def parse(text: str, family: str) -> tuple[str, list[ToolCall]]:
                 return text, []
             calls.append(call)
         content = re.sub(r"<tool_call>.*?(?:</tool_call>|$)", "", text, flags=re.DOTALL).strip()
-        return (content if calls else text), calls
-    if family == "mistral":
+        return content, calls
+    if family == "mistral" and "[TOOL_CALLS]" in text:
         at = text.find("[TOOL_CALLS]")
-        if at < 0:
-            return text, []
-        values = _json_values(text[at + len("[TOOL_CALLS]") :])
-        if not values:
-            return text, []
-        flat = [v for value in values for v in (value if isinstance(value, list) else [value])]
-        parsed = [_call(v) for v in flat]
-        if not parsed or any(c is None for c in parsed):
-            return text, []
-        return text[:at].strip(), [c for c in parsed if c is not None]
-    if family == "llama3":
-        body = text.strip().removeprefix("<|python_tag|>")
-        values = _json_values(body)
-        parsed = [_call(v) for v in values or []]
-        if not parsed or any(c is None for c in parsed):
-            return text, []
-        return "", [c for c in parsed if c is not None]
-    raise ValueError(f"unknown tool-call family {family!r}")
+        calls = _bare_calls(text[at + len("[TOOL_CALLS]") :], None)
+        return (text[:at].strip(), calls) if calls else (text, [])
+    # Llama 3 writes the call as the whole reply; the others do when they drop their tags.
+    calls = _bare_calls(text, names)
+    return ("", calls) if calls else (text, [])
 
 
 class ToolStream:
-    """A streamed reply split into text to send now and calls to send at the end: text is held back
-    from where a call may start (the family's opening marker, or what may be its beginning)."""
+    """A streamed reply split into text to send now and calls to send at the end. Text is held from
+    where a call may start: the family's tag, or a reply that begins like JSON (a bare call)."""
 
-    def __init__(self, family: str) -> None:
+    def __init__(self, family: str, names: Collection[str] | None = None) -> None:
         self.family = family
+        self.names = names
         self.marker = _OPEN[family]
         self.text = ""
         self.sent = 0  # characters of `text` already given out as content
@@ -227,14 +236,13 @@ class ToolStream:
         if self.holding:
             return ""
         rest = self.text[self.sent :]
-        if self.family == "llama3" and self.sent == 0:
-            # A Llama call is the whole reply: held while it may be one.
+        if self.sent == 0:
             head = rest.lstrip()
-            if not head or head.startswith(("{", "<|python_tag|>")) or "<|python_tag|>".startswith(head):
-                self.holding = bool(head) and not "<|python_tag|>".startswith(head)
+            if not head or any(m.startswith(head) for m in (self.marker, "<|python_tag|>", "```")):
+                return ""  # too early to say
+            if head.startswith(("{", "[", "```", "<|python_tag|>", self.marker)):
+                self.holding = True
                 return ""
-            self.sent = len(self.text)
-            return rest
         at = rest.find(self.marker)
         if at >= 0:
             self.holding = True
@@ -248,10 +256,31 @@ class ToolStream:
 
     def finish(self) -> tuple[str, list[ToolCall]]:
         """The held text that turns out to be content, and the calls."""
-        content, calls = parse(self.text, self.family)
+        content, calls = parse(self.text, self.family, self.names)
         sent = self.text[: self.sent]
         self.sent = len(self.text)
         if not calls:
             return self.text[len(sent) :], []
         done = sent.strip()
         return (content[len(done) :].strip() if content.startswith(done) else ""), calls
+
+
+def unsupported() -> InvalidRequest:
+    """The 400 for `tools` on a model whose chat template does not take them (engine and proxy)."""
+    return InvalidRequest(
+        "this model's chat template has no tool support (it does not use `tools`), so it cannot be "
+        "given tools or call them: send the request without `tools`, or serve a model whose template "
+        "takes them (Qwen 2.5, Llama 3.1+, Mistral, Hermes)",
+        param="tools",
+        code="unsupported_parameter",
+    )
+
+
+def engine_takes_tools(models_body: Any) -> bool | None:
+    """Whether an engine's `/v1/models` says its chat template takes tools (`meta.tools`, the
+    family); None when it does not say (an older engine: it answers for itself)."""
+    data = models_body.get("data") if isinstance(models_body, dict) else None
+    meta = data[0].get("meta") if isinstance(data, list) and data and isinstance(data[0], dict) else None
+    if not isinstance(meta, dict) or "tools" not in meta:
+        return None
+    return meta["tools"] is not None

@@ -21,6 +21,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from tightwad import tools
 from tightwad.openai import (
     CHAT,
     COMPLETIONS,
@@ -78,6 +79,13 @@ class GenerateRoutes:
         raw, body = await read_body(request, proxy.config.max_body_bytes)
         route = "chat"
         check_params(body, CHAT)
+        if body.get("tools") and proxy.speculator is not None:
+            # Tools pass through to the engine; a template that cannot take them is refused here, in
+            # the engine's own words, without a round trip.
+            tools.choice_of(body.get("tool_choice"), tools.check_tools(body["tools"]))
+            takes = tools.engine_takes_tools((await proxy.engine_profile()).info.models_body)
+            if takes is False:
+                raise tools.unsupported()
         if proxy.speculator is None or passthrough_reason(body):
             return await pass_through(proxy, request, raw, body, "chat")
         profile = await proxy.engine_profile()

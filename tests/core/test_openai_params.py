@@ -60,10 +60,14 @@ def test_neutral_values_of_refused_parameters_pass() -> None:
     check_params({"suffix": "", "best_of": 1, "seed": 3, "stop": None}, COMPLETIONS)
 
 
-def test_tools_are_refused_with_what_to_do() -> None:
-    error = refusal({"tools": [{"type": "function", "function": {"name": "f"}}]})
-    assert error.param == "tools" and "tool calling is not supported" in str(error)
-    assert refusal({"tool_choice": "required"}).param == "tool_choice"
+def test_tools_are_honoured_and_the_deprecated_functions_refused() -> None:
+    check_params(
+        {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"}, CHAT
+    )
+    assert refusal({"tools": [{"type": "function"}]}, COMPLETIONS).param == "tools"  # chat only
+    error = refusal({"functions": [{"name": "f"}]})
+    assert error.param == "functions" and "`tools`" in str(error)
+    check_params({"function_call": "auto", "functions": []}, CHAT)  # neutral: asks for nothing
 
 
 def test_response_format() -> None:
