@@ -95,6 +95,7 @@ class FakeEngine(EngineClient):
         reset: bool,
         generation_start: int = 0,
         logprobs: int | None = None,
+        grammar: dict[str, Any] | None = None,
     ) -> VerifyReply:
         self.verify_calls += 1
         self.seen_tokens.append(list(tokens))
@@ -128,6 +129,7 @@ class FakeEngine(EngineClient):
         max_tokens: int,
         generated: int = 0,
         logprobs: int | None = None,
+        grammar: dict[str, Any] | None = None,
     ) -> AsyncIterator[tuple[list[int], str | None, None]]:
         history = list(prompt)
         for _ in range(max_tokens):
