@@ -54,6 +54,12 @@ class Bitfield:
                     if byte & (0x80 >> bit):
                         yield byte_index * 8 + bit
 
+    def select(self, indexes: Iterable[int]) -> list[int]:
+        """The given indexes whose bit is set, in the given order (the fast path of a filter over
+        `in`: piece choice runs it over every wanted piece for every peer)."""
+        bits, count = self._bits, self.count
+        return [i for i in indexes if 0 <= i < count and bits[i >> 3] & (0x80 >> (i & 7))]
+
     def missing(self) -> Iterator[int]:
         return (index for index in range(self.count) if index not in self)
 

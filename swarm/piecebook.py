@@ -116,6 +116,9 @@ class PieceBook(Generic[Handle]):
     ) -> int | None:
         """An endgame race for `peer`: the oldest request it could duplicate, if the duplicate's
         buffer still fits in `memory` bytes."""
+        smallest = self.manifest.piece_length(self.manifest.count - 1) if self.manifest.count else 0
+        if self.endgame_bytes + min(smallest, self.manifest.piece_size) > memory:
+            return None  # not even the smallest piece fits: no need to look for one
         piece = pick_endgame(
             peer, peer_has, self.in_flight, self.started, now=now, min_age=min_age, excluded=excluded
         )

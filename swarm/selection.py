@@ -38,7 +38,12 @@ def pick_piece(
 ) -> int | None:
     """A piece from `wanted` (missing and not requested) that this peer holds: random while we hold
     nothing, else one of the rarest, ties broken at random. None when the peer has none of them."""
-    candidates = [index for index in wanted if index in peer_has and index not in excluded]
+    if not peer_has:
+        return None  # the common case for a newcomer's peers: nothing to scan
+    whole = peer_has.complete and peer_has.count == len(counts)
+    candidates = list(wanted) if whole else peer_has.select(wanted)
+    if excluded:
+        candidates = [index for index in candidates if index not in excluded]
     if not candidates:
         return None
     if random_first:
