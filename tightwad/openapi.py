@@ -499,6 +499,13 @@ def swarm_document() -> dict[str, Any]:
         "required": ["sha256", "url"],
         "properties": {"sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"}, "url": _STRING},
     }
+    data = _op(
+        "the bytes; `Range: bytes=A-B` for pieces (206)",
+        media="application/octet-stream",
+        params=sha,
+        statuses=(404, 416),
+    )
+    data["parameters"].append({"name": "Range", "in": "header", "required": False, "schema": _STRING})
     paths: dict[str, dict[str, Any]] = {
         OPENAPI_PATH: {"get": _openapi_op()},
         f"{api}/health": {"get": _op("open: the node is up", open_=True)},
@@ -507,14 +514,7 @@ def swarm_document() -> dict[str, Any]:
         f"{api}/files/{{sha256}}/have": {
             "get": _op("which pieces this node offers", params=sha, statuses=(404,))
         },
-        f"{api}/files/{{sha256}}/data": {
-            "get": _op(
-                "the bytes; `Range: bytes=A-B` for pieces (206)",
-                media="application/octet-stream",
-                params=sha,
-                statuses=(404, 416),
-            )
-        },
+        f"{api}/files/{{sha256}}/data": {"get": data},
         f"{api}/files/{{sha256}}/peers": {"get": _op("tracker: peers that announced the file", params=sha)},
         f"{api}/announce": {"post": _op("tracker: a peer holds a file", body=announce, statuses=(400, 404))},
         f"{api}/status": {"get": _op("what the node is doing")},
