@@ -7,7 +7,8 @@
 | `lease.py` | leader election on a coordination.k8s.io Lease: one replica acts |
 | `render.py` | units as pods, services, the manifest ConfigMap (pure) |
 | `watch.py` | list-then-watch of TightwadCluster objects, kept as a local cache |
-| `workloads.py` | the driver: observe pods, carry out the plan's actions |
+| `workloads.py` | the driver: observe pods, carry out the plan's actions (model check pods too) |
+| `events.py` | Events on a TightwadCluster for `kubectl describe` (refusals, crash loops, swaps) |
 | `controller.py` | `tightwad operator`: watch, plan, act, write status, per cluster |
 
 A regular package, unlike operator/ itself: `kubernetes` is not a standard-library name, so nothing

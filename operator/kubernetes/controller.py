@@ -11,7 +11,8 @@ the watch reports (and a resync every few seconds, for pods becoming ready) reco
 4. observe, plan, execute the actions;
 5. write status (conditions with observedGeneration) through the status subresource, as a merge
    patch carrying the resourceVersion it planned from: when the CR changed meanwhile (409), read it
-   again and plan again, so status never describes a spec it did not see.
+   again and plan again, so status never describes a spec it did not see;
+6. write Events for what people look for with `kubectl describe` (kubernetes/events.py).
 
 Only the replica holding the Lease acts; the others wait for it (kubernetes/lease.py).
 """
@@ -47,6 +48,7 @@ from tightwad.operator.kubernetes.cr import (
     same_status,
     status_document,
 )
+from tightwad.operator.kubernetes.events import EventRecorder, Note, events_for
 from tightwad.operator.kubernetes.lease import CoordinationLeases, LeaderElector
 from tightwad.operator.kubernetes.render import (
     CONFIG_DIR,
@@ -66,6 +68,7 @@ from tightwad.operator.plan import Fault, PlannerPolicy, plan
 log = logging.getLogger("tightwad.operator.kubernetes")
 
 MANIFEST_IN_POD = f"{CONFIG_DIR}/{CONFIG_FILE}"
+LAST_GOOD = "the last good one stays in force"
 Cleanup = Callable[[ClusterRef, dict[str, Any]], Awaitable[None]]
 
 
@@ -107,6 +110,7 @@ class Operator:
         options: Options | None = None,
         elector: LeaderElector | None = None,
         cleanup: Sequence[Cleanup] = (note_native_hosts,),
+        recorder: EventRecorder | None = None,
     ) -> None:
         self.rest = Rest(api)
         self.workloads = workloads
@@ -119,6 +123,12 @@ class Operator:
         self.queued: set[str] = set()
         self.last_good: dict[str, tuple[Manifest, Desired]] = {}
         self.events: list[str] = []  # what was done, newest last (bounded)
+        self.recorder = recorder or EventRecorder(self.rest)
+        self.notes: dict[str, list[Note]] = {}  # the last pass's Events to write, per cluster
+        self.served: dict[str, str] = {}  # the model each cluster served last
+        # CRs whose finalizer this operator already ran: until the watch reports one gone, its cached
+        # copy still carries our finalizer, and a resync must not run the cleanup a second time.
+        self.finalized_uids: dict[str, None] = {}
         self.watch = ClusterWatch(
             api, self.enqueue, namespace=self.options.namespace, watch_timeout=self.options.watch_timeout
         )
@@ -158,12 +168,14 @@ class Operator:
         obj = self.watch.objects.get(key)
         if obj is None:
             self.last_good.pop(key, None)
+            self.served.pop(key, None)
+            self.recorder.forget(key)
             return
         cluster = ClusterRef.of(obj)
         path = api_path(cluster.namespace, cluster.name)
         finalizers = obj["metadata"].get("finalizers", [])
         if obj["metadata"].get("deletionTimestamp"):
-            if FINALIZER in finalizers:
+            if FINALIZER in finalizers and cluster.uid not in self.finalized_uids:
                 await self.finalize(cluster, obj, path)
             return
         if FINALIZER not in finalizers:
@@ -171,6 +183,12 @@ class Operator:
             if updated is None:
                 return
             obj = updated
+        try:
+            await self._reconcile_status(key, obj, path)
+        finally:
+            await self.recorder.record(ClusterRef.of(obj), self.notes.pop(key, []))
+
+    async def _reconcile_status(self, key: str, obj: dict[str, Any], path: str) -> None:
         for _ in range(5):
             status = await self.pass_once(obj)
             if same_status(obj.get("status"), status):
@@ -202,7 +220,11 @@ class Operator:
             await hook(cluster, obj)
         await update_with_retry(self.rest, path, _remove_finalizer, on_conflict=self._conflict)
         self.last_good.pop(cluster.key, None)
+        self.recorder.forget(cluster.key)
         self.counters.finalized += 1
+        self.finalized_uids[cluster.uid] = None
+        while len(self.finalized_uids) > 1000:  # bounded: the oldest go first
+            del self.finalized_uids[next(iter(self.finalized_uids))]
 
     async def pass_once(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Validate, observe, plan, act; the status this pass leads to."""
@@ -217,8 +239,9 @@ class Operator:
             error = "; ".join(p.format(exc.source) for p in exc.problems[:5])
         good = self.last_good.get(cluster.key)  # a bad manifest keeps the last good one in force
         now = time.time()
+        refused = [("ManifestInvalid", f"the manifest is invalid; {LAST_GOOD}: {error}")] if error else []
         if good is None:
-            return status_document(
+            status = status_document(
                 generation=generation,
                 previous=obj.get("status"),
                 desired=None,
@@ -226,6 +249,8 @@ class Operator:
                 plan=None,
                 manifest_error=error,
             )
+            self.notes[cluster.key] = events_for(obj.get("status"), status, refused, None)
+            return status
         manifest, desired = good
         owner = Owner(cluster.name, cluster.namespace, cluster.uid, dict(obj["metadata"].get("labels", {})))
         context = Context(cluster, owner, manifest, desired)
@@ -243,7 +268,7 @@ class Operator:
                 )
         if failures:
             result = dataclasses.replace(result, problems=(*result.problems, *failures), converged=False)
-        return status_document(
+        status = status_document(
             generation=generation,
             previous=obj.get("status"),
             desired=desired,
@@ -251,6 +276,14 @@ class Operator:
             plan=result,
             manifest_error=error,
         )
+        problems = [*refused, *((p.reason, p.message) for p in result.problems)]
+        served = status.get("model", {}).get("serving")
+        self.notes[cluster.key] = events_for(
+            obj.get("status"), status, problems, observed, self.served.get(cluster.key)
+        )
+        if served:
+            self.served[cluster.key] = served
+        return status
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -394,6 +427,7 @@ async def _serve(args: argparse.Namespace) -> int:
         token=os.environ.get("TIGHTWAD_TOKEN") or None,
         options=Options(namespace=args.namespace, resync=args.resync),
         elector=elector,
+        recorder=EventRecorder(rest, args.identity),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -14,6 +14,7 @@ TightwadCluster, so deleting the CR garbage-collects everything.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import ipaddress
 import json
@@ -47,6 +48,10 @@ TOKEN_PLACEHOLDER = "${TIGHTWAD_TOKEN}"
 GPU_RESOURCES = {"cuda": "nvidia.com/gpu", "rocm": "amd.com/gpu"}
 SWARM_UNITS = "tightwad.dev/units"  # on the DaemonSet: every swarm unit it runs, JSON list
 UNPRIVILEGED = 10001  # the images' user and group (docker/runtime-stage.sh)
+# Of a CPU worker's threads and memory, what its pod requests: a swap runs two stacks' workers on
+# the host at once (the new one loading beside the serving one), with the drafter and the swarm
+# sidecar beside them, all within what the host lends.
+WORKER_REQUEST_SHARE = 0.25
 
 # Programs as the images put them on PATH (the worker images: ggml-rpc-server, llama-server; the
 # tightwad image: python with tightwad and the pinned libllama).
@@ -283,10 +288,21 @@ def _resources(unit: Unit) -> dict[str, Any]:
         raise CannotRender(
             f"{unit.name}: Metal is not reachable from a container; give host {unit.host!r} runtime: native"
         )
-    requests: dict[str, str] = {"cpu": str(spec["threads"]) if spec.get("threads") else "1"}
+    # A CPU host's threads and RAM are the most the worker may use, not what it must hold: requests
+    # that claimed all of them would leave no room on the node for the drafter, the swarm sidecar or
+    # the engine the manifest also places there. So the request is a share (what the scheduler
+    # reserves) and the CPU limit is every thread (what it may use while it computes). No memory
+    # limit: one compute buffer past it would OOM-kill the worker holding the model's weights.
+    threads = int(spec.get("threads") or 1)
+    requests: dict[str, str] = {"cpu": _millicores(threads * WORKER_REQUEST_SHARE)}
     if spec.get("memory"):
-        requests["memory"] = str(int(spec["memory"]))  # the RAM this worker lends the pool
-    return {"requests": requests}
+        # The RAM this worker lends the pool.
+        requests["memory"] = str(int(int(spec["memory"]) * WORKER_REQUEST_SHARE))
+    return {"requests": requests, "limits": {"cpu": str(threads)}}
+
+
+def _millicores(cpus: float) -> str:
+    return f"{max(100, int(cpus * 1000))}m"
 
 
 def _tolerations(unit: Unit) -> list[dict[str, Any]]:
@@ -394,6 +410,82 @@ def pod_spec(unit: Unit, owner: Owner, settings: RenderSettings, hosts: Mapping[
     if tolerations:
         spec["tolerations"] = tolerations
     return spec
+
+
+# -- a model's check --------------------------------------------------------------------------------
+
+CHECK_KIND = "model-check"  # the LABEL_KIND of check pods (not a unit: nothing serves in them)
+ANNOTATION_MODEL = "tightwad.dev/model"  # on a check pod: {"host": ..., "model": ModelRef JSON}
+CHECK_CONTAINER = "check"
+
+# Waits for the file (the swarm sidecar may still be fetching it), then checks it as the process
+# driver does: GGUF magic, SHA-256. Its termination message is the answer the operator reads: the
+# file's size in bytes, or why the file cannot be used (exit 1).
+_CHECK_SCRIPT = (
+    'until [ -f "$MODEL" ]; do echo "waiting for $MODEL (the swarm sidecar fetches it)"; sleep 5; done; '
+    'no() { echo "$1" >/dev/termination-log; echo "$1" >&2; exit 1; }; '
+    '[ "$(head -c 4 "$MODEL")" = GGUF ] || no "$MODEL is not a GGUF file"; '
+    'if [ -n "$SHA256" ]; then actual="$(sha256sum "$MODEL" | cut -d" " -f1)"; '
+    '[ "$actual" = "$SHA256" ] || no "sha256 of $MODEL is $actual, the manifest says $SHA256; '
+    'fix spec.models[].sha256 or replace the file"; fi; '
+    'stat -c %s "$MODEL" >/dev/termination-log'
+)
+
+
+def check_name(owner: Owner, host: str, model: ModelRef) -> str:
+    return object_name(owner.name, "check", model.name, host)
+
+
+def render_model_check(
+    unit: Unit, model: ModelRef, owner: Owner, settings: RenderSettings, hosts: Mapping[str, Host]
+) -> dict[str, Any]:
+    """A Pod that checks `model` on `unit`'s host (where `unit` will read it) and ends: what the
+    plan's VerifyModel is on Kubernetes. Its size decides whether a new model loads beside the
+    serving one; a bad file is refused before anything running is touched."""
+    folder = model_dir(unit)
+    if not settings.model_claim:
+        check_host_path(folder, _model_dir_field(unit, hosts), settings)
+    volumes = [_model_volume(folder, settings)]
+    mounts = [{"name": "models", "mountPath": folder, "readOnly": True}]
+    for i, outside in enumerate(_outside_files(dataclasses.replace(unit, models=(model,)), folder, settings)):
+        volumes.append({"name": f"files-{i}", "hostPath": {"path": outside, "type": "Directory"}})
+        mounts.append({"name": f"files-{i}", "mountPath": outside, "readOnly": True})
+    labels = {
+        **owner.labels,
+        "app.kubernetes.io/name": "tightwad",
+        "app.kubernetes.io/instance": owner.name,
+        "app.kubernetes.io/component": CHECK_KIND,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        LABEL_CLUSTER: owner.name,
+        LABEL_KIND: CHECK_KIND,
+    }
+    record = json.dumps({"host": unit.host, "model": model.to_json()}, sort_keys=True)
+    container = {
+        "name": CHECK_CONTAINER,
+        "image": settings.images.tightwad,
+        "imagePullPolicy": settings.images.pull_policy,
+        "command": ["sh", "-c", _CHECK_SCRIPT],
+        "env": [
+            {"name": "MODEL", "value": model_path(model, folder)},
+            {"name": "SHA256", "value": model_sha256(model) or ""},
+        ],
+        "resources": {"requests": {"cpu": "100m", "memory": "32Mi"}},
+        "volumeMounts": mounts,
+        "securityContext": {"allowPrivilegeEscalation": False},
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": _metadata(owner, check_name(owner, unit.host, model), labels, {ANNOTATION_MODEL: record}),
+        "spec": {
+            "restartPolicy": "Never",
+            "nodeSelector": node_selector(unit, hosts),
+            "tolerations": [{"operator": "Exists", "effect": "NoSchedule"}],  # GPU nodes too
+            "containers": [container],
+            "volumes": volumes,
+            "enableServiceLinks": False,
+        },
+    }
 
 
 # -- whole objects --------------------------------------------------------------------------------

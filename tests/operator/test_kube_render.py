@@ -15,9 +15,21 @@ from support.kubeapi import ROOT, validate
 from tightwad.manifest import Manifest, load_manifest, parse_manifest
 from tightwad.operator.desired import desired_state
 from tightwad.operator.kubernetes.controller import MANIFEST_IN_POD, main
-from tightwad.operator.kubernetes.render import ANNOTATION_UNIT, Owner, RenderSettings, render_all
-from tightwad.operator.kubernetes.workloads import kubernetes_hosts, states_from_objects
-from tightwad.operator.observed import Health
+from tightwad.operator.kubernetes.render import (
+    ANNOTATION_UNIT,
+    Owner,
+    RenderSettings,
+    render_all,
+    render_model_check,
+)
+from tightwad.operator.kubernetes.workloads import (
+    check_key,
+    check_result,
+    kubernetes_hosts,
+    room_for_a_second_stack,
+    states_from_objects,
+)
+from tightwad.operator.observed import Health, ModelCheck, ModelState
 from tightwad.operator.units import Kind, Unit
 
 TOKEN = "s3cret-token-for-tests"
@@ -102,9 +114,37 @@ def test_gpu_workers_are_pinned_to_their_node_and_request_their_gpu(
     assert container(rocm)["resources"]["limits"] == {"amd.com/gpu": "1"}
     assert container(rocm)["image"].endswith("worker-rocm:0.1.0")
 
+    # The xeon lends 16 threads and 32 GiB: the worker requests a quarter (a swap runs a second
+    # worker beside it, and the drafter and the swarm sidecar are placed there too) and may use
+    # every thread.
     cpu = objects[("Pod", "homelab-worker-xeon-0")]
-    assert container(cpu)["resources"] == {"requests": {"cpu": "16", "memory": str(32 * 2**30)}}
-    assert "limits" not in container(cpu)["resources"]
+    assert container(cpu)["resources"] == {
+        "requests": {"cpu": "4000m", "memory": str(8 * 2**30)},
+        "limits": {"cpu": "16"},
+    }
+
+
+def test_everything_placed_on_the_cpu_host_fits_what_it_lends(objects: dict[tuple[str, str], Any]) -> None:
+    """On a node exactly as big as the xeon lends (16 threads, 32 GiB), the scheduler can place the
+    worker, the one a swap starts beside it, the drafter and the swarm sidecar together."""
+
+    def cpus(text: str) -> float:
+        return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+    def size(text: str) -> int:
+        return int(text[:-2]) * 2**20 if text.endswith("Mi") else int(text)
+
+    workloads = [o for o in objects.values() if o["kind"] in ("Pod", "Deployment", "DaemonSet")]
+    on_xeon = [
+        pod(o)
+        for o in workloads
+        if o["kind"] == "DaemonSet" or pod(o)["nodeSelector"].get("kubernetes.io/hostname") == "xeon"
+    ]
+    assert len(on_xeon) == 3  # worker, drafter, swarm sidecar
+    on_xeon.append(pod(objects[("Pod", "homelab-worker-xeon-0")]))  # a swap's second worker
+    requests = [c.get("resources", {}).get("requests", {}) for p in on_xeon for c in p["containers"]]
+    assert sum(cpus(r.get("cpu", "0")) for r in requests) <= 16
+    assert sum(size(r.get("memory", "0")) for r in requests) <= 32 * 2**30
 
 
 def test_rpc_worker_readiness_never_connects_to_the_worker(objects: dict[tuple[str, str], Any]) -> None:
@@ -246,3 +286,50 @@ def test_operator_render_command_prints_valid_objects(
     assert len(docs) == 10
     for doc in docs:
         validate(doc)
+
+
+def test_a_model_check_pod_runs_where_its_unit_reads_the_model_and_reports_the_size() -> None:
+    m = manifest()
+    desired = desired_state(m, manifest_path=MANIFEST_IN_POD)
+    engine = desired.engine
+    pod = render_model_check(engine, engine.models[0], OWNER, RenderSettings(), {h.name: h for h in m.hosts})
+    validate(pod)
+    assert pod["spec"]["restartPolicy"] == "Never"
+    assert pod["spec"]["nodeSelector"] == {"kubernetes.io/hostname": engine.host}
+    assert pod["metadata"]["ownerReferences"][0]["uid"] == OWNER.uid
+    check = pod["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in check["env"]}
+    assert env["MODEL"] == "/var/lib/tightwad/models/Qwen2.5-32B-Instruct-Q4_K_M.gguf"
+    assert env["SHA256"] == "2" * 64
+    assert "/dev/termination-log" in check["command"][-1]
+    assert check_key(pod) == (engine.host, engine.models[0])
+
+
+def _check_pod(phase: str, message: str | None = None, code: int = 0) -> dict[str, Any]:
+    """A check pod as a kubelet reports it."""
+    state = {"terminated": {"exitCode": code, "message": message}} if phase != "Running" else {"running": {}}
+    return {"status": {"phase": phase, "containerStatuses": [{"name": "check", "state": state}]}}
+
+
+def test_a_check_pods_answer_is_the_size_or_the_reason() -> None:
+    assert check_result(_check_pod("Succeeded", "19851335840\n")) == ModelCheck(
+        ModelState.OK, size=19851335840
+    )
+    assert check_result(_check_pod("Succeeded")).size is None  # a runtime without termination messages
+    bad = check_result(_check_pod("Failed", "sha256 of /m/x.gguf is abc, the manifest says def", 1))
+    assert bad.state is ModelState.BAD and "the manifest says def" in (bad.reason or "")
+    assert check_result(_check_pod("Running")).state is ModelState.CHECKING
+
+
+def test_a_second_stack_needs_every_gpu_of_the_stack_offered_twice() -> None:
+    desired = desired_state(manifest(), manifest_path=MANIFEST_IN_POD)
+    scope = kubernetes_hosts(manifest())
+
+    def node(resource: str, count: int) -> dict[str, Any]:
+        return {"status": {"allocatable": {resource: str(count), "cpu": "4"}}}
+
+    shared = {"rtx4070": node("nvidia.com/gpu", 2), "radeon": node("amd.com/gpu", 2)}
+    assert room_for_a_second_stack(desired, scope, shared) is None  # the plan judges by sizes
+    exclusive = {**shared, "radeon": node("amd.com/gpu", 1)}
+    assert room_for_a_second_stack(desired, scope, exclusive) == 0  # the announced switch
+    assert room_for_a_second_stack(desired, scope, {"rtx4070": shared["rtx4070"], "radeon": None}) == 0
