@@ -24,6 +24,7 @@ import struct
 import subprocess
 import sys
 import time
+import urllib.error
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -32,10 +33,16 @@ import pytest
 import yaml
 from kubernetes_asyncio import client
 from support import ROOT
-from support.kubefull import FullKube, example_cluster, kubeconfig_for_token, token_for
+from support.kubefull import (
+    FullKube,
+    example_cluster,
+    install_crd,
+    kubeconfig_for_token,
+    model_check_stand_in,
+    token_for,
+)
 from support.procs import Processes
 
-from tightwad.crd import PLURAL
 from tightwad.operator.desired import desired_state
 from tightwad.operator.kubernetes.api import Rest, connect
 from tightwad.operator.kubernetes.controller import (
@@ -43,11 +50,19 @@ from tightwad.operator.kubernetes.controller import (
     Operator,
     Options,
     _parser,
+    note_native_hosts,
     settings_from,
 )
-from tightwad.operator.kubernetes.cr import FINALIZER, api_path, cluster_manifest
+from tightwad.operator.kubernetes.cr import FINALIZER, ClusterRef, api_path, cluster_manifest
+from tightwad.operator.kubernetes.events import EventRecorder
 from tightwad.operator.kubernetes.lease import CoordinationLeases, LeaderElector
-from tightwad.operator.kubernetes.render import ANNOTATION_UNIT, LABEL_CLUSTER, LABEL_KIND, LABEL_UNIT
+from tightwad.operator.kubernetes.render import (
+    ANNOTATION_UNIT,
+    CHECK_KIND,
+    LABEL_CLUSTER,
+    LABEL_KIND,
+    LABEL_UNIT,
+)
 from tightwad.operator.kubernetes.workloads import KubernetesWorkloads
 from tightwad.operator.units import Kind
 
@@ -90,8 +105,7 @@ def install_chart(kube: FullKube, tmp: Path, token: str) -> None:
     shutil.copytree(ROOT / "charts" / "tightwad", chart)
     meta = chart / "Chart.yaml"
     meta.write_text(meta.read_text().replace('kubeVersion: ">=1.27.0-0"', 'kubeVersion: ">=1.20.0-0"'))
-    crd = without_cel(yaml.safe_load((chart / "crds" / f"{PLURAL}.yaml").read_text()))
-    kube.request("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd)
+    install_crd(kube)
     kube.tool(
         helm_binary(),
         "install",
@@ -102,18 +116,12 @@ def install_chart(kube: FullKube, tmp: Path, token: str) -> None:
         NS,
         "--set",
         f"token.value={token}",
+        "--set",
+        "operator.readNodes=true",  # the GPU nodes offer each GPU twice: swaps load beside
         "--wait",
         "--timeout",
         "120s",
     )
-
-
-def without_cel(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {k: without_cel(v) for k, v in node.items() if k != "x-kubernetes-validations"}
-    if isinstance(node, list):
-        return [without_cel(v) for v in node]
-    return node
 
 
 async def until(check: Callable[[], Awaitable[Any]], *, what: str, timeout: float = 60.0) -> Any:
@@ -176,11 +184,13 @@ class Cluster:
     async def cr(self) -> dict[str, Any] | None:
         return await self.rest.get(api_path(NS, NAME))
 
-    async def objects(self) -> dict[tuple[str, str], dict[str, Any]]:
+    async def objects(self, *, checks: bool = False) -> dict[tuple[str, str], dict[str, Any]]:
+        """The cluster's objects; with `checks`, its model check pods too (they come and go)."""
         found = {}
         for kind in KINDS:
             for obj in await self.rest.list(kind, NS, {LABEL_CLUSTER: NAME}):
-                found[(kind, obj["metadata"]["name"])] = {**obj, "kind": kind}
+                if checks or obj["metadata"].get("labels", {}).get(LABEL_KIND) != CHECK_KIND:
+                    found[(kind, obj["metadata"]["name"])] = {**obj, "kind": kind}
         return found
 
     async def engines(self) -> dict[str, tuple[str, bool]]:
@@ -197,6 +207,10 @@ class Cluster:
     async def condition(self, kind: str) -> dict[str, Any]:
         obj = await self.cr() or {}
         return next((c for c in obj.get("status", {}).get("conditions", []) if c["type"] == kind), {})
+
+
+# The model files as the check pods would find them (bytes).
+SIZES = {"qwen2.5-32b": 19_851_335_840, "qwen2.5-0.5b": 491_400_032}
 
 
 async def explain(cluster: Cluster, operator: Operator) -> None:
@@ -241,28 +255,61 @@ def test_kubectl_apply_of_the_example_cluster_end_to_end(
             await connect(str(operator_config)) as operator_api,
             await connect(str(full_kube.kubeconfig)) as admin_api,
         ):
-            elector = LeaderElector(
-                CoordinationLeases(operator_api, args.lease_namespace, args.lease_name), "test-operator"
-            )
-            operator = Operator(
-                operator_api,
-                KubernetesWorkloads(Rest(operator_api), settings_from(args)),
-                token=token,
-                options=Options(namespace=args.namespace, resync=0.5),
-                elector=elector,
-            )
+            cleaned: list[str] = []
+
+            async def count_cleanups(cluster: ClusterRef, obj: dict[str, Any]) -> None:
+                cleaned.append(cluster.key)
+
+            # Two more replicas, here: whichever wins the Lease once the first is gone acts, the
+            # other only waits (a short lease, so the takeover is quick).
+            leases = CoordinationLeases(operator_api, args.lease_namespace, args.lease_name)
+            replicas = [
+                Operator(
+                    operator_api,
+                    KubernetesWorkloads(Rest(operator_api), settings_from(args)),
+                    token=token,
+                    options=Options(namespace=args.namespace, resync=0.5),
+                    elector=LeaderElector(leases, name, lease_duration=4, renew_deadline=3, retry_period=0.5),
+                    cleanup=(note_native_hosts, count_cleanups),
+                    recorder=EventRecorder(Rest(operator_api), name),
+                )
+                for name in ("replica-b", "replica-c")
+            ]
             stop = asyncio.Event()
-            running = asyncio.create_task(operator.run(stop))
+            running: list[asyncio.Task[None]] = []
+
+            async def start_replicas() -> None:
+                running.extend(asyncio.create_task(r.run(stop)) for r in replicas)
+
+            def leader() -> Operator:
+                acting = [r for r in replicas if r.counters.passes]
+                assert len(acting) == 1, "exactly one of the two replicas acts"
+                return acting[0]
+
+            first = start_first_replica(processes, pod_spec["containers"][0]["args"], operator_config, token)
             try:
                 await lifecycle(
-                    Cluster(admin_api), operator, full_kube, kubectl, cr_file, token, processes, timings
+                    Cluster(admin_api),
+                    leader,
+                    full_kube,
+                    kubectl,
+                    cr_file,
+                    token,
+                    processes,
+                    timings,
+                    takeover=(first, start_replicas),
                 )
+                # The finalizer's cleanup ran exactly once, though resyncs came while the watch had
+                # not yet reported the CR gone.
+                await asyncio.sleep(1.5)
+                assert cleaned == [f"{NS}/{NAME}"] and leader().counters.finalized == 1
             except AssertionError:
-                await explain(Cluster(admin_api), operator)
+                acting = [r for r in replicas if r.counters.passes] or replicas
+                await explain(Cluster(admin_api), acting[0])
                 raise
             finally:
                 stop.set()
-                await asyncio.wait_for(running, timeout=15)
+                await asyncio.wait_for(asyncio.gather(*running), timeout=15)
 
     asyncio.run(scenario())
     print(
@@ -271,22 +318,82 @@ def test_kubectl_apply_of_the_example_cluster_end_to_end(
     )
 
 
+def start_first_replica(
+    processes: Processes, chart_args: list[str], kubeconfig: Path, token: str
+) -> subprocess.Popen[bytes]:
+    """`tightwad operator` as the chart's pod runs it (its arguments, its ServiceAccount's token),
+    as a process: it takes the Lease first, before the other replicas start."""
+    process, _ = processes.start(
+        "operator-replica-a",
+        [
+            sys.executable,
+            "-m",
+            "tightwad.operator.kubernetes.controller",
+            *chart_args,
+            "--kubeconfig",
+            str(kubeconfig),
+            "--identity",
+            "replica-a",
+            "--resync",
+            "0.5",
+        ],
+        env={"TIGHTWAD_TOKEN": token},
+    )
+    return process
+
+
+async def kill_mid_reconcile(
+    cluster: Cluster,
+    kube: FullKube,
+    first: subprocess.Popen[bytes],
+    start_others: Callable[[], Awaitable[None]],
+) -> None:
+    """Replica A leads and starts reconciling; it is killed (SIGKILL: no lease released, nothing
+    finished) once some but not all of the cluster's objects exist; the others start."""
+
+    async def leads() -> bool:
+        path = f"/apis/coordination.k8s.io/v1/namespaces/{NS}/leases/tightwad-operator"
+        try:
+            lease = kube.request("GET", path)
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return False  # not created yet
+            raise
+        return lease.get("spec", {}).get("holderIdentity") == "replica-a"
+
+    await until(leads, what="replica A holding the Lease", timeout=30)
+    await start_others()
+
+    async def some_objects() -> bool:
+        found = await cluster.objects()
+        return any(kind == "Pod" and "worker" in name for kind, name in found)
+
+    await until(some_objects, what="replica A creating the first workers", timeout=30)
+    first.kill()
+    first.wait()
+
+
 async def lifecycle(
     cluster: Cluster,
-    operator: Operator,
+    leader: Callable[[], Operator],
     kube: FullKube,
     kubectl: str,
     cr_file: Path,
     token: str,
     processes: Processes,
     timings: dict[str, float],
+    *,
+    takeover: tuple[subprocess.Popen[bytes], Callable[[], Awaitable[None]]],
 ) -> None:
     started = time.monotonic()
     kube.tool(kubectl, "apply", "-f", str(cr_file))
     created = await until(cluster.cr, what="the CR")
     desired = desired_state(cluster_manifest(created, token), manifest_path=MANIFEST_IN_POD)
     router = next(u for u in desired.units if u.kind is Kind.ROUTER)
-    mac_worker = next(u for u in desired.units if u.kind is Kind.WORKER and u.host == "macbook")
+    # The Mac's worker on both stack slots: its agent runs the one a swap loads beside (slot b) too.
+    mac_a, mac_b = (
+        next(u for u in desired.stacks[slot].workers if u.host == "macbook") for slot in ("a", "b")
+    )
     mac_swarm = next(u for u in desired.units if u.kind is Kind.SWARM and u.host == "macbook")
     processes.start(
         "router",
@@ -302,8 +409,10 @@ async def lifecycle(
         env={"TIGHTWAD_TOKEN": token},
     )
     async with (
-        rpc_worker_stand_in(mac_worker.address, mac_worker.port or 0),
+        rpc_worker_stand_in(mac_a.address, mac_a.port or 0),
+        rpc_worker_stand_in(mac_b.address, mac_b.port or 0),
         http_stand_in(mac_swarm.address, mac_swarm.port or 0),
+        model_check_stand_in(kube, NS, SIZES) as checked,
     ):
 
         async def ready_at(generation: int) -> dict[str, Any] | None:
@@ -313,8 +422,13 @@ async def lifecycle(
             done = conditions.get("Ready", {}).get("status") == "True"
             return obj if done and status.get("observedGeneration") == generation else None
 
+        await kill_mid_reconcile(cluster, kube, *takeover)
         obj = await until(lambda: ready_at(1), what="Ready=True for generation 1")
         timings["apply"] = time.monotonic() - started
+        operator = leader()
+        await check_no_duplicates(kube, await cluster.objects())
+        # Each model was checked on its host before anything that reads it started.
+        assert sorted(set(checked)) == ["qwen2.5-0.5b", "qwen2.5-32b"], checked
         status = obj["status"]
         assert FINALIZER in obj["metadata"]["finalizers"]
         assert status["workers"] == "4/4"
@@ -342,14 +456,19 @@ async def lifecycle(
         obj = await until(swapped, what="Ready=True for generation 2, serving the new model")
         timings["swap"] = time.monotonic() - started
         assert obj["status"]["model"] == {"desired": "qwen2.5-0.5b", "serving": "qwen2.5-0.5b"}
-        check_rollout(timeline, operator.events)
+        check_rollout(timeline)
+        assert "qwen2.5-0.5b" in checked
         print("\nswap:", *(line for line in operator.events if "engine" in line), sep="\n  ")
 
         async def settled() -> dict[tuple[str, str], dict[str, Any]] | None:
-            # The swarm DaemonSet rolls too (its sidecars fetch the new model).
+            # The swarm DaemonSet rolls too (its sidecars fetch the new model): wait for its rollout.
             found = await cluster.objects()
             pods = [o for (kind, _), o in found.items() if kind == "Pod"]
-            return found if all(ready(p) for p in pods) else None
+            swarm = found.get(("DaemonSet", f"{NAME}-swarm"), {})
+            rolled = swarm.get("status", {}).get("observedGeneration") == swarm["metadata"]["generation"]
+            counts = [swarm["status"].get(k) for k in ("desiredNumberScheduled", "updatedNumberScheduled")]
+            rolled = rolled and counts[0] == counts[1] == swarm["status"].get("numberReady")
+            return found if rolled and all(ready(p) for p in pods) else None
 
         objects = await until(settled, what="every pod Ready after the swap")
         await check_placement(objects)
@@ -365,6 +484,7 @@ async def lifecycle(
         condition = await until(degraded, what="Degraded=True for generation 3")
         assert condition["reason"] == "ManifestInvalid"
         assert "'no-such-model' is not in spec.models" in condition["message"]
+        await check_events(kube, kubectl)
         await asyncio.sleep(2.0)  # a few more passes
         after = {key: obj["metadata"]["uid"] for key, obj in (await cluster.objects()).items()}
         assert after == before
@@ -376,35 +496,68 @@ async def lifecycle(
     kube.tool(kubectl, "delete", "tightwadcluster", NAME, "--wait=false")
 
     async def all_gone() -> bool:
-        if await cluster.cr() is not None or await cluster.objects():
+        if await cluster.cr() is not None or await cluster.objects(checks=True):
             return False
         selector = f"labelSelector={LABEL_CLUSTER}%3D{NAME}"
         return not kube.request("GET", f"/apis/apps/v1/namespaces/{NS}/replicasets?{selector}")["items"]
 
     await until(all_gone, what="the CR and everything it ran gone")
     timings["delete"] = time.monotonic() - started
-    # (A resync can reconcile the deleted CR once more before the watch reports it gone: the
-    # finalizer's work is idempotent, the second run finds nothing left.)
-    assert operator.counters.finalized >= 1
+
+
+async def check_events(kube: FullKube, kubectl: str) -> None:
+    """What `kubectl describe tightwadcluster` shows: Ready, the swap started and finished, and the
+    refused edit with its reason, each once (the resync passes write nothing new)."""
+
+    async def seen() -> list[tuple[str, ...]]:
+        shown = (await asyncio.to_thread(kube.tool, kubectl, "describe", "tightwadcluster", NAME)).stdout
+        rows = [row.split(None, 4) for row in shown.split("\nEvents:", 1)[1].splitlines()]
+        return [tuple(row) for row in rows if row and row[0] in ("Normal", "Warning")]
+
+    async def refused() -> list[tuple[str, ...]] | None:
+        events = await seen()
+        return events if any(e[1] == "ManifestInvalid" for e in events) else None
+
+    events = await until(refused, what="the refused edit's Event", timeout=10)
+    print("\nkubectl describe tightwadcluster, Events:", *(" ".join(e) for e in events), sep="\n  ")
+    reasons = [e[1] for e in events]
+    assert reasons.count("Ready") == 1, events  # Ready all along: the swap loaded beside
+    assert reasons.count("SwapStarted") == reasons.count("SwapFinished") == 1, events
+    assert reasons.count("ManifestInvalid") == 1, events
+    warning = next(e for e in events if e[1] == "ManifestInvalid")
+    assert warning[0] == "Warning" and "'no-such-model' is not in spec.models" in warning[4], events
 
 
 SWAP = json.dumps({"spec": {"target": {"model": "qwen2.5-0.5b"}}})
 BAD = json.dumps({"spec": {"target": {"model": "no-such-model"}}})
 
 
-def check_rollout(timeline: list[dict[str, tuple[str, bool]]], events: list[str]) -> None:
-    """The old engine stays until the new one is Ready, unless the operator announced a short
-    switch (no room known for both: requests fail meanwhile). The Kubernetes driver learns no
-    model sizes (the pods verify the files), so today every swap here is the announced switch."""
+async def check_no_duplicates(kube: FullKube, objects: dict[tuple[str, str], dict[str, Any]]) -> None:
+    """After the kill and the takeover: one pod per unit, one ReplicaSet per Deployment."""
+    units = [o["metadata"]["labels"][LABEL_UNIT] for (kind, _), o in objects.items() if kind == "Pod"]
+    swarm = [u for u in units if u == "swarm"]
+    assert sorted(u for u in units if u != "swarm") == sorted(set(units) - {"swarm"}), units
+    assert len(swarm) == 3, units
+    selector = f"labelSelector={LABEL_CLUSTER}%3D{NAME}"
+    sets = kube.request("GET", f"/apis/apps/v1/namespaces/{NS}/replicasets?{selector}")["items"]
+    owners = [s["metadata"]["ownerReferences"][0]["name"] for s in sets]
+    deployments = sorted(name for kind, name in objects if kind == "Deployment")
+    assert sorted(owners) == deployments, (owners, deployments)
+
+
+def check_rollout(timeline: list[dict[str, tuple[str, bool]]]) -> None:
+    """The old engine's pod stays Ready until the new engine's is: both models' sizes are known
+    (the check pods) and fit the pool together, and each GPU node offers its GPU twice, so the new
+    stack loads beside the serving one."""
     assert timeline
-    announced = any("not enough memory to load both" in line for line in events)
     new_ready = False
     for sample in timeline:
         models = {model for model, ok in sample.values() if ok}
         new_ready = new_ready or "qwen2.5-0.5b" in models
-        if not new_ready and not announced:
+        if not new_ready:
             assert "qwen2.5-32b" in models, f"the old engine went before the new one was Ready: {timeline}"
     assert new_ready
+    assert any(len(sample) == 2 for sample in timeline), "two engines at once: the new one beside"
     # Either way, never two engines of one model, and the old one is gone at the end.
     assert set(timeline[-1]) == {name for name, (model, _) in timeline[-1].items() if model == "qwen2.5-0.5b"}
 

@@ -14,18 +14,23 @@ apiextensions-apiserver (support/kubeapi.py).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
 import ssl
 import subprocess
+import time
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from tightwad.operator.kubernetes.render import ANNOTATION_MODEL, CHECK_CONTAINER, CHECK_KIND, LABEL_KIND
 
 from . import ROOT
 
@@ -127,6 +132,31 @@ def stop(folder: Path) -> None:
     subprocess.run([str(START), "--stop", str(folder)], check=False, timeout=120)
 
 
+def without_cel(node: Any) -> Any:
+    """A CRD (or any part of it) without its CEL rules, which Kubernetes 1.20's schema lacks."""
+    if isinstance(node, dict):
+        return {k: without_cel(v) for k, v in node.items() if k != "x-kubernetes-validations"}
+    if isinstance(node, list):
+        return [without_cel(v) for v in node]
+    return node
+
+
+def install_crd(kube: FullKube) -> None:
+    """The chart's TightwadCluster CRD without its CEL rules (1.20 would drop them anyway; they are
+    tested on the current apiextensions-apiserver), established before this returns."""
+    from tightwad.crd import PLURAL, crd
+
+    body = without_cel(crd())
+    kube.request("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", body)
+    path = f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{body['metadata']['name']}"
+    for _ in range(100):
+        conditions = kube.request("GET", path).get("status", {}).get("conditions") or []
+        if any(c["type"] == "Established" and c["status"] == "True" for c in conditions):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the {PLURAL} CRD was not established")
+
+
 def token_for(kube: FullKube, namespace: str, service_account: str) -> str:
     """A token of the ServiceAccount (TokenRequest API): what the operator's pod would mount."""
     review = kube.request(
@@ -170,24 +200,28 @@ def example_cluster() -> dict[str, Any]:
     return yaml.safe_load((ROOT / "examples" / "cluster-cr.yaml").read_text())
 
 
-def nodes_of(cluster: Mapping[str, Any]) -> list[HollowNode]:
-    """A node per `runtime: kubernetes` host, named like it, with its labels and its GPUs, and as
-    big as what the host lends (its CPU devices' threads and memory) plus ROOM for the system and
-    the node's other pods."""
+def nodes_of(cluster: Mapping[str, Any], gpu_share: int = 2) -> list[HollowNode]:
+    """A node per `runtime: kubernetes` host, named like it, with its labels and its GPUs, each
+    offered `gpu_share` times (what a device plugin with time-slicing, `replicas: 2`, advertises:
+    a model swap loads the new stack beside the serving one on the same GPUs). A host
+    that lends CPU threads and RAM gets a node exactly that big (a CPU host lends the machine, and
+    its worker must leave room for the drafter and sidecar placed beside it); a GPU-only host gets
+    ROOM for its pods."""
     nodes = []
     for host in cluster["spec"]["hosts"]:
         if host.get("runtime") != "kubernetes":
             continue
         gpus: dict[str, int] = {}
-        cpus, memory = ROOM_CPUS, ROOM_MEMORY
+        cpus, memory = 0, 0
         for gpu in host.get("gpus", []):
             if gpu["backend"] in GPU_RESOURCES:
                 resource = GPU_RESOURCES[gpu["backend"]]
-                gpus[resource] = gpus.get(resource, 0) + 1
+                gpus[resource] = gpus.get(resource, 0) + gpu_share
             else:
                 cpus += int(gpu.get("threads", 1))
                 memory += size_bytes(gpu.get("memory", "0B"))
-        nodes.append(HollowNode(host["name"], dict(host.get("labels", {})), gpus, cpus, memory))
+        size = (cpus, memory) if cpus and memory else (ROOM_CPUS, ROOM_MEMORY)
+        nodes.append(HollowNode(host["name"], dict(host.get("labels", {})), gpus, *size))
     return nodes
 
 
@@ -202,3 +236,47 @@ def size_bytes(text: str) -> int:
     match = re.fullmatch(r"([0-9.]+) ?([KMGT]i?B|B)", text.strip())
     assert match, f"not a size: {text!r}"
     return int(float(match[1]) * _UNITS[match[2]])
+
+
+@contextlib.asynccontextmanager
+async def model_check_stand_in(
+    kube: FullKube, namespace: str, sizes: Mapping[str, int]
+) -> AsyncIterator[list[str]]:
+    """The model check pods' containers, which a hollow node never runs (its fake runtime does not
+    complete them): each one finishes with its model's size (`sizes`, by model name) as its
+    termination message, what a kubelet reads from the container's /dev/termination-log, reported
+    through the pod's status (again if the hollow kubelet reports it running meanwhile, until the
+    operator has read and deleted the pod). Yields the models checked, in order."""
+    checked: list[str] = []
+    listing = f"/api/v1/namespaces/{namespace}/pods?labelSelector={LABEL_KIND}%3D{CHECK_KIND}"
+
+    async def report() -> None:
+        while True:
+            for pod in (await asyncio.to_thread(kube.request, "GET", listing))["items"]:
+                if pod["status"].get("phase") == "Succeeded" or not pod["spec"].get("nodeName"):
+                    continue
+                model = json.loads(pod["metadata"]["annotations"][ANNOTATION_MODEL])["model"]["name"]
+                now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                ended = {"exitCode": 0, "reason": "Completed", "message": str(sizes[model])}
+                container = {
+                    "name": CHECK_CONTAINER,
+                    "image": pod["spec"]["containers"][0]["image"],
+                    "imageID": "",
+                    "ready": False,
+                    "restartCount": 0,
+                    "state": {"terminated": {**ended, "startedAt": now, "finishedAt": now}},
+                }
+                path = f"/api/v1/namespaces/{namespace}/pods/{pod['metadata']['name']}/status"
+                body = {"status": {"phase": "Succeeded", "containerStatuses": [container]}}
+                with contextlib.suppress(OSError):  # deleted meanwhile (urllib's HTTPError too)
+                    await asyncio.to_thread(kube.request, "PATCH", path, body, "application/merge-patch+json")
+                    checked.append(model)
+            await asyncio.sleep(0.1)
+
+    task = asyncio.create_task(report())
+    try:
+        yield checked
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
