@@ -37,7 +37,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tightwad.openai import UpstreamError
+from tightwad.openai import OpenAIError, UpstreamError
 from tightwad.proxy.consensus import agreed
 from tightwad.proxy.conversations import ConversationPool, Lease
 from tightwad.proxy.detok import Vocabulary
@@ -48,6 +48,13 @@ from tightwad.proxy.kpolicy.controller import KController
 from tightwad.proxy.telemetry import Telemetry
 from tightwad.proxy.upstream import EngineClient
 from tightwad.verify_api import ConversationEvicted, Sampling, TokenLogprob, VerifyReply
+
+# The warm-up (Speculator.warm_up): a code prompt, as typical a reply as any, and short.
+WARMUP_PROMPT = "Write a Python function that returns the sum of the squares of a list of numbers."
+WARMUP_DRAFT_K = (2, 8)  # draft calls timed
+WARMUP_VERIFY_K = (0, 8, 2, 12)  # verify blocks timed: spread out, so the fit sees the slope
+WARMUP_ALONE_TOKENS = 8  # the target decoding alone
+WARMUP_LIMIT_S = 30.0  # a warm-up never holds the proxy's readiness longer than this
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,58 @@ class Speculator:
         self.settings = settings or SpeculationSettings()
         self.skipped_rounds = 0  # consensus (approximate): rounds and tokens the target never saw
         self.skipped_tokens = 0
+
+    async def warm_up(self, vocabulary: Vocabulary, chat: bool) -> None:
+        """Measure before the first request, so that it is speculated on measurements, not priors.
+
+        On one short code prompt: the round trip to the engine; the drafter reading it, then draft
+        calls of two lengths; the engine reading it with the drafter's guess verified (a first
+        acceptance), then verify blocks of several sizes (the cost curve's slope); and a stretch of
+        the target decoding alone (the baseline speculation must beat). About a dozen target steps.
+        Nothing here counts as a round or shows in the proxy's stats. A failure keeps the priors.
+        """
+        started = time.perf_counter()
+        with contextlib.suppress(OpenAIError, TimeoutError):
+            async with asyncio.timeout(WARMUP_LIMIT_S):
+                await self._measure(vocabulary, chat)
+            self.controller.warmup_s = time.perf_counter() - started
+
+    async def _measure(self, vocabulary: Vocabulary, chat: bool) -> None:
+        engine, controller, greedy = self.engine, self.controller, Sampling()
+        for _ in range(3):
+            controller.record_rtt(await engine.ping())
+        messages = [{"role": "user", "content": WARMUP_PROMPT}]
+        prompt = (await engine.chat_tokens(messages) if chat else None) or await engine.tokenize(
+            WARMUP_PROMPT, add_special=True
+        )
+        guess = Proposal(())
+        for i, k in enumerate((1, *WARMUP_DRAFT_K)):  # the first call reads the prompt: not timed
+            t = time.perf_counter()
+            request = DraftRequest(tuple(prompt), k, greedy, vocabulary)
+            proposal = await self.drafter.propose(request, self.settings.first_draft_timeout)
+            if proposal is not None and i:
+                controller.record_draft(k, time.perf_counter() - t)
+                guess = proposal.candidates()[0] if isinstance(proposal, Candidates) else proposal
+        history = list(prompt)
+        lease = self.conversations.acquire(history)
+        try:
+            # Reading the prompt is not a block's cost; the verdict on the guess is a first acceptance.
+            verdict = await engine.verify(lease.conversation, history, [guess], greedy, True)
+            controller.acceptance.add(len(guess.tokens), verdict.n_accepted)
+            history += verdict.tokens
+            for k in WARMUP_VERIFY_K:
+                block = Proposal(tuple(history[-k:]) if k else ())  # any tokens: a block costs the same
+                t = time.perf_counter()
+                verdict = await engine.verify(lease.conversation, [], [block], greedy, False)
+                controller.record_verify(k, time.perf_counter() - t)
+                history += verdict.tokens
+        finally:
+            self.conversations.release(lease, history)
+        stamps: list[float] = []
+        async for tokens, _, _ in engine.generate(history, greedy, WARMUP_ALONE_TOKENS):
+            stamps += [time.perf_counter()] * len(tokens)
+        if len(stamps) > 2:
+            controller.record_engine(len(stamps), len(stamps) - 1, stamps[-1] - stamps[0])
 
     async def run(self, job: Job) -> AsyncIterator[Step]:
         """Target tokens for `job` until end of generation, max_tokens or the context is full.
@@ -296,7 +355,9 @@ class _Reply:
             self._launch(self.history, k)
         pending = self.pending
         assert pending is not None
-        if pending.first:
+        if pending.first or not spec.controller.draft.measured:
+            # The first call may read the whole prompt; and until one draft call is timed, twice
+            # "what it usually takes" is twice a prior of zero: that would skip every early round.
             patience = spec.settings.first_patience
         else:
             patience = max(spec.settings.min_patience, 2.0 * self._expected_draft(pending.k))

@@ -2,8 +2,9 @@
 the engine, its counters, and its lifecycle.
 
 At start it learns the engine in the background (model, context, vocabulary, whether it renders
-chat prompts to tokens, how many conversations it keeps), so the first request does not pay for
-it, and keeps measuring the round trip to the engine for the cost model. An engine that becomes
+chat prompts to tokens, how many conversations it keeps) and warms the speculation loop up on it
+(Speculator.warm_up; /ready waits for both), so the first request does not pay for it, and keeps
+measuring the round trip to the engine for the cost model. An engine that becomes
 unreachable is forgotten and learnt again when it answers: it may come back as another model.
 """
 
@@ -116,6 +117,8 @@ class Proxy:
                     parallel = (await self.engine.stats()).get("parallel")
                     if isinstance(parallel, int) and parallel > 0:
                         self.speculator.conversations = ConversationPool(parallel)
+                    # Before anyone is served: the first request is then speculated on measurements.
+                    await self.speculator.warm_up(vocabulary, chat)
                 self.profile = EngineProfile(info, vocabulary, chat, set())
         return self.profile
 

@@ -57,6 +57,7 @@ class KController:
         self._probe_left = 0  # speculative rounds left in the current probe
         self._probe_after = self.policy.probe_after
         self.last_choice = Choice(self._start_k(), 0.0, 1.0)
+        self.warmup_s: float | None = None  # how long the start-up measurement took, once done
 
     # measurements -----------------------------------------------------------------------------
     def record_round(self, k: int, accepted: int, verify_seconds: float | None) -> None:
@@ -66,6 +67,11 @@ class KController:
         self.acceptance.add(k, accepted)
         if verify_seconds is not None:
             self.verify.add(k, verify_seconds)
+
+    def record_verify(self, k: int, seconds: float) -> None:
+        """A timed verify of a k-token block outside a reply (the warm-up): a point of the verify
+        cost curve, not a round (acceptance and the warm-up count are left alone)."""
+        self.verify.add(k, seconds)
 
     def record_draft(self, k: int, seconds: float) -> None:
         """One draft call of k tokens, from its start to its answer."""
@@ -153,7 +159,7 @@ class KController:
             self._turn_off(first=False)
 
     # reporting --------------------------------------------------------------------------------
-    def snapshot(self) -> dict[str, float | int | bool]:
+    def snapshot(self) -> dict[str, float | int | bool | None]:
         costs = self.costs()
         choice = self.last_choice
         return {
@@ -167,4 +173,5 @@ class KController:
             "verify_ms_per_token": round(costs.verify_per_token * 1e3, 3),
             "rtt_ms": round(costs.rtt * 1e3, 3),
             "target_alone_tok_s": round(costs.baseline_rate, 2),
+            "warmup_s": round(self.warmup_s, 2) if self.warmup_s is not None else None,
         }
