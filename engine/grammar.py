@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,8 +52,54 @@ def compile_constraint(constraint: dict[str, Any]) -> Grammar:
     return _compile(key)
 
 
+MAX_DEPTH = 1200  # nesting of ( ) in a GBNF text: llama.cpp parses and walks grammars recursively
+MAX_GBNF = 4_000_000  # characters
+
+
+def _check_gbnf(grammar: Grammar) -> Grammar:
+    """Refuse a grammar that could exhaust llama.cpp's stack (its parser, left-recursion check and
+    stack expansion recurse with nesting and with repetition counts) before libllama sees it."""
+    text, depth, deepest, i = grammar.gbnf, 0, 0, 0
+    if len(text) > MAX_GBNF:
+        raise BadRequest(f"`{grammar.param}` makes a grammar over {MAX_GBNF} characters", param=grammar.param)
+    while i < len(text):
+        c = text[i]
+        if c in '"[':  # a literal or a character class: skip it, escapes included
+            close = '"' if c == '"' else "]"
+            i += 1
+            while i < len(text) and text[i] != close:
+                i += 2 if text[i] == "\\" else 1
+        elif c == "#":  # a comment
+            while i < len(text) and text[i] != "\n":
+                i += 1
+        elif c == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c == ")":
+            depth -= 1
+        elif c == "{":
+            end = text.find("}", i)
+            counts = [n for n in re.split(r"[,\s]+", text[i + 1 : end]) if n.isdigit()] if end > 0 else []
+            if any(int(n) > MAX_REPEAT for n in counts):
+                raise BadRequest(
+                    f"`{grammar.param}` repeats something more than {MAX_REPEAT} times", param=grammar.param
+                )
+        i += 1
+    if deepest > MAX_DEPTH:
+        raise BadRequest(
+            f"`{grammar.param}` makes a grammar nested {deepest} deep: at most {MAX_DEPTH} here "
+            "(a long pattern repetition or maxLength?)",
+            param=grammar.param,
+        )
+    return grammar
+
+
 @functools.lru_cache(maxsize=64)
 def _compile(key: str) -> Grammar:
+    return _check_gbnf(_compile_unchecked(key))
+
+
+def _compile_unchecked(key: str) -> Grammar:
     constraint = json.loads(key)
     if not isinstance(constraint, dict):
         raise BadRequest("`grammar` must be an object", param="grammar")
@@ -92,22 +139,54 @@ def _compile(key: str) -> Grammar:
     )
 
 
+# The converter writes a length or count out as that many repetitions, nested as deep: bounded so
+# a schema cannot make a grammar too big to build or too deep for llama.cpp's recursive parser.
+MAX_REPEAT = 1000
+_SIZES = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
+
+
+def _check_sizes(node: Any, param: str, where: str = "") -> None:
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            _check_sizes(item, param, f"{where}/{i}")
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            if key in _SIZES and isinstance(value, int | float) and value > MAX_REPEAT:
+                raise BadRequest(
+                    f"`{param}` asks for {key} {value} at {where or '/'}: at most {MAX_REPEAT} here",
+                    param=param,
+                )
+            if key == "pattern" and isinstance(value, str):
+                counts = re.findall(r"\{\s*(\d+)\s*(?:,\s*(\d*))?\s*\}", value)
+                if any(int(n) > MAX_REPEAT for pair in counts for n in pair if n):
+                    raise BadRequest(
+                        f"`{param}` has a pattern at {where or '/'} repeating over {MAX_REPEAT} times",
+                        param=param,
+                    )
+            _check_sizes(value, param, f"{where}/{key}")
+
+
 def _schema_gbnf(schema: dict[str, Any], param: str) -> str:
     """A JSON Schema as GBNF (llama-cpp-python's converter), after checking it is a schema at all."""
+    _check_sizes(schema, param)
     try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
+        jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(
+            schema
+        )
     except jsonschema.SchemaError as exc:
         where = "/".join(str(p) for p in exc.path)
         raise BadRequest(
             f"`{param}` is not a valid JSON Schema{f' at {where}' if where else ''}: {exc.message}",
             param=param,
         ) from None
+    except Exception as exc:  # a `$schema` jsonschema cannot even read
+        raise BadRequest(f"`{param}` is not a JSON Schema this server can read: {exc}", param=param) from None
     libllama.llama()  # llama_cpp must load the pinned build before its first import
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     try:
         return json_schema_to_gbnf(json.dumps(schema))
-    except (AssertionError, ValueError, KeyError, TypeError, RecursionError) as exc:
+    except Exception as exc:  # the converter's own checks are asserts; anything it trips on is the schema's
         raise BadRequest(
             f"`{param}` cannot be turned into a grammar: {exc or type(exc).__name__}", param=param
         ) from None

@@ -104,3 +104,25 @@ def test_a_grammar_llama_cpp_cannot_parse_is_a_400(model: libllama.Model) -> Non
     with pytest.raises(BadRequest) as info:
         GrammarState.start(model, compile_constraint({"gbnf": "root ::= undefined-rule"}))
     assert info.value.param == "grammar"
+
+
+def test_grammars_that_could_exhaust_llama_cpps_stack_are_refused(model: libllama.Model) -> None:
+    """Lengths, counts and pattern repetitions become nested repetitions in GBNF, and llama.cpp
+    parses and walks grammars recursively: past the bounds a 400, never a crashed engine."""
+
+    def schema(value: dict) -> dict:  # type: ignore[type-arg]
+        return {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": value}}}
+
+    for bad in (
+        {"type": "string", "maxLength": 10**6},
+        {"type": "array", "minItems": 10**9},
+        {"type": "string", "pattern": "^a{0,100000}$"},
+    ):
+        with pytest.raises(BadRequest) as info:
+            compile_constraint(schema(bad))
+        assert info.value.param == "response_format.json_schema.schema", bad
+    for gbnf in ("root ::= " + "(" * 5000 + '"a"' + ")" * 5000, 'root ::= "a"{0,100000}'):
+        with pytest.raises(BadRequest):
+            compile_constraint({"gbnf": gbnf})
+    within = compile_constraint(schema({"type": "string", "maxLength": 1000}))
+    assert GrammarState.start(model, within).allows(model.tokenize('"', add_special=False)[0])
