@@ -156,6 +156,11 @@ def main() -> int:
     parser.add_argument("--hosts", type=int, default=1000)
     parser.add_argument("--big", type=int, default=10000, help="the largest manifest (0: skip)")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument(
+        "--swarm",
+        default="100,1000",
+        help="host counts of the swarm simulation, bench/swarm_sim.py (default 100,1000; '': skip)",
+    )
     args = parser.parse_args()
     sizes = sorted({args.hosts, *([4 * args.hosts, args.big] if args.big else [])})
     with tempfile.TemporaryDirectory(prefix="tightwad-bench-scale-") as tmp:
@@ -173,6 +178,10 @@ def main() -> int:
             rows,
         )
     )
+    if args.swarm:  # the swarm at scale, simulated: its own table (bench/swarm_sim.py)
+        from swarm_sim import simulate_sizes, swarm_table
+
+        console.print(swarm_table(simulate_sizes([int(n) for n in args.swarm.split(",")])))
     return 0
 
 
