@@ -184,6 +184,8 @@ class Host:
     rng: random.Random = field(default_factory=random.Random)
     done_at: float | None = None
     uploaded: float = 0.0
+    version: int = 0  # pieces gained or lost: a neighbour's refresh compares the sum
+    seen: int = -1  # the sum of the neighbours' versions at the last refresh's choice
 
 
 class Swarm:
@@ -208,6 +210,7 @@ class Swarm:
         self.origin.online = True
         self.ledger = UploadLedger(count, clock=lambda: self.now)
         self.offered = origin_have.copy()  # what peers see of the origin: the ledger's offer
+        self.offer_version = 0
         self.hosts: list[Host] = []
         n = scenario.hosts
         uplinks = scenario.uplinks or [scenario.tiers[i % len(scenario.tiers)] for i in range(n)]
@@ -296,6 +299,7 @@ class Swarm:
 
     def on_leave(self, host: Host) -> None:
         host.online = False
+        host.version += 1
         for piece in host.have:
             self.holders[piece] -= 1
         for flow in [f for f in host.up.flows] + [f for f in host.down.flows]:
@@ -308,17 +312,25 @@ class Swarm:
         if not host.online or host.done_at is not None:
             return
         assert host.book is not None
+        changed = False  # whether the choice could differ from the last one: else skip it (CPU)
+        stamp = 0
         for view in host.views:
+            stamp += self.offer_version if view.host is self.origin else view.host.version
             if not view.score.usable(self.now):
+                changed = True  # a backoff that runs out changes the choice
                 continue
             if not view.host.online:
                 if view.host.join <= self.now:  # gone: the have-map request fails
                     view.score.on_failure(self.now)
                 view.have = None
-            else:
+                changed = True
+            elif view.have is None:
                 view.have = self.offered if view.host is self.origin else view.host.have
-        host.book.peers_changed()
-        self.assign(host)
+                changed = True
+        if changed or stamp != host.seen or host.book.all_requested:
+            host.seen = stamp
+            host.book.peers_changed()
+            self.assign(host)
         self.push(self.now + self.refresh, "refresh", host)
 
     # -- requests
@@ -402,6 +414,7 @@ class Swarm:
         won = book.can_commit(flow.piece)
         if won:
             dst.have.add(flow.piece)  # committed before the request ends, as in the puller
+            dst.version += 1
             self.holders[flow.piece] += 1
             for _, rival in book.rivals(flow.piece, flow):
                 self.end(rival)  # cancelled: the first verified copy wins
@@ -428,6 +441,7 @@ class Swarm:
         view = self.offered
         if len(offer) == len(view) and offer == view:
             return
+        self.offer_version += 1
         for piece in range(self.count):
             if piece in offer:
                 view.add(piece)
@@ -473,7 +487,7 @@ def simulate(scenario: Scenario) -> Result:
 def piece_size_for(hosts: int, size: int) -> int:
     """Real 64 MiB pieces while the event count allows, coarser (up to the product's 1 GiB) beyond."""
     piece = REAL_PIECE
-    while piece < MAX_PIECE_SIZE and hosts * (size / piece) > 200_000:
+    while piece < MAX_PIECE_SIZE and hosts * (size / piece) > 100_000:
         piece *= 2
     return piece
 
@@ -490,7 +504,7 @@ def rows(results: list[Result]) -> Iterator[tuple[str, ...]]:
             f"{r.percentile(0.5):.0f} / {r.percentile(0.99):.0f} s",
             f"{r.origin_uploaded / s.size:.2f}x",
             f"{r.stayed} + {r.left} left",
-            f"{r.cpu:.0f} s",
+            f"{r.cpu:.1f} s",
         )
 
 
@@ -545,9 +559,9 @@ def growth(results: list[Result]) -> str:
         return ""
     first, last = results[0], results[-1]
     times = last.all_done / first.all_done
+    bounds = last.bound / first.bound
     hosts = last.scenario.hosts / first.scenario.hosts
-    logs = math.log(last.scenario.hosts) / math.log(first.scenario.hosts)
-    return f"{hosts:g}x the hosts: {times:.2f}x the time (log N grows {logs:.2f}x)"
+    return f"{hosts:g}x the hosts: {times:.2f}x the time, the bound {bounds:.2f}x"
 
 
 def main(argv: list[str] | None = None) -> int:
