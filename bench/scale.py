@@ -7,16 +7,23 @@
    and status file, with stand-ins only at the driver boundary (a fake Docker driver per docker
    host, fake agents for the others; `SimulatedFleet`). Cold converge, one failed worker noticed
    and restarted, a manifest edit touching 10% of hosts, and the CPU of an idle pass.
+3. Opt-in (`--kube N`): the Kubernetes operator (`tightwad operator`'s Operator, the real
+   kubernetes driver) against the full Kubernetes 1.20 control plane of the end-to-end tests
+   (`make kube`) with N kubemark hollow nodes and a TightwadCluster of N CPU hosts: cold converge
+   (create -> Ready and converged), an edit of 10% of the hosts (only their workers replaced), and
+   the operator's CPU per idle pass (its list calls and the plan). Each hollow node is a real
+   kubelet process (~75 MB, a little CPU): the machine bounds N, not the operator.
 
 Medians of `--repeat` runs; whole processes are timed in CPU seconds (the machine may be shared).
 Nothing is contacted: no daemon, no host.
 
-Usage: .venv/bin/python bench/scale.py [--hosts 1000] [--big 10000] [--repeat 5]
+Usage: .venv/bin/python bench/scale.py [--hosts 1000] [--big 10000] [--repeat 5] [--kube N [--kube-only]]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import resource
 import statistics
@@ -26,11 +33,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import yaml
 from _common import ROOT, table
 from rich.console import Console
-from support.fleet import SimulatedFleet, edit_fraction, fleet_manifest, write_fleet
+from support.fleet import SimulatedFleet, edit_fraction, fleet_manifest, host_name, write_fleet
 
 
 def median_seconds(command: list[str], repeat: int, env: dict[str, str]) -> float:
@@ -151,6 +159,179 @@ def fleet(folder: Path, hosts: int, repeat: int) -> list[tuple[str, str, str]]:
     return rows
 
 
+# -- the Kubernetes operator on a full control plane (opt-in) ---------------------------------------
+
+KUBE_NS = "default"
+KUBE_TOKEN = "bench-token"
+KUBE_MODEL_SIZE = 400_000_000  # bytes, as the model check pods report it
+
+
+def kube_cluster(hosts: int, router_port: int) -> dict[str, Any]:
+    """A TightwadCluster of `hosts` CPU hosts, each a node lending 2 threads and 4 GiB; the engine,
+    its router and nothing else on host 0 (no drafter, no proxy, no swarm: the workers are the
+    part that grows with the fleet)."""
+    return {
+        "apiVersion": "tightwad.dev/v1alpha1",
+        "kind": "TightwadCluster",
+        "metadata": {"name": "fleet", "namespace": KUBE_NS},
+        "spec": {
+            "auth": {"token": "${TIGHTWAD_TOKEN}"},
+            "models": [
+                {
+                    "name": "target",
+                    "source": "https://example.invalid/models/target.gguf",
+                    "sha256": "2" * 64,
+                }
+            ],
+            "hosts": [
+                {
+                    "name": host_name(i),
+                    "address": "127.0.0.1" if i == 0 else f"127.1.{i // 250}.{i % 250 + 1}",
+                    "runtime": "kubernetes",
+                    "gpus": [{"backend": "cpu", "threads": 2, "memory": "4GiB"}],
+                }
+                for i in range(hosts)
+            ],
+            "target": {"model": "target", "host": host_name(0), "port": router_port},
+            "swarm": {"enabled": False},
+        },
+    }
+
+
+def kube_fleet(folder: Path, hosts: int, repeat: int) -> list[tuple[str, str, str]]:
+    from support import kubefull
+
+    router_port = free_port()
+    body = kube_cluster(hosts, router_port)
+    began = time.perf_counter()
+    kube = kubefull.start(folder, kubefull.nodes_of(body))
+    rows = [(f"kube: control plane + {hosts} hollow nodes up", f"{time.perf_counter() - began:.1f} s", "")]
+    router = subprocess.Popen(
+        [sys.executable, "-m", "tightwad.operator.router", "--host", "127.0.0.1", "--port", str(router_port)],
+        env={**os.environ, "TIGHTWAD_TOKEN": KUBE_TOKEN},
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        kubefull.install_crd(kube)
+        rows += asyncio.run(_kube_scenario(kube, body, hosts, repeat))
+    finally:
+        router.terminate()
+        router.wait(timeout=10)
+        kubefull.stop(folder)
+    return rows
+
+
+async def _kube_scenario(
+    kube: Any, body: dict[str, Any], hosts: int, repeat: int
+) -> list[tuple[str, str, str]]:
+    from support.kubefull import model_check_stand_in
+
+    from tightwad.crd import GROUP, PLURAL, VERSION
+    from tightwad.operator.kubernetes.api import Rest, connect
+    from tightwad.operator.kubernetes.controller import Operator, Options
+    from tightwad.operator.kubernetes.render import LABEL_CLUSTER, LABEL_KIND, RenderSettings
+    from tightwad.operator.kubernetes.workloads import KubernetesWorkloads
+    from tightwad.operator.units import Kind
+
+    path = f"/apis/{GROUP}/{VERSION}/namespaces/{KUBE_NS}/{PLURAL}"
+    rows: list[tuple[str, str, str]] = []
+    async with await connect(str(kube.kubeconfig)) as api:
+        rest = Rest(api)
+        operator = Operator(
+            api,
+            KubernetesWorkloads(rest, RenderSettings(), probe_native_hosts=False),
+            token=KUBE_TOKEN,
+            options=Options(namespace=KUBE_NS, resync=1.0),
+        )
+
+        async def converged(generation: int) -> dict[str, Any] | None:
+            obj = await rest.get(f"{path}/fleet") or {}
+            status = obj.get("status", {})
+            conditions = {c["type"]: c["status"] for c in status.get("conditions", [])}
+            done = conditions.get("Ready") == "True" and conditions.get("Progressing") == "False"
+            return obj if done and status.get("observedGeneration") == generation else None
+
+        async def until(generation: int, timeout: float = 900) -> dict[str, Any]:
+            deadline = time.monotonic() + timeout
+            while (obj := await converged(generation)) is None:
+                if time.monotonic() > deadline:
+                    raise SystemExit(
+                        f"the cluster did not converge on generation {generation} in {timeout:.0f}s"
+                    )
+                await asyncio.sleep(0.2)
+            return obj
+
+        async def workers() -> dict[str, str]:
+            pods = await rest.list("Pod", KUBE_NS, {LABEL_CLUSTER: "fleet", LABEL_KIND: Kind.WORKER.value})
+            return {p["metadata"]["name"]: p["metadata"]["uid"] for p in pods}
+
+        stop = asyncio.Event()
+        async with model_check_stand_in(kube, KUBE_NS, {"target": KUBE_MODEL_SIZE}):
+            running = asyncio.create_task(operator.run(stop))
+            began = time.perf_counter()
+            cpu = time.process_time()
+            await rest.call("POST", path, body=body)
+            obj = await until(1)
+            took, cpu = time.perf_counter() - began, time.process_time() - cpu
+            before = await workers()
+            rows.append(
+                (
+                    f"kube: cold converge, {hosts} hosts",
+                    f"{took:.1f} s",
+                    f"create -> Ready, {len(before)} worker pods; operator CPU {cpu:.1f} s, "
+                    f"{operator.counters.passes} passes",
+                )
+            )
+
+            edited = [h["name"] for i, h in enumerate(body["spec"]["hosts"]) if i % 10 == 9]
+            for host in obj["spec"]["hosts"]:
+                if host["name"] in edited:
+                    host["gpus"][0]["threads"] = 1
+            began = time.perf_counter()
+            await rest.call("PUT", f"{path}/fleet", body=obj)
+            await until(2)
+            took = time.perf_counter() - began
+            after = await workers()
+            replaced = sorted(name for name, uid in after.items() if before.get(name) != uid)
+            expected = sorted(n for n in after if any(n.endswith(f"-{h}-0") for h in edited))
+            verdict = "only those: yes" if replaced == expected else f"NO: {replaced[:5]}..."
+            rows.append(
+                (
+                    f"kube: edit touching {len(edited)} hosts (10%)",
+                    f"{took:.1f} s",
+                    f"-> converged, {len(replaced)} worker pods replaced; {verdict}",
+                )
+            )
+            stop.set()
+            await running
+
+        fresh = await rest.get(f"{path}/fleet") or {}
+        passes = []
+        for _ in range(max(repeat, 5)):
+            began = time.process_time()
+            await operator.pass_once(fresh)
+            passes.append(time.process_time() - began)
+        idle = statistics.median(passes)
+        rows.append(
+            (
+                f"kube: idle pass (converged), {hosts} hosts, CPU",
+                f"{idle * 1000:.0f} ms",
+                "the operator's side: 3 list calls parsed, plan, status compared",
+            )
+        )
+    return rows
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--hosts", type=int, default=1000)
@@ -161,15 +342,27 @@ def main() -> int:
         default="100,1000",
         help="host counts of the swarm simulation, bench/swarm_sim.py (default 100,1000; '': skip)",
     )
+    parser.add_argument(
+        "--kube",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also the Kubernetes operator on the full control plane with N hollow nodes (make kube)",
+    )
+    parser.add_argument("--kube-only", action="store_true", help="only the --kube section")
     args = parser.parse_args()
     sizes = sorted({args.hosts, *([4 * args.hosts, args.big] if args.big else [])})
     with tempfile.TemporaryDirectory(prefix="tightwad-bench-scale-") as tmp:
         folder = Path(tmp)
         os.environ["TIGHTWAD_STATE_DIR"] = str(folder / "state")
-        rows = processes(folder, sizes, args.repeat)
-        sim_folder = folder / "sim"
-        sim_folder.mkdir()
-        rows += fleet(sim_folder, args.hosts, args.repeat)
+        rows = []
+        if not args.kube_only:
+            rows += processes(folder, sizes, args.repeat)
+            sim_folder = folder / "sim"
+            sim_folder.mkdir()
+            rows += fleet(sim_folder, args.hosts, args.repeat)
+        if args.kube:
+            rows += kube_fleet(folder / "kube", args.kube, args.repeat)
     console = Console(width=150)
     console.print(
         table(
