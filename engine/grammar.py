@@ -14,6 +14,7 @@ an incomplete grammar aborts the process, so every token is checked with `allows
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import json
@@ -214,9 +215,10 @@ class GrammarState:
         return cls(ptr, model.is_end_of_generation, model.n_vocab)
 
     def __del__(self) -> None:
-        if getattr(self, "_ptr", None):
-            libllama.llama().llama_sampler_free(self._ptr)
-            self._ptr = None
+        ptr, self._ptr = getattr(self, "_ptr", None), None
+        if ptr:
+            with contextlib.suppress(Exception):  # at interpreter exit the bindings may be gone
+                libllama.llama().llama_sampler_free(ptr)
 
     def clone(self) -> GrammarState:
         return GrammarState(libllama.llama().llama_sampler_clone(self._ptr), self._is_eog, self._n_vocab)
