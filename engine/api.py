@@ -94,6 +94,8 @@ def _parse_json(raw: bytes) -> dict[str, Any]:
         body = json.loads(raw or b"{}")
     except ValueError as exc:
         raise BadRequest(f"the request body is not valid JSON ({exc})") from exc
+    except RecursionError:  # `[[[[...` thousands deep: the parser's stack, not a server fault
+        raise BadRequest("the request body nests arrays or objects too deeply; flatten it") from None
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     return body

@@ -47,6 +47,8 @@ async def read_body(request: Request, limit: int) -> tuple[bytes, dict[str, Any]
         body = json.loads(raw or b"{}")
     except ValueError as exc:
         raise InvalidRequest(f"the request body is not valid JSON ({exc})") from exc
+    except RecursionError:  # `[[[[...` thousands deep: the parser's stack, not a server fault
+        raise InvalidRequest("the request body nests arrays or objects too deeply; flatten it") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     return raw, body

@@ -189,7 +189,7 @@ def create_app(
             return _not_found("this node is not a tracker")
         try:
             body = await request.json()
-        except ValueError:
+        except (ValueError, RecursionError):
             return _bad_request('send JSON: {"sha256": ..., "url": "http://host:port"}')
         url = normalise_peer_url(body.get("url")) if isinstance(body, dict) else None
         if url is None or not is_sha256(body.get("sha256")):

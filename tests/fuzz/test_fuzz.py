@@ -2,7 +2,8 @@
 documents (tightwad.openapi), bounded in time.
 
 Every operation of each document gets bodies, path parameters and headers that fit its schema
-(positive) and ones that break it (negative: wrong types, missing fields, garbage). The checks are
+(positive) and ones that break it (negative: wrong types, missing fields, garbage); every POST also
+gets raw bodies that are not JSON objects (MALFORMED: deep nesting, bad UTF-8). The checks are
 what a user would notice: no 5xx, every request answered within REQUEST_TIMEOUT (no hang), the
 engine's worker thread alive after each operation (its /health says so), and, after the fuzzing,
 the same greedy tokens for the golden request as before it, through the engine and through the
@@ -134,6 +135,36 @@ def fuzz(
     figures.per_server[name] = figures.requests - before
 
 
+# Bodies no schema generates, since they are not JSON objects at all: each POST operation gets them
+# raw, and must refuse them with a 4xx (a RecursionError once made deep nesting a 500).
+MALFORMED = [
+    b"[" * 100_000,
+    b'{"a":' * 50_000,
+    b"\xff\xfe not utf-8",
+    b'{"prompt": "unterminated',
+    b"null",
+    b"",
+]
+
+
+def fuzz_malformed(name: str, url: str, document: dict[str, Any], figures: Figures) -> None:
+    with httpx.Client(headers=AUTH, timeout=REQUEST_TIMEOUT) as client:
+        for path, method in sorted(openapi.operations(document)):
+            if method != "POST":
+                continue
+            for body in MALFORMED:
+                figures.requests += 1
+                figures.per_server[name] = figures.per_server.get(name, 0) + 1
+                label = f"{name}: POST {path} with {body[:12]!r}... ({len(body)} bytes)"
+                try:
+                    response = client.post(url + path, content=body)
+                except httpx.HTTPError as exc:
+                    figures.hangs.append(f"{label}: {type(exc).__name__}: {exc}")
+                    continue
+                if response.status_code >= 500:
+                    figures.server_errors.append(f"{label}: {response.status_code} {response.text[:300]}")
+
+
 def golden(client: httpx.Client, url: str, headers: dict[str, str] | None = None) -> list[int]:
     response = client.post(f"{url}/v1/completions", json=GOLDEN, headers=headers, timeout=60)
     assert response.status_code == 200, response.text
@@ -181,6 +212,10 @@ def test_fuzzing_the_engine_proxy_and_swarm_peer_breaks_nothing(
     fuzz("engine", engine.url, openapi.engine_document(), figures, engine_alive)
     fuzz("proxy", proxy.url, openapi.proxy_document(), figures, proxy_alive)
     fuzz("swarm", peer, openapi.swarm_document(), figures, peer_alive, {"sha256": sha})
+    fuzz_malformed("engine", engine.url, openapi.engine_document(), figures)
+    fuzz_malformed("proxy", proxy.url, openapi.proxy_document(), figures)
+    fuzz_malformed("swarm", peer, openapi.swarm_document(), figures)
+    engine_alive("the malformed bodies")
     figures.seconds = time.monotonic() - started
 
     (tmp_path / "fuzz-figures.json").write_text(json.dumps(asdict(figures), indent=2))
