@@ -206,6 +206,7 @@ def kube_fleet(folder: Path, hosts: int, repeat: int) -> list[tuple[str, str, st
     began = time.perf_counter()
     kube = kubefull.start(folder, kubefull.nodes_of(body))
     rows = [(f"kube: control plane + {hosts} hollow nodes up", f"{time.perf_counter() - began:.1f} s", "")]
+    print(*rows[-1], sep=" | ", flush=True)  # as measured: a run this long must not lose its figures
     router = subprocess.Popen(
         [sys.executable, "-m", "tightwad.operator.router", "--host", "127.0.0.1", "--port", str(router_port)],
         env={**os.environ, "TIGHTWAD_TOKEN": KUBE_TOKEN},
@@ -284,6 +285,7 @@ async def _kube_scenario(
                     f"{operator.counters.passes} passes",
                 )
             )
+            print(*rows[-1], sep=" | ", flush=True)
 
             edited = [h["name"] for i, h in enumerate(body["spec"]["hosts"]) if i % 10 == 9]
             for host in obj["spec"]["hosts"]:
@@ -304,6 +306,7 @@ async def _kube_scenario(
                     f"-> converged, {len(replaced)} worker pods replaced; {verdict}",
                 )
             )
+            print(*rows[-1], sep=" | ", flush=True)
             stop.set()
             await running
 
@@ -321,6 +324,7 @@ async def _kube_scenario(
                 "the operator's side: 3 list calls parsed, plan, status compared",
             )
         )
+        print(*rows[-1], sep=" | ", flush=True)
     return rows
 
 

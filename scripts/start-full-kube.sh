@@ -23,19 +23,32 @@ set -Eeuo pipefail
 # Fail loudly: name the command and the line that failed, never just a bare non-zero exit.
 trap 'echo "error: $0: line $LINENO: \`$BASH_COMMAND\` failed (exit $?)" >&2' ERR
 
-# Stop in reverse order of start: the nodes and controllers before the API server, etcd last.
-stop() {
-  local dir="$1" pidfile pid
-  for pidfile in "$dir"/node-*.pid "$dir/scheduler.pid" "$dir/controller-manager.pid" \
-    "$dir/apiserver.pid" "$dir/etcd.pid"; do
+# Stop in reverse order of start: the nodes (all at once: there may be a hundred) and the
+# controllers before the API server, etcd last. Each group gets 5 s, then SIGKILL.
+stop_group() {
+  local pidfile pids=() files=()
+  for pidfile in "$@"; do
     [[ -f "$pidfile" ]] || continue
-    pid="$(cat "$pidfile")"
-    if kill "$pid" 2>/dev/null; then
-      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-      kill -9 "$pid" 2>/dev/null || true # still there after 5 s
-    fi
-    rm -f "$pidfile"
+    files+=("$pidfile")
+    pids+=("$(cat "$pidfile")")
   done
+  ((${#pids[@]})) || return 0
+  kill "${pids[@]}" 2>/dev/null || true
+  local _ pid alive
+  for _ in $(seq 1 50); do
+    alive=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    ((alive)) || break
+    sleep 0.1
+  done
+  kill -9 "${pids[@]}" 2>/dev/null || true # still there after 5 s
+  rm -f "${files[@]}"
+}
+stop() {
+  local dir="$1" group
+  shopt -s nullglob
+  stop_group "$dir"/node-*.pid
+  for group in scheduler controller-manager apiserver etcd; do stop_group "$dir/$group.pid"; done
 }
 
 if [[ "${1:-}" == "--stop" ]]; then

@@ -129,7 +129,7 @@ def start(folder: Path, nodes: Sequence[HollowNode]) -> FullKube:
 
 
 def stop(folder: Path) -> None:
-    subprocess.run([str(START), "--stop", str(folder)], check=False, timeout=120)
+    subprocess.run([str(START), "--stop", str(folder)], check=False, timeout=300)
 
 
 def without_cel(node: Any) -> Any:
