@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -179,3 +180,85 @@ def table(
     for row in rows:
         result.add_row(*row)
     return result
+
+
+# ----------------------------------------------------------------------------------------------
+# What the speculation and concurrency benchmarks share: the model pairs, prompts, pinning, load.
+
+# Chat prompts, code first (where a small model of the family guesses most of the target's tokens).
+PROMPTS = (
+    "Write a Python function `merge_sorted(a, b)` that merges two sorted lists into one sorted list.",
+    "Write a SQL query that returns the ten customers with the highest total order value, given "
+    "tables customers(id, name) and orders(id, customer_id, amount).",
+    "Write a bash script that prints the five largest files under the current directory.",
+    "Explain in two short paragraphs how a hash table handles collisions.",
+    "Write a short story about a lighthouse keeper.",
+)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A target and the draft model that speculates for it (catalog names), and how to label them."""
+
+    key: str
+    target: str
+    draft: str
+    label: str
+
+    def paths(self) -> tuple[Path, Path]:
+        from tightwad import models
+
+        return models.resolve(self.target), models.resolve(self.draft)
+
+
+PAIRS = {
+    "qwen-f16": Pair(
+        "qwen-f16",
+        "qwen2.5-coder-1.5b-f16",
+        "qwen2.5-coder-0.5b-q4_k_m",
+        "Qwen2.5-Coder 1.5B F16 target (memory-bound), 0.5B Q4_K_M draft: a real, distinct pair",
+    ),
+    "qwen-q4": Pair(
+        "qwen-q4",
+        "qwen2.5-coder-1.5b-q4_k_m",
+        "qwen2.5-coder-0.5b-q4_k_m",
+        "Qwen2.5-Coder 1.5B Q4_K_M target (compute-bound on CPU), 0.5B Q4_K_M draft: a real pair",
+    ),
+    "smollm2": Pair(
+        "smollm2",
+        "smollm2-135m-f32",
+        "smollm2-135m-q4_1",
+        "SmolLM2-135M F32 target, its own Q4_1 as the draft: a SAME-MODEL pair (acceptance is high)",
+    ),
+}
+
+
+def pick_pair(name: str | None) -> Pair:
+    """The pair asked for; by default the Qwen pair when it is fetched (opt-in), else SmolLM2."""
+    from tightwad import models
+
+    if name is not None:
+        pair = PAIRS[name]
+        try:
+            pair.paths()
+        except models.ModelMissing as exc:
+            raise SystemExit(f"{exc}; e.g. tightwad models fetch {pair.target} {pair.draft}") from None
+        return pair
+    for key in ("qwen-f16", "smollm2"):
+        try:
+            PAIRS[key].paths()
+            return PAIRS[key]
+        except models.ModelMissing:
+            continue
+    raise SystemExit("no model pair is fetched: run `tightwad models fetch`")
+
+
+def pinned(cmd: Sequence[str], cores: str | None) -> list[str]:
+    """`cmd` bound to `cores` (taskset -c), to model separate machines on one box; None: unpinned."""
+    return ["taskset", "-c", cores, *cmd] if cores else list(cmd)
+
+
+def load_note() -> str:
+    """The machine's load average, printed with every table: figures from a busy box are noisy."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} / {five:.2f} / {fifteen:.2f} on {os.cpu_count()} CPUs"
