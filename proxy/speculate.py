@@ -237,7 +237,7 @@ class _Reply:
             remaining = job.max_tokens - self.produced
             if not spec.drafter.available():
                 spec.telemetry.fallback("drafter_backoff")
-                async for step in self._target_alone(min(spec.settings.fallback_chunk, remaining)):
+                async for step in self._target_alone(min(spec.settings.fallback_chunk, remaining, room)):
                     yield step
                     if step.eog:
                         return
@@ -246,7 +246,7 @@ class _Reply:
             spec.telemetry.policy(k, spec.controller.acceptance.alpha)
             if k == 0:
                 spec.telemetry.fallback("speculation_off")
-                async for step in self._target_alone(min(spec.controller.off_chunk(), remaining)):
+                async for step in self._target_alone(min(spec.controller.off_chunk(), remaining, room)):
                     yield step
                     if step.eog:
                         return

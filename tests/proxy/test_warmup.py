@@ -15,6 +15,8 @@ from support.proxy_fakes import N_VOCAB, PROMPT, FakeDrafter, FakeEngine, make_s
 from tightwad.proxy.app import create_app
 from tightwad.proxy.config import DrafterConfig, ProxyConfig
 from tightwad.proxy.detok import Vocabulary
+from tightwad.proxy.speculate import Job
+from tightwad.verify_api import Sampling
 
 VOCABULARY = Vocabulary([b"x"] * N_VOCAB)
 
@@ -83,3 +85,16 @@ def test_the_app_warms_up_when_it_learns_the_engine_before_serving_anyone() -> N
     assert calls >= 5  # the drafter's guess and four blocks, before anyone was served
     assert stats["policy"]["warmup_s"] is not None
     assert stats["rounds"] == 0 and stats["fallbacks"] == {} and stats["requests"] == {}
+
+
+def test_the_target_alone_fallback_stops_where_the_context_is_full() -> None:
+    # A drafter that is down: the first round verifies no draft (1 token), then the drafter backs off
+    # and the target decodes alone in chunks of 4. With room for 6 tokens the second chunk must
+    # stop after 1, where the context is full (the engine would end the reply there).
+    spec = make_speculator(FakeEngine(), FakeDrafter("down"), pipeline=False)
+
+    async def go() -> list[int]:
+        short = Job(list(PROMPT), Sampling(), 100, n_ctx=len(PROMPT) + 7, vocabulary=VOCABULARY)
+        return [t async for step in spec.run(short) for t in step.tokens]
+
+    assert asyncio.run(go()) == target_alone(PROMPT, 6)
