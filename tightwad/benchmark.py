@@ -16,7 +16,7 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -405,7 +405,7 @@ def run(
     warmup: bool = True,
     model: str | None = None,
     timeout: float = 600.0,
-    on_prompt: Any = None,
+    on_prompt: Callable[[int, PromptResult], None] | None = None,
 ) -> list[PromptResult]:
     """Measure every prompt: the target alone, then through the proxy, `runs` times each (the run
     with the median rate is kept; every run's output must match for the prompt to count as identical)."""
