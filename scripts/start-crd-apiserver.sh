@@ -16,16 +16,13 @@ set -Eeuo pipefail
 # Fail loudly: name the command and the line that failed, never just a bare non-zero exit.
 trap 'echo "error: $0: line $LINENO: \`$BASH_COMMAND\` failed (exit $?)" >&2' ERR
 
+here="$(cd "$(dirname "$0")" && pwd)"
+# shellcheck disable=SC1091 # (scripts/lib/kube-local.sh: shellcheck it on its own)
+source "$here/lib/kube-local.sh"
+
 stop() {
-  local dir="$1" pidfile pid
-  for pidfile in "$dir/apiserver.pid" "$dir/etcd.pid"; do
-    [[ -f "$pidfile" ]] || continue
-    pid="$(cat "$pidfile")"
-    if kill "$pid" 2>/dev/null; then
-      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    fi
-    rm -f "$pidfile"
-  done
+  kube_stop_group "$1/apiserver.pid"
+  kube_stop_group "$1/etcd.pid"
 }
 
 if [[ "${1:-}" == "--stop" ]]; then
@@ -34,7 +31,6 @@ if [[ "${1:-}" == "--stop" ]]; then
 fi
 
 dir="${1:?usage: $0 DIR [API_PORT [ETCD_PORT]]}"
-here="$(cd "$(dirname "$0")" && pwd)"
 binary="${TIGHTWAD_CRD_APISERVER:-$("$here/build-crd-apiserver.sh" --print-path)}"
 if [[ ! -x "$binary" ]]; then
   echo "error: no API server binary at $binary; build it with scripts/build-crd-apiserver.sh (~5 min)" >&2
@@ -44,52 +40,17 @@ for tool in etcd openssl curl; do
   command -v "$tool" >/dev/null || { echo "error: '$tool' is missing; run scripts/install-system-deps.sh" >&2; exit 1; }
 done
 
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-api_port="${2:-$(free_port)}"
-etcd_port="${3:-$(free_port)}"
-peer_port="$(free_port)"
+api_port="${2:-$(kube_free_port)}"
+etcd_port="${3:-$(kube_free_port)}"
 
 mkdir -p "$dir/pki" "$dir/etcd"
 dir="$(cd "$dir" && pwd)"
 stop "$dir" # a previous run in the same folder
 
 # A throwaway CA, a serving certificate for 127.0.0.1 and an admin client certificate.
-(
-  cd "$dir/pki"
-  quiet() { "$@" >/dev/null 2>&1 || { echo "error: $* failed" >&2; exit 1; }; }
-  quiet openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 30 -subj /CN=tightwad-test-ca
-  quiet openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=localhost
-  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n' >server.ext
-  quiet openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt -days 30 \
-    -extfile server.ext
-  quiet openssl req -newkey rsa:2048 -nodes -keyout admin.key -out admin.csr -subj "/O=system:masters/CN=admin"
-  printf 'extendedKeyUsage=clientAuth\n' >client.ext
-  quiet openssl x509 -req -in admin.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out admin.crt -days 30 \
-    -extfile client.ext
-)
-
-cat >"$dir/kubeconfig" <<KUBECONFIG
-apiVersion: v1
-kind: Config
-clusters:
-  - name: crd-apiserver
-    cluster: {server: "https://127.0.0.1:$api_port", certificate-authority: "$dir/pki/ca.crt"}
-users:
-  - name: admin
-    user: {client-certificate: "$dir/pki/admin.crt", client-key: "$dir/pki/admin.key"}
-contexts:
-  - name: crd-apiserver
-    context: {cluster: crd-apiserver, user: admin, namespace: default}
-current-context: crd-apiserver
-KUBECONFIG
-
-etcd --name tightwad-test --data-dir "$dir/etcd" \
-  --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
-  --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
-  --initial-cluster "tightwad-test=http://127.0.0.1:$peer_port" >"$dir/etcd.log" 2>&1 &
-echo $! >"$dir/etcd.pid"
+kube_pki "$dir/pki" localhost IP:127.0.0.1,DNS:localhost
+kube_admin_kubeconfig "$dir" crd-apiserver "$api_port"
+kube_start_etcd "$dir" tightwad-test "$etcd_port" "$dir/etcd.log"
 
 read -r -a extra_args <<<"${TIGHTWAD_CRD_APISERVER_ARGS:-}"
 # Admission plugins that need the core API (namespaces, webhooks, policies) are off: there is none.

@@ -23,32 +23,17 @@ set -Eeuo pipefail
 # Fail loudly: name the command and the line that failed, never just a bare non-zero exit.
 trap 'echo "error: $0: line $LINENO: \`$BASH_COMMAND\` failed (exit $?)" >&2' ERR
 
+here="$(cd "$(dirname "$0")" && pwd)"
+# shellcheck disable=SC1091 # (scripts/lib/kube-local.sh: shellcheck it on its own)
+source "$here/lib/kube-local.sh"
+
 # Stop in reverse order of start: the nodes (all at once: there may be a hundred) and the
-# controllers before the API server, etcd last. Each group gets 5 s, then SIGKILL.
-stop_group() {
-  local pidfile pids=() files=()
-  for pidfile in "$@"; do
-    [[ -f "$pidfile" ]] || continue
-    files+=("$pidfile")
-    pids+=("$(cat "$pidfile")")
-  done
-  ((${#pids[@]})) || return 0
-  kill "${pids[@]}" 2>/dev/null || true
-  local _ pid alive
-  for _ in $(seq 1 50); do
-    alive=0
-    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-    ((alive)) || break
-    sleep 0.1
-  done
-  kill -9 "${pids[@]}" 2>/dev/null || true # still there after 5 s
-  rm -f "${files[@]}"
-}
+# controllers before the API server, etcd last.
 stop() {
   local dir="$1" group
   shopt -s nullglob
-  stop_group "$dir"/node-*.pid
-  for group in scheduler controller-manager apiserver etcd; do stop_group "$dir/$group.pid"; done
+  kube_stop_group "$dir"/node-*.pid
+  for group in scheduler controller-manager apiserver etcd; do kube_stop_group "$dir/$group.pid"; done
 }
 
 if [[ "${1:-}" == "--stop" ]]; then
@@ -60,7 +45,6 @@ dir="${1:?usage: $0 DIR [NODE...]}"
 shift
 nodes=("$@")
 ((${#nodes[@]})) || nodes=(hollow-1)
-here="$(cd "$(dirname "$0")" && pwd)"
 bin="${TIGHTWAD_FULL_KUBE:-$("$here/build-full-kube.sh" --print-path)}"
 for binary in kube-apiserver kube-controller-manager kube-scheduler kubemark; do
   if [[ ! -x "$bin/$binary" ]]; then
@@ -72,9 +56,6 @@ for tool in etcd openssl curl python3; do
   command -v "$tool" >/dev/null || { echo "error: '$tool' is missing; run scripts/install-system-deps.sh" >&2; exit 1; }
 done
 
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
 # A kubelet refuses a loopback node IP: use this machine's first other address (looked up locally,
 # nothing is sent). Pods on the host network report it as their IP.
 node_ip="$(hostname -I 2>/dev/null | awk '{print $1}')"
@@ -88,43 +69,13 @@ dir="$(cd "$dir" && pwd)"
 stop "$dir" # a previous run in the same folder
 rm -rf "$dir/etcd" "$dir/nodes"
 mkdir -p "$dir/pki" "$dir/etcd" "$dir/logs" "$dir/nodes"
-api_port="$(free_port)"
-etcd_port="$(free_port)"
-peer_port="$(free_port)"
+api_port="$(kube_free_port)"
+etcd_port="$(kube_free_port)"
 
 # A throwaway CA, the API server's serving certificate for 127.0.0.1, an admin client certificate
 # and the service-account signing key pair.
-(
-  cd "$dir/pki"
-  quiet() { "$@" >/dev/null 2>&1 || { echo "error: $* failed" >&2; exit 1; }; }
-  quiet openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 30 -subj /CN=tightwad-test-ca
-  quiet openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=kube-apiserver
-  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc\nextendedKeyUsage=serverAuth\n' \
-    >server.ext
-  quiet openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt -days 30 \
-    -extfile server.ext
-  quiet openssl req -newkey rsa:2048 -nodes -keyout admin.key -out admin.csr -subj "/O=system:masters/CN=admin"
-  printf 'extendedKeyUsage=clientAuth\n' >client.ext
-  quiet openssl x509 -req -in admin.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out admin.crt -days 30 \
-    -extfile client.ext
-  quiet openssl genrsa -out sa.key 2048
-  quiet openssl rsa -in sa.key -pubout -out sa.pub
-)
-
-cat >"$dir/kubeconfig" <<KUBECONFIG
-apiVersion: v1
-kind: Config
-clusters:
-  - name: full-kube
-    cluster: {server: "https://127.0.0.1:$api_port", certificate-authority: "$dir/pki/ca.crt"}
-users:
-  - name: admin
-    user: {client-certificate: "$dir/pki/admin.crt", client-key: "$dir/pki/admin.key"}
-contexts:
-  - name: full-kube
-    context: {cluster: full-kube, user: admin, namespace: default}
-current-context: full-kube
-KUBECONFIG
+kube_pki "$dir/pki" kube-apiserver IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc --service-account
+kube_admin_kubeconfig "$dir" full-kube "$api_port"
 echo "https://127.0.0.1:$api_port" >"$dir/apiserver.url"
 
 fail() {
@@ -135,11 +86,7 @@ fail() {
 }
 
 # --unsafe-no-fsync: the data is thrown away with DIR, and fsync on a shared disk is the slow part.
-etcd --name full-kube --data-dir "$dir/etcd" --unsafe-no-fsync \
-  --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
-  --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
-  --initial-cluster "full-kube=http://127.0.0.1:$peer_port" >"$dir/logs/etcd.log" 2>&1 &
-echo $! >"$dir/etcd.pid"
+kube_start_etcd "$dir" full-kube "$etcd_port" "$dir/logs/etcd.log" --unsafe-no-fsync
 
 # No insecure port, RBAC on, and no endpoint reconciler (it would publish the node's address as the
 # `kubernetes` Service's endpoint; nothing here needs it).
@@ -188,7 +135,7 @@ for spec in "${nodes[@]}"; do
   HOLLOW_NODE_IP="$node_ip" HOLLOW_PROBES_SUCCEED=1 HOLLOW_COMPLETED_CONTAINERS="$completed" \
     HOLLOW_NODE_CPUS="${cpus:-}" HOLLOW_NODE_MEMORY="${memory:-}" \
     TMPDIR="$dir/nodes/$index" "$bin/kubemark" --morph kubelet --name "$name" \
-    --kubeconfig "$dir/kubeconfig" --kubelet-port "$(free_port)" --kubelet-read-only-port 0 \
+    --kubeconfig "$dir/kubeconfig" --kubelet-port "$(kube_free_port)" --kubelet-read-only-port 0 \
     --kube-api-content-type application/json ${labels:+--node-labels "$labels"} \
     >"$dir/logs/node-$name.log" 2>&1 &
   echo $! >"$dir/node-$name.pid"
