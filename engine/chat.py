@@ -87,11 +87,12 @@ def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
 class ChatFormatter:
     """Renders messages with the model's template and tokenizes the result."""
 
-    def __init__(self, model: libllama.Model) -> None:
+    def __init__(self, model: libllama.Model, template: str | None = None) -> None:
+        """`template`: Jinja source to use instead of the GGUF's own."""
         self.model = model
         self.bos_text = model.token_text(model.bos) if model.bos >= 0 else ""
         self.eos_text = model.token_text(model.eos) if model.eos >= 0 else ""
-        self.source = model.chat_template()
+        self.source = template or model.chat_template()
         self.builtin: str | None = None
         self._template: jinja2.Template | None = None
         # How the template teaches the model to call tools (tightwad.tools), or None: no tools.

@@ -92,7 +92,8 @@ def qwen(toolchain: Toolchain, module_processes: Processes) -> Iterator[tuple[Op
 
 
 def _call(client: OpenAI, model: str, **kw: Any) -> Any:
-    return client.chat.completions.create(model=model, temperature=0, max_tokens=120, **kw).choices[0]
+    kw = {"temperature": 0, "max_tokens": 120, **kw}
+    return client.chat.completions.create(model=model, **kw).choices[0]
 
 
 def test_auto_tool_call_and_the_tool_reply_sent_back(qwen: tuple[OpenAI, OpenAI, str]) -> None:
@@ -148,3 +149,125 @@ def test_a_streamed_tool_call_assembles_in_the_sdk(qwen: tuple[OpenAI, OpenAI, s
     assert (
         choice.message.tool_calls[0].function.arguments == unstreamed.message.tool_calls[0].function.arguments
     )
+
+
+# SmolLM2 with a hand-written Hermes/Qwen-style template: the round trip in every run ------------
+# SmolLM2's own template takes no tools, and a 135M model would rarely call one by itself; with a
+# Hermes-style template written here and `tool_choice` required or named (a grammar), it must. This
+# is an honest end-to-end test of rendering, the grammar, parsing, streaming and the tool reply,
+# not of the model's judgement (the Qwen tests above are).
+HERMES = """{%- if tools %}<|im_start|>system
+You can call these functions:
+{% for tool in tools %}{{ tool | tojson }}
+{% endfor %}To call one, reply with <tool_call>
+{"name": <function-name>, "arguments": <args-json-object>}
+</tool_call><|im_end|>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == "tool" %}<|im_start|>user
+<tool_response>
+{{ message.content }}
+</tool_response><|im_end|>
+{% elif message.tool_calls %}<|im_start|>assistant
+{% for call in message.tool_calls %}<tool_call>
+{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}
+</tool_call>
+{% endfor %}<|im_end|>
+{% else %}<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+
+@pytest.fixture(scope="module")
+def hermes_smol(toolchain: Toolchain, module_processes: Processes) -> Iterator[tuple[str, ProxyProcess]]:
+    """A real engine (SmolLM2 Q4_1, this template) served over HTTP from this process, and a real
+    proxy process in front of it."""
+    from tightwad.engine import libllama
+    from tightwad.engine.api import create_app
+    from tightwad.engine.chat import ChatFormatter
+    from tightwad.engine.core import Engine
+    from tightwad.http import Server
+
+    model = libllama.Model(models.resolve("smollm2-135m-q4_1"))
+    engine = Engine(model, n_ctx=2048, parallel=2, n_batch=128).start()
+    app = create_app(engine, "smol-hermes", formatter=ChatFormatter(model, template=HERMES))
+    server = Server(app, "127.0.0.1", 0)
+    server.start_thread()
+    try:
+        yield server.url, start_proxy(module_processes, server.url, "--draft-kind", "ngram")
+    finally:
+        server.stop_thread()
+        engine.stop()
+
+
+def test_required_call_with_a_hermes_template(hermes_smol: tuple[str, ProxyProcess]) -> None:
+    url, _ = hermes_smol
+    with OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120) as client:
+        choice = _call(client, "smol-hermes", messages=ASK, tools=[WEATHER, TIME], tool_choice="required")
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        call = choice.message.tool_calls[0]
+        assert call.id.startswith("call_") and call.function.name in ("get_weather", "get_time")
+        assert isinstance(json.loads(call.function.arguments), dict)
+        one = _call(
+            client,
+            "smol-hermes",
+            messages=ASK,
+            tools=[WEATHER, TIME],
+            tool_choice="required",
+            parallel_tool_calls=False,
+        )
+        assert len(one.message.tool_calls) == 1
+        named = _call(
+            client,
+            "smol-hermes",
+            messages=ASK,
+            tools=[WEATHER, TIME],
+            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        )
+        names = [c.function.name for c in named.message.tool_calls]
+        assert names and set(names) == {"get_weather"}  # parallel calls allowed: all of the named one
+        assert "city" in json.loads(named.message.tool_calls[0].function.arguments)  # its required key
+
+
+def test_a_streamed_call_and_the_tool_reply_through_the_proxy(hermes_smol: tuple[str, ProxyProcess]) -> None:
+    url, proxy = hermes_smol
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    # A short city (a 135M model may loop inside a string) and one call: the reply ends in time.
+    short = json.loads(json.dumps(WEATHER))
+    short["function"]["parameters"]["properties"]["city"]["maxLength"] = 20
+    with OpenAI(base_url=f"{proxy.url}/v1", api_key=TOKEN, max_retries=0, timeout=120) as front:
+        kw = {
+            "messages": ASK,
+            "tools": [short],
+            "tool_choice": named,
+            "parallel_tool_calls": False,
+            "temperature": 0,
+            "max_tokens": 80,
+        }
+        with front.beta.chat.completions.stream(model="smol-hermes", **kw) as stream:  # type: ignore[arg-type]
+            final = stream.get_final_completion()
+        choice = final.choices[0]
+        assert choice.finish_reason == "tool_calls"
+        call = choice.message.tool_calls[0]
+        plain = _call(front, "smol-hermes", **kw)
+        same = plain.message.tool_calls[0].function
+        assert (call.function.name, call.function.arguments) == (same.name, same.arguments)  # as unstreamed
+        messages = [
+            *ASK,
+            {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": '{"temperature_c": 18}'},
+        ]
+        answer = _call(front, "smol-hermes", messages=messages, tools=[short], max_tokens=8)
+        assert answer.finish_reason in ("stop", "length", "tool_calls")
+    # The call and the tool's answer were rendered back into the prompt the model read.
+    import httpx
+
+    tokens = httpx.post(f"{url}/tokenize", json={"messages": messages}, timeout=60).json()["tokens"]
+    text = httpx.post(f"{url}/detokenize", json={"tokens": tokens, "special": True}, timeout=60).json()[
+        "content"
+    ]
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {' in text
+    assert '<tool_response>\n{"temperature_c": 18}\n</tool_response>' in text
