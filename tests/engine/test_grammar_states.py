@@ -126,3 +126,17 @@ def test_grammars_that_could_exhaust_llama_cpps_stack_are_refused(model: libllam
             compile_constraint({"gbnf": gbnf})
     within = compile_constraint(schema({"type": "string", "maxLength": 1000}))
     assert GrammarState.start(model, within).allows(model.tokenize('"', add_special=False)[0])
+
+
+def test_the_verify_api_carries_the_grammar() -> None:
+    """The proxy's encoding and the engine's decoding of `grammar` (tightwad.verify_api)."""
+    from tightwad.verify_api import VerifyRequest, decode_request, encode_request
+
+    constraint = {"response_format": {"type": "json_object"}}
+    request = VerifyRequest("c", [1, 2], generation_start=2, grammar=constraint)
+    body = encode_request(request)
+    assert body["grammar"] == constraint
+    assert decode_request(body).grammar == constraint
+    assert "grammar" not in encode_request(VerifyRequest("c", [1]))
+    with pytest.raises(Exception, match="grammar"):
+        decode_request({**body, "grammar": "json"})
