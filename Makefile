@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TIGHTWAD := $(VENV)/bin/tightwad
 MANIFEST ?= examples/local.yaml
 
-.PHONY: help up test unit lint bench toolchain models venv kube browser clean
+.PHONY: help up test unit lint bench soak toolchain models venv kube browser clean
 
 help: ## list these targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -31,6 +31,10 @@ lint: venv ## ruff, shellcheck and hadolint (installs shellcheck only)
 
 bench: venv toolchain models ## every benchmark in bench/ (minutes; prints ratios, asserts nothing)
 	@for b in bench/*.py; do [[ -e "$$b" && "$$b" != bench/_* ]] || continue; echo "== $$b"; $(PY) "$$b" || exit 1; done
+
+SOAK_MINUTES ?= 5
+soak: venv toolchain models ## 16 clients through the local appliance for SOAK_MINUTES (5), a drafter and a worker killed midway
+	$(PY) bench/soak.py --minutes $(SOAK_MINUTES)
 
 toolchain: ## the pinned llama.cpp build: libllama, ggml-rpc-server, llama-server (cached)
 	scripts/install-system-deps.sh build
