@@ -2,7 +2,7 @@
 
     tightwad engine --model PATH [--rpc host:port,...] [--tensor-split auto|a,b,c] [--ctx N]
                     [--port P] [--host 127.0.0.1] [--threads N] [--parallel N] [--token T]
-                    [--alias NAME ...]
+                    [--alias NAME ...] [--exact on|off]
 
 It refuses to start, with one clear line, when a worker is unreachable or runs another llama.cpp
 build (libllama.rpc_devices probes each first), and when asked to listen beyond loopback without a
@@ -63,10 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--flash-attn",
         choices=["auto", "on", "off"],
         default="auto",
-        help="flash attention (as llama-server's -fa); 'off' with --cache-type f32 makes a batched "
-        "evaluation agree with a one-token one to ~1e-5, so speculation ties break like plain decoding",
+        help="flash attention (as llama-server's -fa); in exact mode every setting scores a token "
+        "inside a verify block bit for bit as alone",
     )
     p.add_argument("--cache-type", choices=["f16", "f32", "q8_0"], default="f16", help="KV cache type")
+    p.add_argument(
+        "--exact",
+        choices=["on", "off"],
+        default="on",
+        help="exact mode (the default): this process's CPU kernels compute a token's logits the same "
+        "whether it is decoded alone or inside a verify block, so speculative greedy output is "
+        "bit-identical to target-alone output; 'off' runs stock ggml kernels (faster prefill). rpc "
+        "workers follow their own environment (GGML_CPU_EXACT=0 turns it off there)",
+    )
     p.add_argument(
         "--alias",
         action="append",
@@ -150,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     libllama.set_verbose(args.verbose)
+    libllama.set_exact(args.exact == "on")
     try:
         if not Path(args.model).is_file():
             raise TightwadError(f"model file {args.model} does not exist")

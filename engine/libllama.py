@@ -77,6 +77,25 @@ def set_verbose(verbose: bool) -> None:
     _log_state["quiet"] = not verbose
 
 
+def set_exact(on: bool) -> None:
+    """Exact mode for the CPU backends this process creates from now on (each Context makes one).
+
+    The pinned build patches ggml so its CPU kernels compute every output element in the same order
+    whatever the number of tokens in a batch (scripts/build-llama.sh, `exact_patch`): a token's
+    logits are then bit-identical whether it is decoded alone or inside a verify block. ggml reads
+    GGML_CPU_EXACT when it creates a CPU backend; unset means on. Warns when the build lacks it.
+    """
+    import os
+    import sys
+
+    os.environ["GGML_CPU_EXACT"] = "1" if on else "0"
+    if on and not toolchain.find().exact:
+        sys.stderr.write(
+            "warning: this llama.cpp build lacks the exact-mode patch: a token scored inside a "
+            "verify block may differ in its last bits from the same token decoded alone\n"
+        )
+
+
 def ggml() -> ctypes.CDLL:
     """libggml from the folder libllama came from, with the few signatures we call declared."""
     global _ggml
@@ -257,9 +276,13 @@ class Model:
         devices: Sequence[Device] = (),
         tensor_split: Sequence[float] | None = None,
         n_gpu_layers: int = 999,
+        repack: bool = True,
     ) -> None:
         bindings = llama()
         params = bindings.llama_model_default_params()
+        # Repacked ("extra buffer type") weights on this host's CPU: faster kernels, same bits in
+        # exact mode (the patched build runs them one row at a time there).
+        params.use_extra_bufts = repack
         self._keepalive: list[Any] = []
         if devices:
             handles = (ctypes.c_void_p * (len(devices) + 1))(*[d.handle for d in devices], None)
@@ -393,13 +416,11 @@ KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}
 class Context:
     """A llama_context: the KV cache (one sequence per conversation) and the decode call.
 
-    `flash_attn` and `kv_type` default to llama.cpp's (and llama-server's) defaults. They decide how
-    far a batched evaluation differs from a one-token one: measured here on SmolLM2 F32 at ~330
-    tokens of context, the largest logit difference between scoring a position inside a 5-token
-    block and scoring it alone is 1.4e-2 with flash attention (whose CPU kernel rounds Q to F16),
-    6e-3 without it on an F16 KV cache, and 1.6e-5 without it on an F32 KV cache. Greedy
-    speculation is token-for-token identical to one-token greedy decoding except where the top two
-    logits are closer than that.
+    `flash_attn` and `kv_type` default to llama.cpp's (and llama-server's) defaults. In exact mode
+    (`set_exact`, the default of the pinned build) a position's logits are bit-identical whether it
+    is evaluated alone or inside a block, with any of these settings (tests/engine/test_invariance.py,
+    bench/invariance.py). With stock kernels (GGML_CPU_EXACT=0) they are not: the largest difference
+    reaches ~1 logit on a Q4_K_M model, and greedy speculation then breaks near-ties differently.
     """
 
     def __init__(

@@ -43,6 +43,10 @@ CMAKE_FLAGS: tuple[str, ...] = (
 )
 
 
+# The sha256 of the exact-mode patch that scripts/build-llama.sh applies to ggml's CPU backend (its
+# `exact_patch`); part of the cache key there and here, so a changed patch is a new build.
+EXACT_PATCH_SHA256 = "b3cbfc8bf9cb443d89e3460bb384ae3c1fecad15be492222e0809e9cfeb74f07"
+
 # Must match `layout=` in scripts/build-llama.sh: what a finished prefix holds.
 PREFIX_LAYOUT = 2
 
@@ -65,7 +69,8 @@ def build_flags() -> list[str]:
 
 
 def build_key(version: str = LLAMA_CPP_PYTHON_VERSION, flags: list[str] | None = None) -> str:
-    text = "\n".join([version, *(build_flags() if flags is None else flags)]) + "\n"
+    lines = [version, *(build_flags() if flags is None else flags), f"patch:{EXACT_PATCH_SHA256}"]
+    text = "\n".join(lines) + "\n"
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -90,6 +95,12 @@ class Toolchain:
     @property
     def rpc_header(self) -> Path:
         return self.prefix / "include" / "ggml-rpc.h"
+
+    @property
+    def exact(self) -> bool:
+        """Whether this build carries the exact-mode patch (BUILD-INFO names its sha256)."""
+        info = self.prefix / "BUILD-INFO"
+        return info.is_file() and f"patch={EXACT_PATCH_SHA256}" in info.read_text().splitlines()
 
     def env(self) -> dict[str, str]:
         """Variables that make llama-cpp-python load this build's libllama instead of its own."""
