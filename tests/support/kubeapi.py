@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import subprocess
 import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -24,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
-import pytest
 
 from tightwad.operator.kubernetes.cr import ClusterRef
 from tightwad.operator.kubernetes.render import RenderSettings, render_swarm, render_unit
@@ -33,7 +30,9 @@ from tightwad.operator.observed import Health, Observed, UnitState
 from tightwad.operator.plan import Action, Route, Start, Stop, VerifyModel
 from tightwad.operator.units import ENGINE_ROUTER, Kind, Unit
 
-from . import ROOT
+from . import ROOT, kubelocal
+
+__all__ = ["ROOT", "RecordingWorkloads", "Server", "start_server", "stop_server", "validate"]
 
 KUBERNETES_VERSION = "1.37.0"
 
@@ -61,29 +60,19 @@ class Server:
 
 
 def start_server(folder: Path) -> Server:
-    env = {**os.environ, "TIGHTWAD_CRD_APISERVER_ARGS": "--watch-cache=false"}
-    result = subprocess.run(
-        [str(ROOT / "scripts" / "start-crd-apiserver.sh"), str(folder)],
-        capture_output=True,
-        text=True,
-        env=env,
+    kubeconfig = kubelocal.start(
+        "start-crd-apiserver.sh",
+        folder,
+        what="the CRD API server",
+        build="scripts/build-crd-apiserver.sh",
         timeout=120,
+        env={"TIGHTWAD_CRD_APISERVER_ARGS": "--watch-cache=false"},
     )
-    if result.returncode != 0:
-        pytest.fail(
-            "could not start the CRD API server (build it with `make kube` or "
-            f"scripts/build-crd-apiserver.sh):\n{result.stderr}",
-            pytrace=False,
-        )
-    return Server(
-        folder, Path(result.stdout.strip().splitlines()[-1]), (folder / "etcd.url").read_text().strip()
-    )
+    return Server(folder, kubeconfig, (folder / "etcd.url").read_text().strip())
 
 
 def stop_server(server: Server) -> None:
-    subprocess.run(
-        [str(ROOT / "scripts" / "start-crd-apiserver.sh"), "--stop", str(server.folder)], check=False
-    )
+    kubelocal.stop("start-crd-apiserver.sh", server.folder)
 
 
 def validate(obj: dict[str, Any]) -> None:

@@ -32,9 +32,7 @@ import yaml
 
 from tightwad.operator.kubernetes.render import ANNOTATION_MODEL, CHECK_CONTAINER, CHECK_KIND, LABEL_KIND
 
-from . import ROOT
-
-START = ROOT / "scripts" / "start-full-kube.sh"
+from . import ROOT, kubelocal
 
 
 @dataclass(frozen=True)
@@ -108,28 +106,22 @@ class FullKube:
 
 
 def start(folder: Path, nodes: Sequence[HollowNode]) -> FullKube:
-    result = subprocess.run(
-        [str(START), str(folder), *(node.spec() for node in nodes)],
-        capture_output=True,
-        text=True,
+    kubeconfig = kubelocal.start(
+        "start-full-kube.sh",
+        folder,
+        [node.spec() for node in nodes],
+        what="the full Kubernetes control plane",
+        build="scripts/build-full-kube.sh",
         timeout=240,
     )
-    if result.returncode != 0:
-        pytest.fail(
-            "could not start the full Kubernetes control plane (build it with `make kube` or "
-            f"scripts/build-full-kube.sh):\n{result.stderr}",
-            pytrace=False,
-        )
-    kube = FullKube(
-        folder, Path(result.stdout.strip().splitlines()[-1]), (folder / "apiserver.url").read_text().strip()
-    )
+    kube = FullKube(folder, kubeconfig, (folder / "apiserver.url").read_text().strip())
     for node in nodes:
         kube.advertise_gpus(node)
     return kube
 
 
 def stop(folder: Path) -> None:
-    subprocess.run([str(START), "--stop", str(folder)], check=False, timeout=300)
+    kubelocal.stop("start-full-kube.sh", folder)
 
 
 def without_cel(node: Any) -> Any:
