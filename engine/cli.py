@@ -70,9 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--exact",
         choices=["on", "off"],
-        default="on",
-        help="exact mode (the default): this process's CPU kernels compute a token's logits the same "
-        "whether it is decoded alone or inside a verify block, so speculative greedy output is "
+        default="off" if os.environ.get("GGML_CPU_EXACT") == "0" else "on",
+        help="exact mode (the default unless GGML_CPU_EXACT=0): this process's CPU kernels compute a "
+        "token's logits the same whether it is decoded alone or inside a verify block, so speculative "
+        "greedy output is "
         "bit-identical to target-alone output; 'off' runs stock ggml kernels (faster prefill). rpc "
         "workers follow their own environment (GGML_CPU_EXACT=0 turns it off there)",
     )
