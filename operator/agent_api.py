@@ -69,7 +69,7 @@ def create_app(reconciler: Reconciler, token: str) -> Starlette:
             body: dict[str, Any] = await request.json()
             units = {s.name: s for s in map(state_from_json, body.get("units", []))}
             checks = checks_from_json(body.get("models", []))
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:  # RecursionError: `[[[[...` deep
             return _error(400, f"not a report: {exc}", "invalid_request")
         foreign = [name for name, state in units.items() if state.unit.host != host]
         if foreign:

@@ -106,7 +106,7 @@ class Router:
             self.backend = EngineBackend(
                 str(body["backend"]).rstrip("/"), str(body.get("unit") or body["backend"])
             )
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: `[[[[...` deep
             return _error(400, 'send {"backend": "http://HOST:PORT", "unit": "NAME"}', "invalid_request")
         return JSONResponse(self.status())
 

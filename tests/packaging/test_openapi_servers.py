@@ -4,7 +4,7 @@ For the engine, the proxy, the engine router, the agent API and the swarm peer: 
 real (its own process, or for the agent API the operator's thread server), `GET /openapi.json`
 answers without a token, the document's paths and methods equal the server's route table (so a new
 route without docs fails here), and every documented operation reaches a handler over HTTP (no
-routing 404 or 405).
+routing 404 or 405), and one whose body is nested 60,000 deep is refused with a 4xx.
 """
 
 from __future__ import annotations
@@ -41,24 +41,45 @@ from tightwad.toolchain import Toolchain
 SHA = "0" * 64
 
 
+PARAMS = {"sha256": SHA, "path": "anything", "model": "no-such-model", "host": "no-such-host"}
+DEEP = b"[" * 60_000  # nested 60,000 deep, under every server's body limit
+
+
+def _concrete(path: str, params: dict[str, str]) -> str:
+    for name, value in params.items():
+        path = path.replace(f"{{{name}}}", value)
+    return path
+
+
 def _probe(url: str, path: str, method: str, headers: dict[str, str]) -> tuple[int, str]:
     """One request to a documented operation (path parameters filled in): its status, and the body
     when it is a 404/405 (a stream, like /tightwad/v1/events, is not read)."""
-    concrete = path.replace("{sha256}", SHA).replace("{path}", "anything")
-    concrete = concrete.replace("{model}", "no-such-model").replace("{host}", "no-such-host")
+    concrete = _concrete(path, PARAMS)
     body = b"{}" if method in ("POST", "PUT", "PATCH") else None
     with httpx.stream(method, url + concrete, content=body, headers=headers, timeout=60) as response:
         text = response.read().decode() if response.status_code in (404, 405) else ""
         return response.status_code, text
 
 
-def check_server(url: str, document_path: str, routes: set[tuple[str, str]], headers: dict[str, str]) -> None:
-    """The served document (fetched with no token) against the route table, then every operation."""
+def check_server(
+    url: str,
+    document_path: str,
+    routes: set[tuple[str, str]],
+    headers: dict[str, str],
+    real: dict[str, str] | None = None,
+) -> None:
+    """The served document (fetched with no token) against the route table, then every operation;
+    `real` names path parameters that reach a handler's body parsing (an agent host, say)."""
     served = httpx.get(url + document_path, timeout=30)
     assert served.status_code == 200, served.text
     document = served.json()
     assert openapi.operations(document) == routes
     for path, method in sorted(routes):
+        if "requestBody" in document["paths"][path][method.lower()]:
+            # A body nested 60,000 deep is the client's error (a RecursionError once made it a 500).
+            where = url + _concrete(path, {**PARAMS, **(real or {})})
+            deep = httpx.request(method, where, content=DEEP, headers=headers, timeout=60)
+            assert deep.status_code < 500, (method, path, deep.text)
         status, text = _probe(url, path, method, headers)
         assert status != 405, (method, path, text)
         if status == 404:  # the handler's own 404 (an unknown model), never the router's "Not Found"
@@ -107,6 +128,8 @@ def test_the_engine_router_documents_exactly_its_routes(processes: Processes) ->
 @pytest.fixture
 def reconciler(tmp_path: Path) -> Iterator[Reconciler]:
     data: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "local.yaml").read_text())
+    agent_host = {"name": "mac", "address": "127.0.0.1", "runtime": "native"}  # run by `tightwad agent`
+    data["spec"]["hosts"].append({**agent_host, "gpus": [{"backend": "cpu", "port": free_port()}]})
     manifest = tmp_path / "cluster.yaml"
     manifest.write_text(yaml.safe_dump(data))
     yield Reconciler(manifest, components=frozenset({"proxy"}), lock=False, dry_run=True)
@@ -118,7 +141,7 @@ def test_the_agent_api_documents_exactly_its_routes(reconciler: Reconciler) -> N
     server.start()
     try:
         assert httpx.get(f"{server.url}/v1/observed", timeout=10).status_code == 401
-        check_server(server.url, openapi.OPENAPI_PATH, routes, AUTH)
+        check_server(server.url, openapi.OPENAPI_PATH, routes, AUTH, real={"host": "mac"})
     finally:
         server.stop()
 
