@@ -479,7 +479,7 @@ def command(
     prompts = load_prompts(Path(prompts_file)) if prompts_file else list(BUILTIN_PROMPTS)
     console = Console(stderr=as_json, highlight=False)
     if not console.is_terminal:
-        console.width = max(console.width, 110)  # logs and pipes: one row per prompt, not wrapped
+        console.width = max(console.width, 140)  # logs and pipes: one row per prompt, not wrapped
     loads = os.getloadavg()
     console.print(
         f"benchmark: {len(prompts)} prompts, {max_tokens} tokens each, greedy, {runs} run(s); "
