@@ -320,6 +320,11 @@ def verify_request_schema() -> Schema:
             "sampling": _SAMPLING,
             "generation_start": {"type": "integer", "minimum": 0},
             "logprobs": _TOP_LOGPROBS,
+            "grammar": {
+                "type": "object",
+                "description": "a decoding constraint on the generated text: response_format, tools with "
+                "tool_choice and family, or gbnf (tightwad.verify_api)",
+            },
         },
     }
 

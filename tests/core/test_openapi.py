@@ -107,6 +107,7 @@ def test_the_verify_body_has_every_field_the_client_encodes() -> None:
         reset=True,
         generation_start=1,
         logprobs=2,
+        grammar={"response_format": {"type": "json_object"}},
     )
     body = encode_request(full)
     schema = openapi.verify_request_schema()
