@@ -48,8 +48,8 @@ def compile_constraint(constraint: dict[str, Any]) -> Grammar:
     `{"gbnf": ...}`) as GBNF; BadRequest names the field that cannot be compiled."""
     try:
         key = json.dumps(constraint, sort_keys=True)
-    except (TypeError, ValueError) as exc:
-        raise BadRequest(f"`grammar` must be JSON: {exc}", param="grammar") from exc
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise BadRequest(f"`grammar` must be JSON, nested less deep: {exc}", param="grammar") from None
     return _compile(key)
 
 
