@@ -14,6 +14,7 @@ a CPU backend, and the rpc worker gets the same environment. Every process runs 
 
 Usage: .venv/bin/python bench/invariance.py [--models smollm2-135m-f32,...] [--positions 17]
        [--blocks 2-17] [--places local,rpc] [--modes exact,default] [--prompt-tokens 300]
+       [--attention off:f16,off:f32,on:f16,on:f32]
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from tightwad import models, toolchain
 from tightwad.launch import free_port, rpc_worker_command, wait_for_port
 
 DEFAULT_MODELS = "smollm2-135m-f32,smollm2-135m-q4_1,gemma3-270m-f16,gemma3-270m-q4_k_m"
-ATTENTION = [("off", "f16"), ("off", "f32"), ("on", "f16"), ("on", "f32")]
+ATTENTION = "off:f16,off:f32,on:f16,on:f32"  # flash attention : KV cache type
 COST_BLOCKS = (5, 9, 17)
 TEXT = (
     "The lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a can of oil "
@@ -56,7 +57,8 @@ def child(spec: dict[str, Any]) -> None:
     devices = libllama.rpc_devices(spec["rpc"]) if spec["rpc"] else []
     model = libllama.Model(spec["path"], devices)
     prompt = model.tokenize(TEXT * 40)[: spec["prompt_tokens"]]
-    for flash_attn, kv_type in ATTENTION:
+    for setting in spec["attention"].split(","):
+        flash_attn, kv_type = setting.split(":")
         ctx = libllama.Context(model, n_ctx=1024, n_batch=512, flash_attn=flash_attn, kv_type=kv_type)
         try:
             m = invariance.measure(ctx, prompt, spec["positions"], spec["blocks"])
@@ -100,6 +102,7 @@ def run_one(
         "positions": args.positions,
         "blocks": parse_blocks(args.blocks),
         "prompt_tokens": args.prompt_tokens,
+        "attention": args.attention,
     }
     out = subprocess.run(
         [sys.executable, __file__, "--child", json.dumps(spec)],
@@ -126,6 +129,7 @@ def main() -> None:
     parser.add_argument("--places", default="local,rpc")
     parser.add_argument("--modes", default="exact,default")
     parser.add_argument("--prompt-tokens", type=int, default=300, help="prompt length (>256: 512 KV cells)")
+    parser.add_argument("--attention", default=ATTENTION, help="flash attention:KV type settings")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
