@@ -334,7 +334,8 @@ class _Reply:
         first = self.drafts == 0
         self.drafts += 1
         hard = s.first_draft_timeout if first else max(s.draft_timeout, 5.0 * self._expected_draft(k))
-        request = DraftRequest(tuple(assumed), k, self.job.sampling, self.job.vocabulary)
+        job = self.job
+        request = DraftRequest(tuple(assumed), k, job.sampling, job.vocabulary, job.grammar, len(job.prompt))
         started = time.perf_counter()
 
         async def draft() -> Proposal | None:

@@ -26,6 +26,10 @@ class DraftRequest:
     k: int
     sampling: Sampling = field(default_factory=Sampling)
     vocabulary: Vocabulary | None = None  # the target's, for drafters that work on text
+    # The request's decoding constraint (tightwad.openai.constraint_of), on the history from
+    # `generation_start` on: drafters that can take it draft under it, the others ignore it.
+    grammar: dict[str, Any] | None = None
+    generation_start: int = 0
 
     @cached_property
     def text(self) -> str:

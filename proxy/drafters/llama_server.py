@@ -5,6 +5,12 @@ tokens that are new to it. Greedy requests draft greedily (temperature 0, top-k 
 draft by sampling with the request's temperature and top-p (top-k capped at SAMPLED_TOP_K) and ask
 for `post_sampling_probs`: the exact distribution each token was drawn from, which the engine's
 rejection rule uses. The drafter must share the target's vocabulary (same tokenizer).
+
+A request under a JSON constraint (`response_format`, or a required call in the Llama 3 format,
+which is a bare JSON object) drafts under it too: llama-server takes a `json_schema`, and its
+`generation_prompt` feeds the text generated so far to the grammar, so each round's draft starts
+from the grammar state the target is in. Other constraints draft unconstrained. Either way the
+engine masks the target's distribution itself: a draft that breaks the grammar is only rejected.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from tightwad import tools
 from tightwad.proxy.drafters.base import DrafterError, DraftRequest, Proposal
 
 SAMPLED_TOP_K = 32  # the drafter's top-k when sampling: every surviving token's probability comes back
@@ -41,6 +48,7 @@ class LlamaServerDrafter:
             "cache_prompt": True,
             "return_tokens": True,
             "stream": False,
+            **grammar_fields(request),
         }
         s = request.sampling
         if s.greedy:
@@ -58,12 +66,14 @@ class LlamaServerDrafter:
         }
 
     async def propose(self, request: DraftRequest) -> Proposal:
-        try:
-            response = await self.client.post(
-                f"{self.url}/completion", json=self.body(request), headers=self.headers
-            )
-        except httpx.HTTPError as exc:
-            raise DrafterError(f"llama-server drafter at {self.url}: {type(exc).__name__}: {exc}") from exc
+        body = self.body(request)
+        response = await self._post(body)
+        if response.status_code in (400, 500) and "json_schema" in body:
+            # Its grammar refused the text so far (its schema converter is not the engine's, or
+            # the build predates generation_prompt): draft unconstrained rather than not at all.
+            body.pop("json_schema")
+            body.pop("generation_prompt")
+            response = await self._post(body)
         if response.status_code == 401:
             raise DrafterError(
                 f"llama-server drafter at {self.url} answered HTTP 401: it wants the cluster's token "
@@ -73,8 +83,48 @@ class LlamaServerDrafter:
             raise DrafterError(f"llama-server drafter at {self.url} answered HTTP {response.status_code}")
         return parse_completion(response.json(), sampled=not request.sampling.greedy)
 
+    async def _post(self, body: dict[str, Any]) -> httpx.Response:
+        try:
+            return await self.client.post(f"{self.url}/completion", json=body, headers=self.headers)
+        except httpx.HTTPError as exc:
+            raise DrafterError(f"llama-server drafter at {self.url}: {type(exc).__name__}: {exc}") from exc
+
     async def close(self) -> None:
         await self.client.aclose()
+
+
+def json_schema_of(constraint: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The JSON Schema a constraint makes the reply follow, or None when it is not one JSON value."""
+    if constraint is None:
+        return None
+    response_format = constraint.get("response_format")
+    if isinstance(response_format, dict):
+        if response_format.get("type") == "json_object":
+            return {}  # llama-server: an empty schema is any object
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema", {}) if isinstance(spec, dict) else None
+        return schema if isinstance(schema, dict) else None
+    if constraint.get("family") == "llama3" and "tools" in constraint:
+        try:  # the engine has checked them; anything odd here just drafts unconstrained
+            calls = tools.required_calls(constraint["tools"], constraint.get("tool_choice"))
+        except Exception:
+            return None
+        return tools.calls_schema(calls)
+    return None
+
+
+def grammar_fields(request: DraftRequest) -> dict[str, Any]:
+    """llama-server's fields that put the draft under the request's constraint, in the state the
+    text generated so far (`generation_prompt`, fed to the grammar before sampling) leaves it."""
+    schema = json_schema_of(request.grammar)
+    if schema is None or request.vocabulary is None:
+        return {}
+    generated = request.history[request.generation_start :]
+    try:  # a history that ends inside a character: this round drafts unconstrained
+        text = request.vocabulary.join(generated, True).decode("utf-8")
+    except UnicodeDecodeError:
+        return {}
+    return {"json_schema": schema, "generation_prompt": text}
 
 
 def parse_completion(body: Any, sampled: bool) -> Proposal:

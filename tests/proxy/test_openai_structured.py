@@ -1,16 +1,19 @@
 """Structured output through the proxy WITH speculation, against the engine alone, with the official
 `openai` SDK as the client: a real engine (F32 SmolLM2, the batch-invariant configuration), a real
-llama-server drafter (its Q4_1 build, unconstrained: drafts that break the grammar are rejected by
-verify) and the real proxy.
+llama-server drafter (its Q4_1 build, drafting under the same schema; drafts that break the grammar
+would be rejected by verify) and the real proxy.
 
 Golden: greedy output under a JSON schema through the proxy equals the engine alone's, token for
-token; `.parse()` with a Pydantic model and `json_object` work through the proxy as on the engine;
+token; the drafter, given the schema and the text so far, drafts what the schema allows from there;
+`.parse()` with a Pydantic model and `json_object` work through the proxy as on the engine;
 a seeded sampled reply under a schema is the engine's own.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +25,9 @@ from support.engines import EngineProcess
 from support.procs import Processes
 from support.proxies import TOKEN, ProxyProcess, start_drafter, start_proxy
 
+from tightwad.proxy.drafters.base import DraftRequest
+from tightwad.proxy.drafters.llama_server import LlamaServerDrafter
+from tightwad.proxy.upstream import EngineClient
 from tightwad.toolchain import Toolchain
 
 pytestmark = pytest.mark.integration
@@ -47,9 +53,13 @@ class Person(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def proxy(local_engine: EngineProcess, toolchain: Toolchain, module_processes: Processes) -> ProxyProcess:
-    drafter = start_drafter(module_processes, toolchain)[0]
-    return start_proxy(module_processes, local_engine.url, draft=drafter)
+def drafter_url(toolchain: Toolchain, module_processes: Processes) -> str:
+    return start_drafter(module_processes, toolchain)[0]
+
+
+@pytest.fixture(scope="module")
+def proxy(local_engine: EngineProcess, drafter_url: str, module_processes: Processes) -> ProxyProcess:
+    return start_proxy(module_processes, local_engine.url, draft=drafter_url)
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +136,41 @@ def test_a_bad_schema_is_a_400_naming_it_through_the_proxy(clients: tuple[OpenAI
             },
         )
     assert info.value.body["param"] == "response_format.json_schema.schema"  # type: ignore[index]
+
+
+def test_the_llama_server_drafter_drafts_under_the_schema_from_where_the_reply_is(
+    local_engine: EngineProcess, drafter_url: str
+) -> None:
+    """Midway through a reply, the drafter continues in the grammar's state after the text so far:
+    a value only the schema allows (no model would guess it), and nothing once the object is done."""
+    schema = {
+        "type": "object",
+        "properties": {"code": {"enum": ["zq-17-vx"]}, "n": {"type": "integer"}},
+        "required": ["code", "n"],
+        "additionalProperties": False,
+    }
+    grammar = {"response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}}
+
+    async def draft(so_far: str, constrained: bool) -> str:
+        engine = EngineClient(local_engine.url)
+        vocabulary = await engine.vocabulary((await engine.info()).n_vocab)
+        prompt = await engine.chat_tokens([{"role": "user", "content": "Give the code."}])
+        generated = await engine.tokenize(so_far, add_special=False)
+        await engine.close()
+        assert prompt is not None
+        drafter = LlamaServerDrafter(drafter_url)
+        request = DraftRequest(
+            (*prompt, *generated),
+            12,
+            vocabulary=vocabulary,
+            grammar=grammar if constrained else None,
+            generation_start=len(prompt),
+        )
+        proposal = await drafter.propose(request)
+        await drafter.close()
+        return vocabulary.text(proposal.tokens)
+
+    assert not asyncio.run(draft('{"code": "', constrained=False)).startswith("zq-17-vx")  # the control
+    assert asyncio.run(draft('{"code": "', constrained=True)).startswith("zq-17-vx")
+    rest = asyncio.run(draft('{"code": "zq-17-vx", "n": 4', constrained=True))
+    assert re.fullmatch(r"\d*\s*(\}\s*)?", rest), rest
