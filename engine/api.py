@@ -377,10 +377,13 @@ class Api:
         return JSONResponse(await asyncio.to_thread(self._tokenize, body))
 
     def _tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+        rendered = None
         if body.get("messages") is not None:
             # A chat rendered with the model's own template, exactly as /v1/chat/completions would:
-            # what the proxy needs to speculate on chat requests.
-            tokens = self.formatter.tokens(normalise_messages(body["messages"]))
+            # what the proxy needs to speculate on chat requests; `tools` as the chat would show them.
+            plan = ToolPlan.of({"tools": body.get("tools")}, self.formatter.tool_family)
+            rendered = plan.tools if plan is not None else None
+            tokens = self.formatter.tokens(normalise_messages(body["messages"]), rendered)
         else:
             content = get_field(body, "content", str, None)
             if content is None:
@@ -391,6 +394,8 @@ class Api:
                 parse_special=get_field(body, "parse_special", bool, True),
             )
         out: dict[str, Any] = {"tokens": tokens}
+        if rendered is not None:
+            out["tools"] = len(rendered)  # says they were rendered (an older engine drops `tools`)
         if get_field(body, "with_pieces", bool, False):
             out["pieces"] = encode_pieces([self.model.token_bytes(t) for t in tokens])
         return out

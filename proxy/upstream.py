@@ -130,16 +130,23 @@ class EngineClient:
         body = {"content": text, "add_special": add_special, "parse_special": parse_special}
         return list((await self._post("/tokenize", body))["tokens"])
 
-    async def chat_tokens(self, messages: list[dict[str, Any]]) -> list[int] | None:
-        """The chat prompt's tokens with the model's own template (`/tokenize` with `messages`), or
-        None when the server behind --target is not an engine that renders chats."""
+    async def chat_tokens(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int] | None:
+        """The chat prompt's tokens with the model's own template (`/tokenize` with `messages`, and
+        `tools` shown as the chat would show them), or None when the server behind --target is not an
+        engine that renders chats (or, given tools, does not say it rendered them)."""
         try:
-            body = await self._post("/tokenize", {"messages": messages})
+            body = await self._post(
+                "/tokenize", {"messages": messages, **({"tools": tools} if tools else {})}
+            )
         except OpenAIError as exc:
             if exc.status in (400, 404, 422):
                 return None
             raise
         tokens = body.get("tokens") if isinstance(body, dict) else None
+        if tools and body.get("tools") != len(tools):
+            return None
         return list(tokens) if isinstance(tokens, list) else None
 
     async def stats(self) -> dict[str, Any]:
