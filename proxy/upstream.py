@@ -220,9 +220,11 @@ class EngineClient:
             body["generated_tokens"] = generated
         if logprobs is not None:
             body["logprobs"] = logprobs
-        if grammar is not None:
+        if grammar is not None and "response_format" in grammar:
             # The OpenAI fields the constraint came from: the engine compiles them as verify does.
             body.update(grammar)
+        elif grammar is not None:  # a required tool call's: the engine's `grammar` extension
+            body["grammar"] = grammar
         try:
             async with self.client.stream("POST", "/v1/completions", json=body) as response:
                 if response.status_code != 200:

@@ -225,16 +225,16 @@ PARAMS: dict[str, Param] = {
         "(Hermes/Qwen, Llama 3, Mistral formats); a template without tools is a 400",
         routes=(CHAT,),
         neutral=([],),
-        speculated=False,
+        speculated=True,
     ),
     "tool_choice": _honoured(
         "`none`, `auto`, `required` or a named function; required and named are enforced by a grammar",
         routes=(CHAT,),
         neutral=("none", "auto"),
-        speculated=False,
+        speculated=True,
     ),
     "parallel_tool_calls": _honoured(
-        "false: at most one call per reply", routes=(CHAT,), neutral=(True,), speculated=False
+        "false: at most one call per reply", routes=(CHAT,), neutral=(True,), speculated=True
     ),
     # Tightwad's and llama.cpp's extensions
     "top_k": _honoured("extension: sample among the k likeliest tokens (0: off)", speculated=True),
@@ -243,6 +243,13 @@ PARAMS: dict[str, Param] = {
     ),
     "return_tokens": _honoured(
         "extension: the generated token ids beside the text in each choice", speculated=True
+    ),
+    "grammar": _honoured(
+        "extension: a decoding constraint in the verify API's form (`response_format`, a required "
+        "call's `tools` / `tool_choice` / `family`, or `gbnf`); the proxy's target-alone decoding "
+        "sends a required call's grammar this way",
+        routes=(COMPLETIONS,),
+        speculated=False,
     ),
     "generated_tokens": _honoured(
         "extension: how many of the prompt's last tokens were generated (penalties count them)",
@@ -330,6 +337,12 @@ def check_params(body: dict[str, Any], route: str) -> None:
             )
         if key == "response_format":
             _check_response_format(value)
+        elif key == "grammar" and value is not None and not isinstance(value, dict):
+            raise InvalidRequest(
+                '`grammar` here is an object in the verify API\'s form (`{"gbnf": "..."}` for GBNF), '
+                "not llama.cpp's string",
+                param="grammar",
+            )
         elif param.treatment == "refused" and not is_neutral(param, value):
             raise InvalidRequest(f"`{key}` {_refusal(param.note)}", param=key, code="unsupported_parameter")
 
@@ -373,6 +386,11 @@ def constraint_of(body: dict[str, Any]) -> dict[str, Any] | None:
     response_format = body.get("response_format")
     if isinstance(response_format, dict) and response_format.get("type") in ("json_object", "json_schema"):
         return {"response_format": response_format}
+    grammar = body.get("grammar")  # the extension (/v1/completions): already in the verify API's form
+    if grammar is not None:
+        if not isinstance(grammar, dict):
+            raise InvalidRequest("`grammar` must be an object, as the verify API takes it", param="grammar")
+        return grammar
     return None
 
 

@@ -16,6 +16,7 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from sse_starlette.sse import EventSourceResponse
 from starlette.requests import Request
@@ -37,11 +38,13 @@ from tightwad.openai import (
 from tightwad.proxy.replies import ReplyDelta, TextReply
 from tightwad.proxy.request_parsing import (
     Params,
+    ToolPlan,
     parse_messages,
     parse_params,
     parse_prompt,
     passthrough_reason,
     read_body,
+    tool_family,
 )
 from tightwad.proxy.routes.passthrough import pass_through
 from tightwad.proxy.routes.shaping import ReplyShape
@@ -79,32 +82,46 @@ class GenerateRoutes:
         raw, body = await read_body(request, proxy.config.max_body_bytes)
         route = "chat"
         check_params(body, CHAT)
-        if body.get("tools") and proxy.speculator is not None:
-            # Tools pass through to the engine; a template that cannot take them is refused here, in
-            # the engine's own words, without a round trip.
-            tools.choice_of(body.get("tool_choice"), tools.check_tools(body["tools"]))
-            takes = tools.engine_takes_tools((await proxy.engine_profile()).info.models_body)
-            if takes is False:
-                raise tools.unsupported()
         if proxy.speculator is None or passthrough_reason(body):
             return await pass_through(proxy, request, raw, body, "chat")
         profile = await proxy.engine_profile()
-        check_model(body, served_names(profile.info.models_body))
-        if constraint_of(body) is not None and not serves_grammar(profile.info.models_body):
+        models_body = profile.info.models_body
+        check_model(body, served_names(models_body))
+        plan = None
+        if body.get("tools") or body.get("tool_choice") not in (None, "none", "auto"):
+            if tools.engine_takes_tools(models_body) is None:
+                # An engine from before tools says nothing about them: it answers for itself.
+                return await pass_through(proxy, request, raw, body, route)
+            # Checked here in the engine's own words; a template without tools is refused.
+            plan = ToolPlan.of(body, tool_family(models_body))
+        grammar = constraint_of(body)
+        if plan is not None and plan.grammar is not None:
+            if grammar is not None:  # response_format and a required call: the engine's 400
+                return await pass_through(proxy, request, raw, body, route)
+            grammar = plan.grammar
+        if grammar is not None and not serves_grammar(models_body):
             # An engine from before the verify API's `grammar` would ignore it: it serves alone.
             return await pass_through(proxy, request, raw, body, route)
         if not profile.chat_tokens:
             # An engine without the chat-template rendering (`/tokenize` with `messages`) serves
             # the chat itself: exact, just not sped up.
             return await pass_through(proxy, request, raw, body, "chat")
-        params = parse_params(body, proxy.config.max_tokens, default_max_tokens=None)
-        tokens = await proxy.engine.chat_tokens(parse_messages(body))
+        params = replace(
+            parse_params(body, proxy.config.max_tokens, default_max_tokens=None), grammar=grammar
+        )
+        # The prompt the engine's chat would read: its template, shown the tools (if any).
+        tokens = await proxy.engine.chat_tokens(parse_messages(body), plan.tools if plan else None)
         if tokens is None:
             return await pass_through(proxy, request, raw, body, "chat")  # the engine will say what is wrong
-        return await self._generate(tokens, params, profile, chat=True)
+        return await self._generate(tokens, params, profile, chat=True, plan=plan)
 
     async def _generate(
-        self, prompt: list[int], params: Params, profile: EngineProfile, chat: bool
+        self,
+        prompt: list[int],
+        params: Params,
+        profile: EngineProfile,
+        chat: bool,
+        plan: ToolPlan | None = None,
     ) -> Response:
         proxy = self.proxy
         assert proxy.speculator is not None
@@ -131,7 +148,7 @@ class GenerateRoutes:
         first = await self._first(deltas)  # errors before the first byte get a real status
         shape = ReplyShape.of(params, info.model, chat, profile.vocabulary.piece)
         if params.stream:
-            events = self._events(first, deltas, reply, shape, len(prompt))
+            events = self._events(first, deltas, reply, shape, len(prompt), plan)
             return EventSourceResponse(events, ping=15, headers=proxy.mode_headers())
         texts, tokens, entries = [], [], []
         delta: ReplyDelta | None = first
@@ -146,6 +163,8 @@ class GenerateRoutes:
             raise
         n_completion = reply.completion_tokens
         body = shape.body("".join(texts), tokens, reply.finish_reason, len(prompt), n_completion, entries)
+        if plan is not None:
+            plan.shape_message(body["choices"][0])  # the calls in the text, parsed as the engine does
         return JSONResponse(body, headers=proxy.mode_headers())
 
     async def _first(self, deltas: _Timed) -> ReplyDelta | None:
@@ -157,16 +176,38 @@ class GenerateRoutes:
             raise
 
     async def _events(
-        self, first: ReplyDelta | None, deltas: _Timed, reply: TextReply, shape: ReplyShape, n_prompt: int
+        self,
+        first: ReplyDelta | None,
+        deltas: _Timed,
+        reply: TextReply,
+        shape: ReplyShape,
+        n_prompt: int,
+        plan: ToolPlan | None = None,
     ) -> AsyncIterator[str]:
+        # With tools: text that may start a call is held back, the calls go out at the end.
+        stream = plan.stream() if plan is not None else None
         try:
             if shape.chat:
                 yield shape.chunk(None, None, role=True)
             delta = first
             while delta is not None:
+                if stream is not None:
+                    delta = replace(delta, text=stream.feed(delta.text))
                 yield shape.chunk(delta, None)
                 delta = await deltas.next()
-            yield shape.chunk(None, reply.finish_reason)
+            finish = reply.finish_reason
+            if stream is not None and plan is not None:
+                rest, calls = stream.finish()
+                if rest:
+                    yield shape.chunk(ReplyDelta(rest, []), None)
+                if calls:
+                    out = json.loads(shape.chunk(ReplyDelta("", []), None))
+                    delta_out = out["choices"][0]["delta"]
+                    delta_out.pop("content", None)
+                    delta_out["tool_calls"] = plan.calls_json(calls)
+                    yield json.dumps(out)
+                    finish = "tool_calls"
+            yield shape.chunk(None, finish)
             if shape.include_usage:
                 yield shape.usage_chunk(n_prompt, reply.completion_tokens)
             yield "[DONE]"

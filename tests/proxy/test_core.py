@@ -285,7 +285,7 @@ def test_llama_server_drafter_asks_greedy_or_for_its_sampling_distribution() -> 
 def test_what_speculation_cannot_serve_passes_through() -> None:
     assert passthrough_reason({"prompt": "x"}) is None
     assert passthrough_reason({"prompt": "x", "n": 1, "logprobs": None, "stop": ["a"]}) is None
-    assert passthrough_reason({"messages": [], "tools": [{"type": "function"}]}) == "tools"
+    assert passthrough_reason({"messages": [], "tools": [{"type": "function"}]}) is None  # speculated
     assert passthrough_reason({"prompt": "x", "n": 2}) == "n > 1"
     # Speculated since the verify API carries them (the target's logprobs, penalties, bias):
     assert passthrough_reason({"prompt": "x", "logprobs": 3}) is None

@@ -3,8 +3,13 @@
 SmolLM2's chat template does not take `tools`: the engine and the proxy answer the same clear 400.
 Qwen2.5-Coder 0.5B Instruct (opt-in in the catalog: `tightwad models fetch
 qwen2.5-coder-0.5b-q4_k_m`) really calls tools: auto, required, named, streamed, and a `role: tool`
-reply sent back; its tests are skipped, saying so, when the model is not fetched. Requests with
-tools pass through the proxy to the engine (the speculation loop does not serve them).
+reply sent back; its tests are skipped, saying so, when the model is not fetched.
+
+The proxy speculates tool requests: the engine renders the prompt with the tools, a required or
+named call's grammar goes into every verify call, and the calls are parsed out of the reply as the
+engine does. Golden: the same request (auto, required, named; streamed and not) gives the same reply
+through the speculating proxy as from the engine alone, on SmolLM2 with a hand-written Hermes-style
+template in every run, and on the Qwen2.5-Coder 0.5B/1.5B pair when fetched.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import pytest
 from openai import OpenAI
 from support.engines import EngineProcess, start_engine
 from support.procs import Processes
-from support.proxies import TOKEN, ProxyProcess, start_proxy
+from support.proxies import TOKEN, ProxyProcess, start_drafter, start_proxy
 
 from tightwad import models
 from tightwad.toolchain import Toolchain
@@ -271,3 +276,95 @@ def test_a_streamed_call_and_the_tool_reply_through_the_proxy(hermes_smol: tuple
     ]
     assert '<tool_call>\n{"name": "get_weather", "arguments": {' in text
     assert '<tool_response>\n{"temperature_c": 18}\n</tool_response>' in text
+
+
+# Golden: speculated tool requests are the engine's own replies --------------------------------
+CHOICES: list[Any] = ["auto", "required", {"type": "function", "function": {"name": "get_weather"}}]
+
+
+def _reply(client: OpenAI, model: str, stream: bool, **kw: Any) -> tuple[Any, ...]:
+    """What a user reads of a reply: content, calls (name, arguments), finish reason."""
+    kw = {"temperature": 0, "max_tokens": 80, **kw}
+    if stream:  # assembled as the SDKs do (their stream helper refuses a reply cut by max_tokens)
+        content, calls, finish = "", {}, None
+        for chunk in client.chat.completions.create(model=model, stream=True, **kw):
+            if not chunk.choices:
+                continue
+            delta, finish = chunk.choices[0].delta, chunk.choices[0].finish_reason or finish
+            content += delta.content or ""
+            for call in delta.tool_calls or []:
+                name, args = calls.get(call.index, ("", ""))
+                function = call.function
+                calls[call.index] = (name + (function.name or ""), args + (function.arguments or ""))
+        return content or None, [calls[i] for i in sorted(calls)], finish
+    else:
+        choice = client.chat.completions.create(model=model, **kw).choices[0]
+    calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []]
+    return choice.message.content or None, calls, choice.finish_reason
+
+
+def _same_through_the_proxy(direct: OpenAI, front: OpenAI, proxy: ProxyProcess, model: str) -> None:
+    short = json.loads(json.dumps(WEATHER))
+    short["function"]["parameters"]["properties"]["city"]["maxLength"] = 20  # a small model may loop
+    called, replies = 0, []
+    for choice in CHOICES:
+        for stream in (False, True):
+            kw = {
+                "messages": ASK,
+                "tools": [short, TIME],
+                "tool_choice": choice,
+                "parallel_tool_calls": False,
+            }
+            before = proxy.stats()["requests"].get("speculate", 0)
+            got = _reply(front, model, stream, **kw)
+            assert got == _reply(direct, model, stream, **kw), (choice, stream)
+            assert proxy.stats()["requests"]["speculate"] == before + 1  # the loop served it
+            called += got[2] == "tool_calls"
+            replies.append(got)
+    assert called >= 4, replies  # required and named must call, streamed or not
+
+
+@pytest.fixture(scope="module")
+def hermes_speculated(
+    hermes_smol: tuple[str, ProxyProcess], toolchain: Toolchain, module_processes: Processes
+) -> ProxyProcess:
+    """A proxy speculating with a real llama-server drafter in front of the Hermes-template engine."""
+    drafter = start_drafter(module_processes, toolchain)[0]
+    return start_proxy(module_processes, hermes_smol[0], draft=drafter)
+
+
+def test_speculated_tool_requests_are_the_engines_replies_hermes(
+    hermes_smol: tuple[str, ProxyProcess], hermes_speculated: ProxyProcess
+) -> None:
+    with (
+        OpenAI(base_url=f"{hermes_smol[0]}/v1", api_key="unused", max_retries=0, timeout=120) as direct,
+        OpenAI(base_url=f"{hermes_speculated.url}/v1", api_key=TOKEN, max_retries=0, timeout=120) as front,
+    ):
+        _same_through_the_proxy(direct, front, hermes_speculated, "smol-hermes")
+
+
+def test_speculated_tool_requests_are_the_engines_replies_qwen(
+    toolchain: Toolchain, module_processes: Processes
+) -> None:
+    path = _qwen_path()
+    try:
+        target = models.resolve("qwen2.5-coder-1.5b-q4_k_m")
+    except Exception as exc:
+        pytest.skip(f"the Qwen2.5-Coder 1.5B target is not available ({exc})")
+    if not target.is_file():
+        pytest.skip(
+            "qwen2.5-coder-1.5b-q4_k_m is not fetched: `tightwad models fetch qwen2.5-coder-1.5b-q4_k_m`"
+        )
+    from tightwad.launch import free_port, llama_server_command, wait_for_http
+
+    engine = start_engine(module_processes, target, parallel=2, ctx=4096, name="qwen-target")
+    port = free_port()
+    cmd = llama_server_command(toolchain, path, port, threads=1, ctx_size=4096)
+    process, log = module_processes.start(f"qwen-drafter-{port}", cmd)
+    wait_for_http(f"http://127.0.0.1:{port}/health", timeout=120, process=process, log=log)
+    proxy = start_proxy(module_processes, engine.url, draft=f"http://127.0.0.1:{port}")
+    with (
+        OpenAI(base_url=f"{engine.url}/v1", api_key="unused", max_retries=0, timeout=300) as direct,
+        OpenAI(base_url=f"{proxy.url}/v1", api_key=TOKEN, max_retries=0, timeout=300) as front,
+    ):
+        _same_through_the_proxy(direct, front, proxy, direct.models.list().data[0].id)
