@@ -19,6 +19,9 @@ DEVICE_PREFIX = {"cuda": "CUDA", "rocm": "ROCm", "metal": "MTL"}
 # llama-server's `--api-key` from the environment (so the key never shows in `ps`); the pinned
 # build's name for it, as `llama-server --help` lists it.
 LLAMA_API_KEY_ENV = "LLAMA_API_KEY"
+# The pinned build's switch for batch-invariant CPU kernels (scripts/build-llama.sh); the engine
+# sets it for itself from `--exact`.
+EXACT_ENV = "GGML_CPU_EXACT"
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ def command(
             if spec["rpc"]:
                 cmd += ["--rpc", ",".join(spec["rpc"]), "--tensor-split", spec["tensorSplit"]]
             cmd += ["--ctx", str(spec["ctx"]), "--parallel", str(spec["parallel"])]
+            cmd += ["--exact", "on" if spec.get("exact") == "strict" else "off"]
             return [*cmd, "--host", spec["bind"], "--port", str(spec["port"])]
         case Kind.DRAFTER:
             cmd = [binaries.llama_server, "--model", models[spec["model"]], "--alias", spec["model"]]
@@ -103,9 +107,17 @@ def router_command(binaries: Binaries, bind: str, port: int, backend: str | None
     return [*cmd, "--backend", backend] if backend else cmd
 
 
+def exact_environment(unit: Unit) -> dict[str, str]:
+    """GGML_CPU_EXACT for an rpc worker: the pinned build's ggml reads it when it creates a CPU
+    backend and is exact when it is unset, so a worker always gets it said (`spec.target.exact`)."""
+    if unit.kind is not Kind.WORKER:
+        return {}
+    return {EXACT_ENV: "1" if unit.spec.get("exact") == "strict" else "0"}
+
+
 def environment(unit: Unit, binaries: Binaries) -> dict[str, str]:
-    """Variables `unit` needs beyond the inherited ones: the build's, and the token."""
-    env = dict(binaries.env)
+    """Variables `unit` needs beyond the inherited ones: the build's, exact mode, and the token."""
+    env = dict(binaries.env) | exact_environment(unit)
     token = unit.secrets.get("TIGHTWAD_TOKEN")
     if token:
         env["TIGHTWAD_TOKEN"] = token

@@ -240,6 +240,8 @@ def desired_state(
                 "memory": memory,
                 "slot": slot,
             }
+            if target.exact != "off":  # only when set: a default manifest keeps its workers' hashes
+                spec["exact"] = target.exact
             workers.append(unit(f"worker-{host.name}-{i}{suffix}", Kind.WORKER, host.name, spec))
         # One KV sequence per conversation: the engine's `--parallel`, each with a whole context.
         conversations = target.max_conversations
@@ -257,6 +259,8 @@ def desired_state(
         }
         if target.aliases:  # only when set: an unchanged manifest keeps its engine's hash
             engine_spec["aliases"] = list(target.aliases)
+        if target.exact != "off":  # likewise; a changed value is a new engine and new workers
+            engine_spec["exact"] = target.exact
         # The name carries the content: a changed target is a new engine, which a swap needs.
         content = digest({"spec": engine_spec, "models": [m.to_json() for m in engine_models]})
         engine = unit(

@@ -28,6 +28,7 @@ Runtime = Literal["process", "docker", "kubernetes", "native"]
 DrafterKind = Literal["llama-server", "openai", "ollama", "ngram"]
 ProxyMode = Literal["speculate", "race", "consensus", "passthrough"]
 ConsensusPolicy = Literal["strict", "majority", "any_disagree"]
+ExactMode = Literal["off", "strict"]
 
 _SIZE = re.compile(r"^([0-9]+(?:\.[0-9]+)?) ?(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
@@ -131,6 +132,7 @@ class Target:
     tensor_split: Literal["auto"] | tuple[float, ...] = "auto"
     max_conversations: int = 8  # KV sequences the engine keeps, one per conversation
     aliases: tuple[str, ...] = ()  # other names a request's `model` may use
+    exact: ExactMode = "off"  # strict: batch-invariant CPU kernels in the engine and its workers
 
 
 @dataclass(frozen=True)

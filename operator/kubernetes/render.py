@@ -32,7 +32,7 @@ from tightwad.errors import TightwadError
 from tightwad.manifest import KIND, Manifest
 from tightwad.manifest_views import Host
 from tightwad.models import CATALOG_PREFIX, catalog_model
-from tightwad.operator.commands import LLAMA_API_KEY_ENV, Binaries, command
+from tightwad.operator.commands import LLAMA_API_KEY_ENV, Binaries, command, exact_environment
 from tightwad.operator.units import Kind, ModelRef, Unit
 
 LABEL_CLUSTER = "tightwad.dev/cluster"
@@ -227,6 +227,10 @@ def _token_env(unit: Unit, settings: RenderSettings) -> list[dict[str, Any]]:
     return [{"name": name, "valueFrom": {"secretKeyRef": dict(ref)}} for name in names]
 
 
+def _exact_env(unit: Unit) -> list[dict[str, Any]]:
+    return [{"name": name, "value": value} for name, value in exact_environment(unit).items()]
+
+
 def _is_ip(address: str) -> bool:
     try:
         ipaddress.ip_address(address.strip("[]"))
@@ -388,7 +392,7 @@ def pod_spec(unit: Unit, owner: Owner, settings: RenderSettings, hosts: Mapping[
         "imagePullPolicy": settings.images.pull_policy,
         "command": argv[:1],
         "args": argv[1:],
-        "env": _token_env(unit, settings),
+        "env": [*_exact_env(unit), *_token_env(unit, settings)],
         "ports": [{"name": "serve", "containerPort": unit.port, "protocol": "TCP"}] if unit.port else [],
         "resources": _resources(unit),
         "volumeMounts": mounts,

@@ -174,7 +174,7 @@ def test_unknown_key_suggests_the_closest_key() -> None:
 
 def test_unknown_key_without_a_close_match_only_lists_the_keys() -> None:
     problem = only_problem(MINIMAL.replace("  target:\n", "  target:\n    flavour: spicy\n"))
-    allowed = "model, host, port, contextSize, tensorSplit, maxConversations, aliases"
+    allowed = "model, host, port, contextSize, tensorSplit, maxConversations, aliases, exact"
     assert problem.message == f"unknown key; allowed keys are {allowed}"
 
 
