@@ -1,12 +1,15 @@
 """Exact mode: a position's logits do not depend on the block it is evaluated in.
 
 The pinned build patches ggml's CPU backend (scripts/build-llama.sh, `exact_patch`) so that every
-output element is computed in the same order whatever the number of tokens in the batch. Here, on
-real quantized models with default settings (flash attention auto, F16 KV cache):
+output element is computed in the same order whatever the number of tokens in the batch, when
+GGML_CPU_EXACT=1 (`tightwad engine --exact on`, `spec.target.exact: strict`; Tightwad's default is
+stock kernels, GGML_CPU_EXACT=0). Here, in exact mode, said explicitly to every process, on real
+quantized models with otherwise default settings (flash attention auto, F16 KV cache):
 
 - the logits of 17 positions after a 300-token prompt, evaluated one token per decode and inside
   blocks of 2..17 tokens (as verify does), agree bit for bit: in this process and over a real rpc
-  worker; with stock kernels (GGML_CPU_EXACT=0) the same measurement differs, so it can fail;
+  worker; with stock kernels (GGML_CPU_EXACT=0, the default) the same measurement differs, so it
+  can fail;
 - speculative greedy decoding through the engine's verify API gives token for token the engine's
   own target-alone greedy output and llama-server's, on Gemma 3 270M Q4_K_M and (when fetched, they
   are opt-in) the Qwen2.5-Coder 1.5B/0.5B Q4_K_M pair, on prompts whose greedy path passes near-ties
@@ -74,6 +77,13 @@ def gemma(toolchain: Toolchain) -> Iterator[libllama.Model]:
     model.close()
 
 
+@pytest.fixture
+def exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exact mode for this process's contexts and the processes it starts (they inherit it)."""
+    monkeypatch.setenv("GGML_CPU_EXACT", "1")
+
+
+@pytest.mark.usefixtures("exact")
 def test_block_and_single_token_logits_are_bit_identical(gemma: libllama.Model) -> None:
     m = measure(gemma)
     assert m.invariant, explain(m)
@@ -88,8 +98,9 @@ def test_stock_kernels_differ_so_the_check_can_fail(
     assert not m.invariant, "stock kernels should make some block differ from one-token decoding"
 
 
+@pytest.mark.usefixtures("exact")
 def test_bit_identical_over_an_rpc_worker(toolchain: Toolchain, processes: Processes) -> None:
-    assert os.environ.get("GGML_CPU_EXACT", "1") != "0"
+    assert os.environ["GGML_CPU_EXACT"] == "1"  # this process's and the worker's own kernels
     endpoints = start_rpc_workers(processes, toolchain, 1)
     model = libllama.Model(models.resolve("gemma3-270m-q4_k_m"), libllama.rpc_devices(endpoints))
     try:
@@ -124,11 +135,16 @@ def chat(model: libllama.Model, user: str) -> list[int]:
 def golden_check(
     target: Path, draft: Path, prompts: list[str], toolchain: Toolchain, processes: Processes
 ) -> None:
-    """Default engine and llama-server settings; drafts from the small model in this process."""
-    engine: EngineProcess = start_engine(processes, target, parallel=2, ctx=2048, name="exact-engine")
+    """Exact mode, otherwise default engine and llama-server settings; drafts from the small model
+    in this process (only proposals: their kernels do not matter)."""
+    engine: EngineProcess = start_engine(
+        processes, target, parallel=2, ctx=2048, extra=["--exact", "on"], name="exact-engine"
+    )
     port = free_port()
     server, log = processes.start(
-        "llama-server-exact", llama_server_command(toolchain, target, port, ctx_size=2048, threads=1)
+        "llama-server-exact",
+        llama_server_command(toolchain, target, port, ctx_size=2048, threads=1),
+        env={"GGML_CPU_EXACT": "1"},
     )
     url = f"http://127.0.0.1:{port}"
     wait_for_http(f"{url}/health", process=server, log=log)
