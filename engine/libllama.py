@@ -83,7 +83,8 @@ def set_exact(on: bool) -> None:
     The pinned build patches ggml so its CPU kernels compute every output element in the same order
     whatever the number of tokens in a batch (scripts/build-llama.sh, `exact_patch`): a token's
     logits are then bit-identical whether it is decoded alone or inside a verify block. ggml reads
-    GGML_CPU_EXACT when it creates a CPU backend; unset means on. Warns when the build lacks it.
+    GGML_CPU_EXACT when it creates a CPU backend; unset means on, but `tightwad engine` always says
+    (its `--exact` defaults to off: strict mode costs prefill speed). Warns when the build lacks it.
     """
     import os
     import sys
