@@ -6,11 +6,12 @@ draft by sampling with the request's temperature and top-p (top-k capped at SAMP
 for `post_sampling_probs`: the exact distribution each token was drawn from, which the engine's
 rejection rule uses. The drafter must share the target's vocabulary (same tokenizer).
 
-A request under a JSON constraint (`response_format`, or a required call in the Llama 3 format,
-which is a bare JSON object) drafts under it too: llama-server takes a `json_schema`, and its
-`generation_prompt` feeds the text generated so far to the grammar, so each round's draft starts
-from the grammar state the target is in. Other constraints draft unconstrained. Either way the
-engine masks the target's distribution itself: a draft that breaks the grammar is only rejected.
+A request under a JSON constraint (`response_format`, a required call in the Llama 3 format, which
+is a bare JSON object, or the JSON inside a Hermes `<tool_call>` block) drafts under it too:
+llama-server takes a `json_schema`, and its `generation_prompt` feeds the text generated so far (of
+that JSON value) to the grammar, so each round's draft starts from the grammar state the target is
+in. Elsewhere (a Hermes reply's tags, Mistral calls) it drafts unconstrained. Either way the engine
+masks the target's distribution itself: a draft that breaks the grammar is only rejected.
 """
 
 from __future__ import annotations
@@ -93,8 +94,11 @@ class LlamaServerDrafter:
         await self.client.aclose()
 
 
+HERMES_OPEN = "<tool_call>\n"
+
+
 def json_schema_of(constraint: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The JSON Schema a constraint makes the reply follow, or None when it is not one JSON value."""
+    """The JSON Schema a constraint makes the reply (a Hermes call: each call) follow, or None."""
     if constraint is None:
         return None
     response_format = constraint.get("response_format")
@@ -104,7 +108,7 @@ def json_schema_of(constraint: dict[str, Any] | None) -> dict[str, Any] | None:
         spec = response_format.get("json_schema")
         schema = spec.get("schema", {}) if isinstance(spec, dict) else None
         return schema if isinstance(schema, dict) else None
-    if constraint.get("family") == "llama3" and "tools" in constraint:
+    if constraint.get("family") in ("llama3", "hermes") and "tools" in constraint:
         try:  # the engine has checked them; anything odd here just drafts unconstrained
             calls = tools.required_calls(constraint["tools"], constraint.get("tool_choice"))
         except Exception:
@@ -124,6 +128,12 @@ def grammar_fields(request: DraftRequest) -> dict[str, Any]:
         text = request.vocabulary.join(generated, True).decode("utf-8")
     except UnicodeDecodeError:
         return {}
+    if (request.grammar or {}).get("family") == "hermes":
+        # Only inside a call's JSON: from the last `<tool_call>\n` while its block is open.
+        at = text.rfind(HERMES_OPEN)
+        if at < 0 or "</tool_call>" in text[at:]:
+            return {}
+        text = text[at + len(HERMES_OPEN) :]
     return {"json_schema": schema, "generation_prompt": text}
 
 

@@ -27,6 +27,9 @@ from support.procs import Processes
 from support.proxies import TOKEN, ProxyProcess, start_drafter, start_proxy
 
 from tightwad import models
+from tightwad.proxy.detok import Vocabulary
+from tightwad.proxy.drafters.base import DraftRequest
+from tightwad.proxy.drafters.llama_server import grammar_fields
 from tightwad.toolchain import Toolchain
 
 pytestmark = pytest.mark.integration
@@ -368,3 +371,22 @@ def test_speculated_tool_requests_are_the_engines_replies_qwen(
         OpenAI(base_url=f"{proxy.url}/v1", api_key=TOKEN, max_retries=0, timeout=300) as front,
     ):
         _same_through_the_proxy(direct, front, proxy, direct.models.list().data[0].id)
+
+
+def test_the_llama_server_drafter_drafts_a_required_hermes_call_under_its_schema_inside_the_call() -> None:
+    """The grammar of a required call reaches the drafter as the call's JSON Schema, with the call's
+    text so far, only while a `<tool_call>` block is open (its tags are drafted unconstrained)."""
+    vocabulary = Vocabulary([b"<tool_call>\n", b'{"name": "get_weather", ', b"\n</tool_call>", b"hi"])
+    grammar = {"tools": [WEATHER, TIME], "tool_choice": "required", "family": "hermes"}
+
+    def fields(*generated: int) -> dict[str, Any]:
+        request = DraftRequest((3, *generated), 4, vocabulary=vocabulary, grammar=grammar, generation_start=1)
+        return grammar_fields(request)
+
+    assert fields() == {} and fields(3) == {}  # no call open yet
+    inside = fields(0, 1)
+    assert inside["generation_prompt"] == '{"name": "get_weather", '
+    names = {o["properties"]["name"]["const"] for o in inside["json_schema"]["anyOf"]}
+    assert names == {"get_weather", "get_time"}
+    assert fields(0, 1, 2) == {}  # the block is closed
+    assert fields(0, 1, 2, 0)["generation_prompt"] == ""  # a second call opens
