@@ -372,6 +372,7 @@ def engine_document() -> dict[str, Any]:
         "properties": {
             "content": _STRING,
             "messages": _TYPES["messages"],
+            "tools": _TYPES["tools"],  # with messages: shown to the template as the chat would
             "add_special": _BOOL,
             "parse_special": _BOOL,
             "with_pieces": _BOOL,
