@@ -360,7 +360,10 @@ def test_speculated_tool_requests_are_the_engines_replies_qwen(
         )
     from tightwad.launch import free_port, llama_server_command, wait_for_http
 
-    engine = start_engine(module_processes, target, parallel=2, ctx=4096, name="qwen-target")
+    # Exact kernels: a verify block scores each token as decoding it alone does (no near-tie flips).
+    engine = start_engine(
+        module_processes, target, parallel=2, ctx=4096, extra=["--exact", "on"], name="qwen-target"
+    )
     port = free_port()
     cmd = llama_server_command(toolchain, path, port, threads=1, ctx_size=4096)
     process, log = module_processes.start(f"qwen-drafter-{port}", cmd)
