@@ -3,16 +3,20 @@ target is computed: the engine gets `--exact on|off` and every rpc worker GGML_C
 (the pinned build is exact when the variable is unset, so a worker is always told), on every runtime:
 the process driver's command and environment, the docker driver's container config, and the
 Kubernetes pods. Drafters are left alone (their output is only a proposal). A changed value restarts
-the engine and the workers, nothing else; a manifest without the key keeps its units' hashes."""
+the engine and the workers, nothing else; a manifest without the key keeps its units' hashes. And
+on real processes: `tightwad up` with strict, read back from the running workers' environment and
+the engine's command line."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from support.kubeapi import ROOT
 from support.plans import Sim, desired, manifest_data, names
+from support.reconcile import Operator, local_manifest, pids_alive, write_manifest
 
 from tightwad.engine.cli import build_parser
 from tightwad.manifest import ManifestError, manifest_from_dict
@@ -24,6 +28,7 @@ from tightwad.operator.kubernetes.render import Owner, RenderSettings, render_al
 from tightwad.operator.kubernetes.workloads import kubernetes_hosts
 from tightwad.operator.plan import Start, Stop, plan
 from tightwad.operator.units import Kind, Unit
+from tightwad.toolchain import Toolchain
 
 PATHS = {"big": "/models/big.gguf", "small": "/models/small.gguf"}
 
@@ -144,3 +149,36 @@ def test_kubernetes_pods_carry_it(exact: str, flag: str, env: str) -> None:
     assert all(e["name"] != "GGML_CPU_EXACT" for e in engine["env"])
     for drafter in _containers(objects, Kind.DRAFTER.value):
         assert all(e["name"] != "GGML_CPU_EXACT" for e in drafter["env"])
+
+
+# Real processes: `tightwad up` with strict, then what the running workers and engine were given ----
+
+
+def _proc(pid: int, name: str) -> list[str]:
+    return Path(f"/proc/{pid}/{name}").read_bytes().decode().split("\0")
+
+
+@pytest.mark.integration
+def test_tightwad_up_gives_strict_to_the_running_workers_and_engine(
+    toolchain: Toolchain, tmp_path: Path
+) -> None:
+    data = local_manifest("exactop", drafter=False, proxy=False)
+    data["spec"]["target"]["exact"] = "strict"
+    manifest = tmp_path / "cluster.yaml"
+    write_manifest(manifest, data)
+    op = Operator(manifest, tmp_path / "state", tmp_path / "up.log")
+    op.start()
+    pids: list[int] = []
+    try:
+        units = op.units(op.wait_ready())
+        pids = [u["pid"] for u in units.values() if u.get("pid")]
+        workers = [u for u in units.values() if u["kind"] == Kind.WORKER.value]
+        (engine,) = [u for u in units.values() if u["kind"] == Kind.ENGINE.value]
+        assert len(workers) == 2
+        for worker in workers:
+            assert "GGML_CPU_EXACT=1" in _proc(worker["pid"], "environ")
+        argv = _proc(engine["pid"], "cmdline")
+        assert exact_value(argv) == "on", argv
+    finally:
+        assert op.interrupt() == 0, op.log()
+    assert pids_alive(pids) == [], op.log()
