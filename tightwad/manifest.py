@@ -710,9 +710,11 @@ def _message(error: ValidationError) -> str:
     value, expected, schema = error.instance, error.validator_value, error.schema
     match error.validator:
         case "type":
-            return f"expected {_type_words(expected)}, got {_show(value)}"
+            return f"expected {_type_words(expected)}, got {_show(value)}{_yaml_boolean_hint(value)}"
         case "enum":
             message = f"{_show(value)} is not one of {', '.join(map(str, expected))}"
+            if isinstance(value, bool):
+                return message + _yaml_boolean_hint(value)
             guess = _closest(str(value), [str(choice) for choice in expected])
             return f"{message}; did you mean {guess!r}?" if guess else message
         case "const":
@@ -736,6 +738,14 @@ def _message(error: ValidationError) -> str:
         case "anyOf" | "oneOf":
             return _alternatives(error)
     return error.message
+
+
+def _yaml_boolean_hint(value: Any) -> str:
+    """YAML 1.1 reads a bare off/on/yes/no as a boolean, so `exact: off` arrives as false."""
+    if not isinstance(value, bool):
+        return ""
+    word = "off" if value is False else "on"
+    return f'; YAML reads a bare off/on/yes/no as a boolean: quote the word, e.g. "{word}"'
 
 
 def _alternatives(error: ValidationError) -> str:

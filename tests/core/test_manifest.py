@@ -193,6 +193,13 @@ def test_alternatives_explain_the_branch_that_was_meant() -> None:
     assert only_problem(MINIMAL + proxy.format("many")).message == expected
 
 
+def test_a_bare_yaml_boolean_is_told_to_be_quoted() -> None:
+    problem = only_problem(MINIMAL.replace("  target:\n", "  target:\n    exact: off\n"))
+    assert problem.path == "spec.target.exact"
+    hint = 'YAML reads a bare off/on/yes/no as a boolean: quote the word, e.g. "off"'
+    assert problem.message == f"expected a string, got false; {hint}"
+
+
 def test_pattern_message_says_the_form() -> None:
     problem = only_problem(MINIMAL.replace("port: 18152", "port: 18152\n          memory: 8 gigs"))
     assert problem.message.startswith("'8 gigs' is not a valid size; write a number and a unit")
