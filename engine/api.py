@@ -175,72 +175,6 @@ class GenerationOptions:
     grammar: dict[str, Any] | None = None  # a decoding constraint (tightwad.openai.constraint_of)
 
 
-@dataclass(frozen=True)
-class ToolPlan:
-    """A chat request's tools: the functions given to the template, the `tool_choice`, the grammar
-    that enforces a required or named call, and how calls are read back out of the reply."""
-
-    tools: list[dict[str, Any]]  # as the template takes them ({"type": "function", "function": ...})
-    choice: str  # "auto", "required" or a function's name
-    family: str
-    parallel: bool
-    grammar: dict[str, Any] | None
-
-    @staticmethod
-    def of(body: dict[str, Any], family: str | None) -> ToolPlan | None:
-        """None when the request gives no tools or says `tool_choice: "none"` (the model is then not
-        shown them); a 400 naming `tools` when the model's template cannot take tools."""
-        raw = body.get("tools")
-        if not raw:
-            if body.get("tool_choice") not in (None, "none", "auto"):
-                raise BadRequest("`tool_choice` asks for a call but `tools` is empty", param="tool_choice")
-            return None
-        functions = tools.check_tools(raw)
-        choice = tools.choice_of(body.get("tool_choice"), functions)
-        if family is None:
-            raise tools.unsupported()
-        parallel = get_field(body, "parallel_tool_calls", bool, True)
-        if choice == "none":
-            return None
-        grammar = None
-        if choice != "auto":  # required or named: a grammar admits nothing but calls
-            grammar = {
-                "tools": raw,
-                "tool_choice": body.get("tool_choice"),
-                "family": family,
-                "parallel_tool_calls": parallel,
-            }
-        given = [{"type": "function", "function": f} for f in functions]
-        return ToolPlan(given, choice, family, parallel, grammar)
-
-    @property
-    def parses(self) -> bool:
-        return True
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(t["function"]["name"] for t in self.tools)
-
-    def stream(self) -> tools.ToolStream:
-        return tools.ToolStream(self.family, self.names)
-
-    def calls_json(self, calls: list[tools.ToolCall]) -> list[dict[str, Any]]:
-        """The calls as `delta.tool_calls` entries (with `index`); one only without parallel calls."""
-        kept = calls if self.parallel else calls[:1]
-        return [call.to_json(index=i) for i, call in enumerate(kept)]
-
-    def shape_message(self, choice: dict[str, Any]) -> None:
-        """A finished chat choice with the calls in its text moved to `message.tool_calls`."""
-        message = choice["message"]
-        content, calls = tools.parse(message.get("content") or "", self.family, self.names)
-        if calls:
-            message["content"] = content or None
-            message["tool_calls"] = [
-                {k: v for k, v in call.items() if k != "index"} for call in self.calls_json(calls)
-            ]
-            choice["finish_reason"] = "tool_calls"
-
-
 @dataclass
 class Delta:
     text: str
@@ -381,7 +315,7 @@ class Api:
         if body.get("messages") is not None:
             # A chat rendered with the model's own template, exactly as /v1/chat/completions would:
             # what the proxy needs to speculate on chat requests; `tools` as the chat would show them.
-            plan = ToolPlan.of({"tools": body.get("tools")}, self.formatter.tool_family)
+            plan = tools.ToolPlan.of({"tools": body.get("tools")}, self.formatter.tool_family)
             rendered = plan.tools if plan is not None else None
             tokens = self.formatter.tokens(normalise_messages(body["messages"]), rendered)
         else:
@@ -529,7 +463,7 @@ class Api:
         body = await read_json(request, self.max_body)
         self._check(body, CHAT)
         messages = normalise_messages(body.get("messages"))
-        plan = ToolPlan.of(body, self.formatter.tool_family)
+        plan = tools.ToolPlan.of(body, self.formatter.tool_family)
         rendered = plan.tools if plan is not None else None
         tokens = self._fits(await asyncio.to_thread(self._chat_tokens, messages, rendered), "messages")
         choices = self._choices(body, [tokens], default_max=self.engine.n_ctx)
@@ -589,7 +523,7 @@ class Api:
         choices: list[GenerationOptions],
         chat: bool,
         n: int,
-        plan: ToolPlan | None = None,
+        plan: tools.ToolPlan | None = None,
     ) -> Response:
         shape = ReplyShape(chat, self.model_name)
         started: list[tuple[Generation, asyncio.Queue[GenerationEvent]]] = []
@@ -622,7 +556,7 @@ class Api:
         ]
         for options, one, (_, _, done) in zip(choices, bodies, results, strict=True):
             self._add_logprobs(one, options, done.shown, done.entries)
-            if plan is not None and plan.parses:
+            if plan is not None:
                 plan.shape_message(one["choices"][0])
         body = bodies[0]  # one choice: exactly the body it always was
         body["choices"] = [{**one["choices"][0], "index": i} for i, one in enumerate(bodies)]
@@ -677,7 +611,7 @@ class Api:
         started: list[tuple[Generation, asyncio.Queue[GenerationEvent]]],
         shape: ReplyShape,
         n: int,
-        plan: ToolPlan | None = None,
+        plan: tools.ToolPlan | None = None,
     ) -> AsyncIterator[str]:
         """The choices' chunks as they come, each with its `index`. One choice: its last chunk carries
         usage (the proxy reads it; OpenAI clients ignore it); several: a usage chunk ends the stream."""
@@ -709,7 +643,7 @@ class Api:
 
         single = len(choices) == 1
         # With tools: text that may start a call is held back, the calls go out at the end.
-        streams = [plan.stream() if plan is not None and plan.parses else None for _ in choices]
+        streams = [plan.stream() if plan is not None else None for _ in choices]
         tasks = [asyncio.ensure_future(pump(i)) for i in range(len(choices))]
         outcomes: dict[int, Outcome] = {}
         try:

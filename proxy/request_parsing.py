@@ -2,8 +2,7 @@
 
 Speculation serves one choice of plain text from a prompt or chat messages, greedy or sampled with
 temperature / top_p / top_k / seed, with stop sequences and max_tokens, and chats with tools
-(`ToolPlan`: what the engine shows the template, the grammar of a required call, how calls are read
-back out of the reply, as the engine's own chat route does). Anything else the engine
+(tightwad.tools.ToolPlan, shared with the engine's own chat route). Anything else the engine
 honours (n > 1, several prompts, ...) would change the output if it were ignored, so such requests
 go to the engine unchanged (`passthrough_reason`). What neither serves is refused before that, by
 the one parameter table (tightwad.openai.PARAMS, `check_params`).
@@ -22,7 +21,7 @@ from starlette.requests import Request
 from tightwad import tools
 from tightwad.http import read_limited
 from tightwad.logprobs import requested
-from tightwad.openai import PARAMS, InvalidRequest, constraint_of, get_field, is_neutral, passthrough_keys
+from tightwad.openai import PARAMS, InvalidRequest, constraint_of, is_neutral, passthrough_keys
 from tightwad.verify_api import Sampling, sampling_error, shaping_fields
 
 _PASSTHROUGH_KEYS = passthrough_keys()
@@ -67,69 +66,6 @@ def passthrough_reason(body: dict[str, Any]) -> str | None:
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) and len(prompt) > 1:
         return "several prompts"
     return None
-
-
-@dataclass(frozen=True)
-class ToolPlan:
-    """A chat's tools as the engine's chat route treats them: the functions its template is shown,
-    the grammar that enforces a required or named call, and how calls are parsed out of the reply."""
-
-    tools: list[dict[str, Any]]  # as the template takes them ({"type": "function", "function": ...})
-    family: str
-    parallel: bool
-    grammar: dict[str, Any] | None
-
-    @staticmethod
-    def of(body: dict[str, Any], family: str | None) -> ToolPlan | None:
-        """None when the request gives no tools or says `tool_choice: "none"` (the model is then not
-        shown them); the engine's 400 naming `tools` when the template cannot take tools."""
-        raw = body.get("tools")
-        if not raw:
-            if body.get("tool_choice") not in (None, "none", "auto"):
-                raise InvalidRequest(
-                    "`tool_choice` asks for a call but `tools` is empty", param="tool_choice"
-                )
-            return None
-        functions = tools.check_tools(raw)
-        choice = tools.choice_of(body.get("tool_choice"), functions)
-        if family is None:
-            raise tools.unsupported()
-        parallel = get_field(body, "parallel_tool_calls", bool, True)
-        if choice == "none":
-            return None
-        grammar = None
-        if choice != "auto":  # required or named: a grammar admits nothing but calls
-            grammar = {
-                "tools": raw,
-                "tool_choice": body.get("tool_choice"),
-                "family": family,
-                "parallel_tool_calls": parallel,
-            }
-        given = [{"type": "function", "function": f} for f in functions]
-        return ToolPlan(given, family, parallel, grammar)
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(t["function"]["name"] for t in self.tools)
-
-    def stream(self) -> tools.ToolStream:
-        return tools.ToolStream(self.family, self.names)
-
-    def calls_json(self, calls: list[tools.ToolCall]) -> list[dict[str, Any]]:
-        """The calls as `delta.tool_calls` entries (with `index`); one only without parallel calls."""
-        kept = calls if self.parallel else calls[:1]
-        return [call.to_json(index=i) for i, call in enumerate(kept)]
-
-    def shape_message(self, choice: dict[str, Any]) -> None:
-        """A finished chat choice with the calls in its text moved to `message.tool_calls`."""
-        message = choice["message"]
-        content, calls = tools.parse(message.get("content") or "", self.family, self.names)
-        if calls:
-            message["content"] = content or None
-            message["tool_calls"] = [
-                {k: v for k, v in call.items() if k != "index"} for call in self.calls_json(calls)
-            ]
-            choice["finish_reason"] = "tool_calls"
 
 
 def tool_family(models_body: Any) -> str | None:

@@ -20,7 +20,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
-from tightwad.openai import InvalidRequest
+from tightwad.openai import InvalidRequest, get_field
 
 FAMILIES = ("hermes", "llama3", "mistral")
 _OPEN = {"hermes": "<tool_call>", "mistral": "[TOOL_CALLS]", "llama3": "<|python_tag|>"}
@@ -263,6 +263,70 @@ class ToolStream:
             return self.text[len(sent) :], []
         done = sent.strip()
         return (content[len(done) :].strip() if content.startswith(done) else ""), calls
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    """A chat request's tools, as the engine's chat route and the proxy's both treat them: the
+    functions the template is shown, the grammar that enforces a required or named call, and how
+    calls are read back out of the reply."""
+
+    tools: list[dict[str, Any]]  # as the template takes them ({"type": "function", "function": ...})
+    family: str
+    parallel: bool
+    grammar: dict[str, Any] | None
+
+    @staticmethod
+    def of(body: dict[str, Any], family: str | None) -> ToolPlan | None:
+        """None when the request gives no tools or says `tool_choice: "none"` (the model is then not
+        shown them); a 400 naming `tools` when the model's template cannot take tools."""
+        raw = body.get("tools")
+        if not raw:
+            if body.get("tool_choice") not in (None, "none", "auto"):
+                raise InvalidRequest(
+                    "`tool_choice` asks for a call but `tools` is empty", param="tool_choice"
+                )
+            return None
+        functions = check_tools(raw)
+        choice = choice_of(body.get("tool_choice"), functions)
+        if family is None:
+            raise unsupported()
+        parallel = get_field(body, "parallel_tool_calls", bool, True)
+        if choice == "none":
+            return None
+        grammar = None
+        if choice != "auto":  # required or named: a grammar admits nothing but calls
+            grammar = {
+                "tools": raw,
+                "tool_choice": body.get("tool_choice"),
+                "family": family,
+                "parallel_tool_calls": parallel,
+            }
+        given = [{"type": "function", "function": f} for f in functions]
+        return ToolPlan(given, family, parallel, grammar)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(t["function"]["name"] for t in self.tools)
+
+    def stream(self) -> ToolStream:
+        return ToolStream(self.family, self.names)
+
+    def calls_json(self, calls: list[ToolCall]) -> list[dict[str, Any]]:
+        """The calls as `delta.tool_calls` entries (with `index`); one only without parallel calls."""
+        kept = calls if self.parallel else calls[:1]
+        return [call.to_json(index=i) for i, call in enumerate(kept)]
+
+    def shape_message(self, choice: dict[str, Any]) -> None:
+        """A finished chat choice with the calls in its text moved to `message.tool_calls`."""
+        message = choice["message"]
+        content, calls = parse(message.get("content") or "", self.family, self.names)
+        if calls:
+            message["content"] = content or None
+            message["tool_calls"] = [
+                {k: v for k, v in call.items() if k != "index"} for call in self.calls_json(calls)
+            ]
+            choice["finish_reason"] = "tool_calls"
 
 
 def unsupported() -> InvalidRequest:

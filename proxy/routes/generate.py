@@ -38,7 +38,6 @@ from tightwad.openai import (
 from tightwad.proxy.replies import ReplyDelta, TextReply
 from tightwad.proxy.request_parsing import (
     Params,
-    ToolPlan,
     parse_messages,
     parse_params,
     parse_prompt,
@@ -93,7 +92,7 @@ class GenerateRoutes:
                 # An engine from before tools says nothing about them: it answers for itself.
                 return await pass_through(proxy, request, raw, body, route)
             # Checked here in the engine's own words; a template without tools is refused.
-            plan = ToolPlan.of(body, tool_family(models_body))
+            plan = tools.ToolPlan.of(body, tool_family(models_body))
         grammar = constraint_of(body)
         if plan is not None and plan.grammar is not None:
             if grammar is not None:  # response_format and a required call: the engine's 400
@@ -121,7 +120,7 @@ class GenerateRoutes:
         params: Params,
         profile: EngineProfile,
         chat: bool,
-        plan: ToolPlan | None = None,
+        plan: tools.ToolPlan | None = None,
     ) -> Response:
         proxy = self.proxy
         assert proxy.speculator is not None
@@ -182,7 +181,7 @@ class GenerateRoutes:
         reply: TextReply,
         shape: ReplyShape,
         n_prompt: int,
-        plan: ToolPlan | None = None,
+        plan: tools.ToolPlan | None = None,
     ) -> AsyncIterator[str]:
         # With tools: text that may start a call is held back, the calls go out at the end.
         stream = plan.stream() if plan is not None else None
