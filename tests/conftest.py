@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -53,6 +54,19 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 _subreaper = pytest.StashKey[bool]()
+
+
+@pytest.fixture(autouse=True)
+def _kernel_mode_is_restored() -> Iterator[None]:
+    """`tightwad engine`'s main sets GGML_CPU_EXACT for its own process (stock kernels unless
+    `--exact on`); a test that runs it in this process must not switch the kernels of every engine
+    later tests build here (ggml reads the variable whenever a context makes its CPU backend)."""
+    before = os.environ.get("GGML_CPU_EXACT")
+    yield
+    if before is None:
+        os.environ.pop("GGML_CPU_EXACT", None)
+    else:
+        os.environ["GGML_CPU_EXACT"] = before
 
 
 @pytest.fixture(scope="session")

@@ -200,7 +200,11 @@ def hermes_smol(toolchain: Toolchain, module_processes: Processes) -> Iterator[t
     from tightwad.http import Server
 
     model = libllama.Model(models.resolve("smollm2-135m-q4_1"))
-    engine = Engine(model, n_ctx=2048, parallel=2, n_batch=128).start()
+    # Exact kernels (read once, when the context makes its CPU backend): the golden test below
+    # compares speculated replies with this engine's, and stock kernels can flip a near-tie.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("GGML_CPU_EXACT", "1")
+        engine = Engine(model, n_ctx=2048, parallel=2, n_batch=128).start()
     app = create_app(engine, "smol-hermes", formatter=ChatFormatter(model, template=HERMES))
     server = Server(app, "127.0.0.1", 0)
     server.start_thread()
