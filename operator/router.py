@@ -111,12 +111,17 @@ class Router:
         return JSONResponse(self.status())
 
     async def forward(self, request: Request) -> Response:
-        backend = self.backend
-        if backend is None:
+        if self.backend is None:
             return _error(503, "no engine is ready yet; the operator is starting one", "no_backend")
         # Buffered (requests are small, and it allows one retry below), under the limit: anyone
         # who reaches the router can send one, the engine checks the token only after.
         body = await http.read_limited(request, self.max_body_bytes, "the engine router")
+        # The backend is chosen and counted only now, with no await in between: an engine that
+        # the operator saw drained (no request open) while this body was arriving, and then
+        # stopped, is never chosen.
+        backend = self.backend
+        if backend is None:
+            return _error(503, "no engine is ready yet; the operator is starting one", "no_backend")
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST]
         url = httpx.URL(backend.url + request.url.path, query=request.url.query.encode())
         self.inflight[backend.unit] += 1

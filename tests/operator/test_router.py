@@ -104,3 +104,48 @@ def test_the_router_refuses_to_listen_beyond_loopback_without_a_token(
     monkeypatch.delenv("TIGHTWAD_TOKEN", raising=False)
     assert router_module.main(["--host", "0.0.0.0", "--port", str(free_port())]) == 1
     assert "beyond loopback" in capsys.readouterr().err
+
+
+def test_a_request_whose_body_arrives_during_a_swap_goes_to_the_new_engine() -> None:
+    """The operator re-points the route, sees the old engine drained and stops it: a request that
+    was still uploading its body when that happened must not be sent to the stopped engine."""
+    router = routed()
+    hosts: list[str] = []
+
+    def engine(request: httpx.Request) -> httpx.Response:
+        hosts.append(request.url.host)
+        return httpx.Response(200, stream=httpx.ByteStream(b"{}"))
+
+    router.client = httpx.AsyncClient(transport=httpx.MockTransport(engine))
+    half_sent = asyncio.Event()
+    swapped = asyncio.Event()
+
+    async def body() -> Any:
+        yield b'{"prompt": '
+        half_sent.set()
+        await swapped.wait()
+        yield b'"hi"}'
+
+    async def operator(client: httpx.AsyncClient) -> dict[str, Any]:
+        await half_sent.wait()
+        await asyncio.sleep(0.05)  # the router is now reading the body
+        moved = await client.put(
+            router_module.ROUTE_PATH,
+            json={"backend": "http://10.0.0.10:18080", "unit": "engine-b"},
+            headers=AUTH,
+        )
+        assert moved.status_code == 200
+        probe = (await client.get(router_module.HEALTH_PATH)).json()
+        swapped.set()
+        return probe
+
+    async def run() -> tuple[httpx.Response, dict[str, Any]]:
+        transport = httpx.ASGITransport(app=create_app(router))
+        async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
+            return await asyncio.gather(client.post("/v1/completions", content=body()), operator(client))
+
+    response, probe = asyncio.run(run())
+    assert response.status_code == 200
+    assert response.headers[router_module.ENGINE_HEADER] == "engine-b"
+    assert "engine-a" not in probe["inflight"]  # the operator may stop engine-a now
+    assert hosts == ["10.0.0.10"]
