@@ -13,6 +13,9 @@ stdenv.mkDerivation {
   pname = "tightwad-worker";
   inherit (source) version src;
   sourceRoot = "llama_cpp_python-${source.version}/vendor/llama.cpp";
+  # Exact mode, as scripts/build-llama.sh builds it: batch-invariant CPU kernels unless
+  # GGML_CPU_EXACT=0, so a manifest's `exact: strict` means the same on every host.
+  patches = [ ../scripts/llama-exact.patch ];
 
   nativeBuildInputs = [ cmake ninja ]
     ++ lib.optionals cudaSupport [ cudaPackages.cuda_nvcc ];

@@ -36,105 +36,10 @@ flags+=("${extra[@]}")
 # logits do not depend on how many tokens share its batch. It turns ggml's reference kernels
 # (use_ref: no tiled K-quant matmul, no tiled or KV-split flash attention, no op fusion) on by
 # default and extends them to llamafile's sgemm, the repacked-weight GEMM and the 2-row mmla dot;
-# GGML_CPU_EXACT=0 in a process's environment turns it off. The patch is part of the cache key.
+# GGML_CPU_EXACT=0 in a process's environment turns it off. The patch (scripts/llama-exact.patch,
+# which nix/worker.nix applies too) is part of the cache key.
 exact_patch() {
-  cat <<'PATCH'
---- a/ggml/src/ggml-cpu/ggml-cpu.c
-+++ b/ggml/src/ggml-cpu/ggml-cpu.c
-@@ -1305,7 +1305,8 @@
- 
-     const bool src1_cont = ggml_is_contiguous(src1);
- 
--    if (src1_cont) {
-+    // tightwad exact mode: llamafile's sgemm serves only n >= 2, vec_dot serves n = 1
-+    if (src1_cont && !params->use_ref) {
-         for (int64_t i13 = 0; i13 < ne13; i13++)
-             for (int64_t i12 = 0; i12 < ne12; i12++)
-                 if (!llamafile_sgemm(params,
-@@ -1384,7 +1385,7 @@
-     ggml_barrier(params->threadpool);
- 
- #if GGML_USE_LLAMAFILE
--    if (src1->type != vec_dot_type) {
-+    if (src1->type != vec_dot_type && !params->use_ref) {
-         const void* wdata = (src1->type == vec_dot_type) ? src1->data : params->wdata;
-         const size_t row_size = ggml_row_size(vec_dot_type, ne10);
- 
-@@ -1461,6 +1462,10 @@
-         if ((nr0 % 2 != 0) || (ne11 % 2 != 0) || ((ir0_end - ir0_start) % 2 != 0) || ((ir1_end - ir1_start) % 2 != 0)) {
-             num_rows_per_vec_dot = 1;
-         }
-+        // tightwad exact mode: 2-row mmla kernels are chosen by the batch's parity
-+        if (params->use_ref) {
-+            num_rows_per_vec_dot = 1;
-+        }
-         ggml_compute_forward_mul_mat_one_chunk(params, dst, src0->type, num_rows_per_vec_dot, ir0_start, ir0_end, ir1_start, ir1_end);
- 
-         if (nth >= nchunk0 * nchunk1) {
---- a/ggml/src/ggml-cpu/ggml-cpu.cpp
-+++ b/ggml/src/ggml-cpu/ggml-cpu.cpp
-@@ -214,6 +214,14 @@
-     return &guid;
- }
- 
-+// tightwad exact mode: the reference (use_ref) kernels compute every output element in the same
-+// order whatever the number of rows in the batch, so a token's logits do not depend on whether it
-+// is decoded alone or inside a block of draft tokens. On unless GGML_CPU_EXACT=0.
-+static bool ggml_backend_cpu_exact_default(void) {
-+    const char * env = getenv("GGML_CPU_EXACT");
-+    return env == NULL || atoi(env) != 0;
-+}
-+
- ggml_backend_t ggml_backend_cpu_init(void) {
-     // initialize CPU backend now to avoid slowing the first graph computation
-     ggml_cpu_init();
-@@ -229,7 +237,8 @@
-     ctx->work_size           = 0;
-     ctx->abort_callback      = NULL;
-     ctx->abort_callback_data = NULL;
--    ctx->use_ref             = false;
-+    // tightwad exact mode: batch-size-invariant kernels by default, GGML_CPU_EXACT=0 turns them off
-+    ctx->use_ref             = ggml_backend_cpu_exact_default();
- 
-     ggml_backend_t cpu_backend = new ggml_backend {
-         /* .guid    = */ ggml_backend_cpu_guid(),
---- a/ggml/src/ggml-cpu/repack.cpp
-+++ b/ggml/src/ggml-cpu/repack.cpp
-@@ -4635,12 +4635,14 @@
-         GGML_ASSERT(src1_ptr + src1_col_stride * nrows <= (const char *) params->wdata + params->wsize);
- 
-         // If there are more than three rows in src1, use gemm; otherwise, use gemv.
--        if (nrows > 3) {
-+        // tightwad exact mode: gemv for every row, as for a single token
-+        const int64_t n_gemm = params->use_ref ? 0 : nrows - (nrows % 4);
-+        if (n_gemm > 0) {
-             gemm<BLOC_TYPE, INTER_SIZE, NB_COLS, PARAM_TYPE>(ne00, (float *) (dst_ptr) + src0_start, nb1 / nb0,
-                                                              src0_ptr + src0_start * nb01, src1_ptr,
--                                                             nrows - (nrows % 4), ncols);
-+                                                             n_gemm, ncols);
-         }
--        for (int iter = nrows - (nrows % 4); iter < nrows; iter++) {
-+        for (int64_t iter = n_gemm; iter < nrows; iter++) {
-             gemv<BLOC_TYPE, INTER_SIZE, NB_COLS, PARAM_TYPE>(ne00, (float *) (dst_ptr + (iter * nb1)) + src0_start,
-                                                              ne01, src0_ptr + src0_start * nb01,
-                                                              src1_ptr + (src1_col_stride * iter), 1 /* nrows */, ncols);
-@@ -4694,12 +4696,13 @@
-             char * data_ptr  = (char *) src1->data + i12 * nb12;
-             char * wdata_ptr = wdata + i12 * nbw2;
- 
--            for (int64_t i11 = ith * 4; i11 < ne11 - ne11 % 4; i11 += nth * 4) {
-+            // tightwad exact mode: every row in the plain layout gemv reads (see forward_mul_mat_one_chunk)
-+            const int64_t i11_processed = params->use_ref ? 0 : ne11 - ne11 % 4;
-+            for (int64_t i11 = ith * 4; i11 < i11_processed; i11 += nth * 4) {
-                 ggml_quantize_mat_t<INTER_SIZE, PARAM_TYPE>((float *) (data_ptr + i11 * nb11),
-                                                             (void *) (wdata_ptr + i11 * nbw1), 4, ne10);
-             }
- 
--            const int64_t i11_processed = ne11 - ne11 % 4;
-             for (int64_t i11 = i11_processed + ith; i11 < ne11; i11 += nth) {
-                 from_float((float *) (data_ptr + i11 * nb11), (void *) (wdata_ptr + i11 * nbw1), ne10);
-             }
-PATCH
+  cat "$(dirname "${BASH_SOURCE[0]}")/llama-exact.patch"
 }
 patch_sha="$(exact_patch | sha256sum | cut -c1-64)"
 

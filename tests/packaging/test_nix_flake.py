@@ -27,9 +27,10 @@ def nix(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture
 def flake_copy(tmp_path: Path) -> Path:
     # Only what the flake reads: a path flake copies its whole folder into the store.
-    for name in ("flake.nix", "nix", "pyproject.toml"):
-        source = ROOT / name
-        (shutil.copytree if source.is_dir() else shutil.copy)(source, tmp_path / name)
+    for name in ("flake.nix", "nix", "pyproject.toml", "scripts/llama-exact.patch"):
+        source, target = ROOT / name, tmp_path / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, target)
     return tmp_path
 
 

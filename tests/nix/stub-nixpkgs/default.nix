@@ -7,7 +7,7 @@ let
     builder = "/bin/sh";
     args = [ "-c" "echo stub > $out" ];
     inputs = builtins.concatLists (map (key: attrs.${key} or [ ])
-      [ "nativeBuildInputs" "buildInputs" "dependencies" "build-system" "paths" "packages" ]);
+      [ "nativeBuildInputs" "buildInputs" "dependencies" "build-system" "paths" "packages" "patches" ]);
     flags = attrs.cmakeFlags or [ ];
   };
   drv = name: build name { };
