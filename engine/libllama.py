@@ -81,7 +81,7 @@ def set_exact(on: bool) -> None:
     """Exact mode for the CPU backends this process creates from now on (each Context makes one).
 
     The pinned build patches ggml so its CPU kernels compute every output element in the same order
-    whatever the number of tokens in a batch (scripts/build-llama.sh, `exact_patch`): a token's
+    whatever the number of tokens in a batch (scripts/llama-exact.patch): a token's
     logits are then bit-identical whether it is decoded alone or inside a verify block. ggml reads
     GGML_CPU_EXACT when it creates a CPU backend; unset means on, but `tightwad engine` always says
     (its `--exact` defaults to off: strict mode costs prefill speed). Warns when the build lacks it.

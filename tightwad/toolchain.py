@@ -43,8 +43,8 @@ CMAKE_FLAGS: tuple[str, ...] = (
 )
 
 
-# The sha256 of the exact-mode patch that scripts/build-llama.sh applies to ggml's CPU backend (its
-# `exact_patch`); part of the cache key there and here, so a changed patch is a new build.
+# The sha256 of scripts/llama-exact.patch, which scripts/build-llama.sh applies to ggml's CPU
+# backend; part of the cache key there and here, so a changed patch is a new build.
 EXACT_PATCH_SHA256 = "b3cbfc8bf9cb443d89e3460bb384ae3c1fecad15be492222e0809e9cfeb74f07"
 
 # Must match `layout=` in scripts/build-llama.sh: what a finished prefix holds.

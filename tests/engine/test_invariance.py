@@ -1,6 +1,6 @@
 """Exact mode: a position's logits do not depend on the block it is evaluated in.
 
-The pinned build patches ggml's CPU backend (scripts/build-llama.sh, `exact_patch`) so that every
+The pinned build patches ggml's CPU backend (scripts/llama-exact.patch) so that every
 output element is computed in the same order whatever the number of tokens in the batch, when
 GGML_CPU_EXACT=1 (`tightwad engine --exact on`, `spec.target.exact: strict`; Tightwad's default is
 stock kernels, GGML_CPU_EXACT=0). Here, in exact mode, said explicitly to every process, on real
