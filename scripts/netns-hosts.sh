@@ -4,6 +4,7 @@
 #   scripts/netns-hosts.sh up NAME COUNT [--rate RATE] [--delay TIME [--jitter TIME]] [--subnet A.B.C]
 #   scripts/netns-hosts.sh down NAME
 #   scripts/netns-hosts.sh list NAME
+#   scripts/netns-hosts.sh link NAME --delay TIME [--jitter TIME]
 #   scripts/netns-hosts.sh netem
 #
 # `up` creates the namespace NAME-sw holding a bridge, and NAME-1 .. NAME-COUNT, each with one
@@ -13,8 +14,9 @@
 # and their own loopback. With --rate (tc syntax: 100mbit, 20mbit, ...) each host's uplink (the
 # egress of its eth0) is capped by a tbf qdisc. With --delay (tc syntax: 2ms, 10ms) each host's
 # uplink holds every packet that long, with --jitter J drawn from delay ± J (tc netem `delay D J`),
-# so a round trip between two hosts costs 2 × delay; this needs the kernel's sch_netem, which
-# `netem` checks (exit 0 and "netem: available", else exit 1 and why). It prints one line per host: "NAMESPACE ADDRESS". Run a command on a host with
+# so a round trip between two hosts costs 2 × delay; `link` changes that delay on every host of NAME
+# (made with --delay) in place. This needs the kernel's sch_netem, which `netem` checks (exit 0 and
+# "netem: available", else exit 1 and why). `up` prints one line per host: "NAMESPACE ADDRESS". Run a command on a host with
 # `ip netns exec NAME-1 COMMAND`. `down` deletes every namespace of NAME (their interfaces go with
 # them) and is safe to repeat. Needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN) and iproute2.
 set -Eeuo pipefail
@@ -22,7 +24,7 @@ set -Eeuo pipefail
 trap 'echo "error: $0: line $LINENO: \`$BASH_COMMAND\` failed (exit $?)" >&2' ERR
 
 usage() {
-  sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -116,6 +118,28 @@ up() {
   done
 }
 
+link() {
+  # Change the netem delay of every host of NAME in place (its qdiscs stay; a --rate cap below too).
+  local name=$1 delay="" jitter="" ns
+  shift
+  while (($#)); do
+    (($# >= 2)) || usage
+    case $1 in
+      --delay) delay=$2; shift 2 ;;
+      --jitter) jitter=$2; shift 2 ;;
+      *) usage ;;
+    esac
+  done
+  [[ -n $delay ]] || { echo "error: link needs --delay TIME (e.g. --delay 10ms --jitter 5ms)" >&2; exit 2; }
+  for ns in $(namespaces_of "$name"); do
+    [[ $ns == "$name-sw" ]] && continue
+    if ! ip netns exec "$ns" tc qdisc change dev eth0 root handle 1: netem delay "$delay" ${jitter:+"$jitter"}; then
+      echo "error: $ns has no netem to change: make the hosts with \`up ... --delay TIME\`" >&2
+      exit 1
+    fi
+  done
+}
+
 list() {
   local ns
   for ns in $(namespaces_of "$1" | sort -t- -k2 -n); do
@@ -137,5 +161,6 @@ case $1 in
   up) (($# >= 3)) || usage; up "${@:2}" ;;
   down) down "$2" ;;
   list) list "$2" ;;
+  link) link "${@:2}" ;;
   *) usage ;;
 esac

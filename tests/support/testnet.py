@@ -51,19 +51,32 @@ def sweep_stale(prefix: str) -> None:
 
 
 class Hosts:
-    """`count` hosts NAME-1..NAME-count (uplinks capped at `rate` when given); removed on exit."""
+    """`count` hosts NAME-1..NAME-count (uplinks capped at `rate`, and delayed by `delay` ± `jitter`
+    with tc netem, when given); removed on exit."""
 
-    def __init__(self, name: str, count: int, rate: str | None = None, subnet: str = "10.231.0") -> None:
+    def __init__(
+        self,
+        name: str,
+        count: int,
+        rate: str | None = None,
+        subnet: str = "10.231.0",
+        delay: str | None = None,
+        jitter: str | None = None,
+    ) -> None:
         self.name = name
         self.count = count
         self.rate = rate
         self.subnet = subnet
+        self.delay = delay
+        self.jitter = jitter
         self.hosts: list[Host] = []
 
     def __enter__(self) -> list[Host]:
         argv = [str(SCRIPT), "up", self.name, str(self.count), "--subnet", self.subnet]
         if self.rate:
             argv += ["--rate", self.rate]
+        if self.delay:
+            argv += ["--delay", self.delay, *(["--jitter", self.jitter] if self.jitter else [])]
         made = subprocess.run(argv, capture_output=True, text=True)
         if made.returncode != 0:
             raise RuntimeError(f"netns-hosts.sh up failed: {made.stderr.strip()}")
