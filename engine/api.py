@@ -52,7 +52,14 @@ from starlette.routing import Route
 
 from tightwad import http, openapi, tools
 from tightwad.engine.chat import ChatFormatter, normalise_messages
-from tightwad.engine.core import Engine, ErrorEvent, FinishEvent, Generation, GenerationEvent
+from tightwad.engine.core import (
+    Engine,
+    ErrorEvent,
+    FinishEvent,
+    Generation,
+    GenerationEvent,
+    PromptLogprobsEvent,
+)
 from tightwad.engine.errors import BadRequest, ContextLengthExceeded, EngineError, PoolFailure
 from tightwad.engine.textstream import TextAssembler
 from tightwad.engine.workers import PoolMonitor, describe_loss
@@ -174,6 +181,11 @@ class GenerationOptions:
     echo: bool = False  # completions: the prompt's text before the reply's
     grammar: dict[str, Any] | None = None  # a decoding constraint (tightwad.openai.constraint_of)
 
+    @property
+    def scores_prompt(self) -> bool:
+        """`echo` with `logprobs`: the prompt's tokens get logprobs too (the engine scores them)."""
+        return self.echo and self.logprobs is not None
+
 
 @dataclass
 class Delta:
@@ -181,6 +193,7 @@ class Delta:
     tokens: list[int]
     entries: list[TokenLogprob] = field(default_factory=list)  # per token of `tokens`, when asked
     shown: list[TokenLogprob] = field(default_factory=list)  # the rendered tokens' (no end of generation)
+    prompt: list[TokenLogprob] | None = None  # echo + logprobs: the prompt's tokens after the first
 
 
 @dataclass
@@ -190,6 +203,7 @@ class Outcome:
     completion_tokens: int
     shown: list[TokenLogprob] = field(default_factory=list)  # filled by _collect when asked
     entries: list[TokenLogprob] = field(default_factory=list)
+    prompt: list[TokenLogprob] = field(default_factory=list)  # echo + logprobs (Delta.prompt)
 
     def usage(self) -> dict[str, int]:
         return usage(self.prompt_tokens, self.completion_tokens)
@@ -368,11 +382,15 @@ class Api:
     def _options(self, body: dict[str, Any], prompt: list[int], default_max: int) -> GenerationOptions:
         chat = body.get("messages") is not None
         generated = get_field(body, "generated_tokens", int, 0)  # extension: the proxy continuing a reply
+        echo = not chat and get_field(body, "echo", bool, False)
         max_tokens = get_field(body, "max_tokens", int, None)
         if max_tokens is None:
             max_tokens = get_field(body, "max_completion_tokens", int, default_max)
-        if max_tokens < 1:
-            raise BadRequest("`max_tokens` must be >= 1")
+        # 0 with echo: the prompt alone, scored with logprobs (how eval harnesses score a text).
+        if max_tokens < (0 if echo else 1):
+            raise BadRequest(
+                f"`max_tokens` must be >= 1 (0 only with `echo: true`), got {max_tokens}", param="max_tokens"
+            )
         return GenerationOptions(
             prompt=prompt,
             sampling=Sampling.from_json(body, default_temperature=1.0),
@@ -383,7 +401,7 @@ class Api:
             ignore_eos=get_field(body, "ignore_eos", bool, False),
             logprobs=requested(body, chat),
             generated=generated,
-            echo=not chat and get_field(body, "echo", bool, False),
+            echo=echo,
             grammar=constraint_of(body),
         )
 
@@ -392,15 +410,19 @@ class Api:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
         self.refuse_if_unhealthy()
+        # max_tokens 0 (echo alone): the engine decodes the prompt and stops; it does so only for a
+        # scored prompt, so one without logprobs is scored with no alternatives and not shown.
+        score = options.scores_prompt or options.max_tokens == 0
         handle = self.engine.generate(
             options.prompt,
             options.sampling,
             options.max_tokens,
             lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
             ignore_eos=options.ignore_eos,
-            logprobs=options.logprobs,
+            logprobs=0 if score and options.logprobs is None else options.logprobs,
             generated=options.generated,
             grammar=options.grammar,
+            score_prompt=score,
         )
         return handle, events
 
@@ -415,11 +437,20 @@ class Api:
         a stop sequence; end-of-generation tokens produce no text."""
         assembler = TextAssembler(options.stops)
         n_generated = 0
+        # echo + logprobs: the prompt's entries (one event per decode) go out together, first.
+        prompt: list[TokenLogprob] = []
+        if options.scores_prompt and len(options.prompt) == 1:
+            yield Delta("", [], prompt=[])
         try:
             while True:
                 event = await events.get()
                 if isinstance(event, ErrorEvent):
                     raise event.error
+                if isinstance(event, PromptLogprobsEvent):
+                    prompt += event.entries
+                    if options.scores_prompt and len(prompt) == len(options.prompt) - 1:
+                        yield Delta("", [], prompt=prompt)
+                    continue
                 if isinstance(event, FinishEvent):
                     rest = assembler.finish()
                     if rest:
@@ -530,6 +561,9 @@ class Api:
         try:
             for options in choices:
                 started.append(self._start(options))
+            if choices[0].stream:  # still queued: its refusal (503, Retry-After) before any SSE byte
+                for handle, _ in started:
+                    await handle.admitted()
         except BaseException:
             for handle, _ in started:  # one choice refused: the others must not run on unread
                 handle.cancel()
@@ -556,6 +590,10 @@ class Api:
         ]
         for options, one, (_, _, done) in zip(choices, bodies, results, strict=True):
             self._add_logprobs(one, options, done.shown, done.entries)
+            if options.scores_prompt:  # the prompt's entries, then the reply's
+                reply_part = one["choices"][0]["logprobs"]
+                prompt_part = self._prompt_logprobs(options, done.prompt)
+                attach(one, {key: prompt_part[key] + reply_part[key] for key in prompt_part})
             if plan is not None:
                 plan.shape_message(one["choices"][0])
         body = bodies[0]  # one choice: exactly the body it always was
@@ -571,14 +609,16 @@ class Api:
         text, tokens = [self._echo(options)], []
         shown: list[TokenLogprob] = []
         entries: list[TokenLogprob] = []
+        prompt: list[TokenLogprob] = []
         async for delta in self._drain(options, handle, events, outcome):
             text.append(delta.text)
             tokens.extend(delta.tokens)
             shown += delta.shown
             entries += delta.entries
+            prompt += delta.prompt or []
         if not outcome:
             raise EngineError("the generation ended without an outcome")
-        outcome[0].shown, outcome[0].entries = shown, entries
+        outcome[0].shown, outcome[0].entries, outcome[0].prompt = shown, entries, prompt
         return "".join(text), tokens, outcome[0]
 
     def _echo(self, options: GenerationOptions) -> str:
@@ -586,6 +626,18 @@ class Api:
         if not options.echo:
             return ""
         return b"".join(self.model.token_bytes(t) for t in options.prompt).decode("utf-8", "replace")
+
+    def _prompt_logprobs(self, options: GenerationOptions, entries: list[TokenLogprob]) -> dict[str, Any]:
+        """OpenAI's legacy `logprobs` of an echoed prompt: its first token has none (null), each
+        other token its entry from the engine; offsets into the echoed text."""
+        first = self.model.token_bytes(options.prompt[0]).decode("utf-8", "replace")
+        rest = LogprobShape(False, self.model.token_bytes, len(first)).shape(entries)
+        return {
+            "tokens": [first, *rest["tokens"]],
+            "token_logprobs": [None, *rest["token_logprobs"]],
+            "top_logprobs": [None, *rest["top_logprobs"]],
+            "text_offset": [0, *rest["text_offset"]],
+        }
 
     def _add_logprobs(
         self,
@@ -651,13 +703,19 @@ class Api:
                 for index in range(len(choices)):
                     yield chunk(index, "", [], role=True)
             for index, options in enumerate(choices):
-                if options.echo:
+                if options.echo and not options.scores_prompt:  # else once the prompt is scored
                     yield chunk(index, self._echo(options), [])
             while len(outcomes) < len(choices):
                 index, item = await merged.get()
                 if isinstance(item, Exception):
                     raise item
                 stream = streams[index]
+                if isinstance(item, Delta) and item.prompt is not None:
+                    out = shape.chunk(self._echo(choices[index]))
+                    attach(out, self._prompt_logprobs(choices[index], item.prompt))
+                    out["choices"][0]["index"] = index
+                    yield json.dumps(out)
+                    continue
                 if isinstance(item, Delta):
                     text = stream.feed(item.text) if stream is not None else item.text
                     yield chunk(index, text, item.tokens, item)

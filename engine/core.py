@@ -30,19 +30,21 @@ gone, so the engine must be restarted (with the worker back) by its supervisor; 
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import sys
 import threading
+import time
 import traceback
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from tightwad.engine import libllama
+from tightwad.engine import capacity, libllama
 from tightwad.engine.errors import (
     BadRequest,
     ContextLengthExceeded,
@@ -50,6 +52,8 @@ from tightwad.engine.errors import (
     EngineStopped,
     Overloaded,
     PoolFailure,
+    QueueFull,
+    QueueTimeout,
 )
 from tightwad.engine.grammar import Grammar, GrammarState, compile_constraint
 from tightwad.engine.sessions import ANONYMOUS_PREFIX, SessionTable, Slot
@@ -88,6 +92,14 @@ class TokenEvent:
 
 
 @dataclass(frozen=True)
+class PromptLogprobsEvent:
+    """Prompt scoring (`echo` with logprobs): the logprob of each prompt token after the first,
+    under the target's row at the token before it; in prompt order, one event per decode."""
+
+    entries: list[TokenLogprob]
+
+
+@dataclass(frozen=True)
 class FinishEvent:
     reason: str  # "stop" (end of generation), "length" (max_tokens or context), "cancelled"
     prompt_tokens: int
@@ -99,7 +111,7 @@ class ErrorEvent:
     error: OpenAIError
 
 
-GenerationEvent = TokenEvent | FinishEvent | ErrorEvent
+GenerationEvent = TokenEvent | PromptLogprobsEvent | FinishEvent | ErrorEvent
 
 
 @dataclass
@@ -113,6 +125,8 @@ class EngineStats:
     accepted_tokens: int = 0
     generated_tokens: int = 0
     evictions: int = 0
+    refused_queue_full: int = 0  # 503 queue_full: the waiting queue was full on arrival
+    refused_queue_timeout: int = 0  # 503 queue_timeout: waited past --queue-timeout, never started
 
 
 class _Rows(Sequence[np.ndarray]):
@@ -144,8 +158,21 @@ class _Job:
         self.seqs: list[int] = []  # this step's block: one sequence per draft
         self.indices: list[list[int]] = []  # this step's block: batch indices of each draft's rows
         self.n_fed = 0  # this step: pending tokens evaluated before the block
+        self.submitted = time.monotonic()
+        self.admitted_at: float | None = None  # when it got its sequence (None: still queued)
+        self.admission: Future[None] = Future()  # done once it runs, or with the refusal
         self._over = False
         self._lock = threading.Lock()
+
+    def settle_admission(self, error: OpenAIError | None = None) -> None:
+        """It started (None) or will never start (the error): whoever waits on `admission` learns."""
+        try:
+            if error is None:
+                self.admission.set_result(None)
+            else:
+                self.admission.set_exception(error)
+        except InvalidStateError:
+            pass  # already settled
 
     def claim_end(self) -> bool:
         """True exactly once: whoever gets it delivers the job's outcome."""
@@ -204,6 +231,7 @@ class _VerifyJob(_Job):
         return [d.tokens for d in self.drafts]
 
     def fail(self, error: OpenAIError) -> None:
+        self.settle_admission(error)
         if self.claim_end():
             self.future.set_exception(error)
 
@@ -218,9 +246,14 @@ class _GenerateJob(_Job):
         ignore_eos: bool,
         logprobs: int | None = None,
         generated: int = 0,
+        score_prompt: bool = False,
     ) -> None:
         super().__init__(f"{ANONYMOUS_PREFIX}{uuid.uuid4().hex}", sampling, logprobs)
         self.prompt = prompt
+        # Prompt scoring: every prompt position is evaluated (no KV prefix reuse) with its logits on,
+        # a decode's worth at a time, so the rows held at once are bounded by n_batch.
+        self.score_prompt = score_prompt
+        self.fed_rows: list[int] = []  # this step: batch indices of the fed prompt tokens' rows
         # Penalties count the generated text: the last `generated` prompt tokens (a reply continued
         # by the proxy) and every token this job adds.
         self.counts = penalty_counts(prompt[len(prompt) - generated :] if generated else ())
@@ -247,10 +280,12 @@ class _GenerateJob(_Job):
             print(f"tightwad engine: dropping a generation event: {exc!r}", file=sys.stderr)
 
     def finish(self, reason: str) -> None:
+        self.settle_admission()
         if self.claim_end():
             self.emit(FinishEvent(reason, len(self.prompt), self.generated))
 
     def fail(self, error: OpenAIError) -> None:
+        self.settle_admission(error)
         if self.claim_end():
             self.emit(ErrorEvent(error))
 
@@ -276,6 +311,12 @@ class Generation:
     def cancel(self) -> None:
         self._job.cancelled.set()
 
+    async def admitted(self) -> None:
+        """Wait until it holds a conversation sequence; raises the refusal when it never will
+        (QueueTimeout after --queue-timeout, or the engine failing), so a streamed reply can answer
+        a real 503 with Retry-After before its first byte."""
+        await asyncio.wrap_future(self._job.admission)
+
 
 _STOP = object()
 
@@ -287,19 +328,37 @@ class Engine:
         self,
         model: libllama.Model,
         n_ctx: int = 4096,
-        parallel: int = 4,
+        parallel: int | None = None,
         n_batch: int = 512,
         threads: int = 1,
         max_drafts: int = 4,
         pool: PoolMonitor | None = None,
         flash_attn: str = "auto",
         kv_type: str = "f16",
+        conversation_cells: int = capacity.DEFAULT_CONVERSATION_CELLS,
+        queue_limit: int | None = None,
+        queue_timeout: float = 30.0,
     ) -> None:
-        if parallel < 1 or max_drafts < 1:
-            raise ValueError("parallel and max_drafts must be >= 1")
+        """`parallel` None: as many conversation sequences as n_ctx holds at `conversation_cells`
+        each (capacity.conversations_for); `queue_limit` None: capacity.queue_bound(parallel)."""
+        if max_drafts < 1:
+            raise ValueError("max_drafts must be >= 1")
+        self.parallel_auto = parallel is None
+        if parallel is None:
+            parallel = capacity.conversations_for(n_ctx, conversation_cells, max_drafts)
+        if parallel < 1:
+            raise ValueError("parallel must be >= 1")
+        if queue_limit is not None and queue_limit < 0:
+            raise ValueError("the queue bound must be >= 0")
+        if queue_timeout <= 0:
+            raise ValueError("the queue timeout must be > 0 seconds")
         self.model = model
         self.parallel = parallel
         self.max_drafts = max_drafts
+        self.conversation_cells = conversation_cells
+        self.queue_limit = capacity.queue_bound(parallel) if queue_limit is None else queue_limit
+        self.queue_timeout = queue_timeout
+        self._service: deque[float] = deque(maxlen=32)  # seconds each recent request held a sequence
         n_scratch = parallel * (max_drafts - 1)
         if parallel + n_scratch > 256:
             raise ValueError("parallel * max_drafts must be at most 256 (llama.cpp's sequence limit)")
@@ -412,11 +471,13 @@ class Engine:
         logprobs: int | None = None,
         generated: int = 0,
         grammar: dict[str, object] | None = None,
+        score_prompt: bool = False,
     ) -> Generation:
         """The engine's own decoding, one token per step; events arrive on the worker thread.
         `generated`: how many of the prompt's last tokens are text generated earlier (a reply the
         caller continues): penalties count them, and `grammar` (a constraint, engine/grammar.py)
-        constrains them with what follows."""
+        constrains them with what follows. `score_prompt` (needs `logprobs`): PromptLogprobsEvents
+        for the prompt's tokens first; then `max_tokens` may be 0 (the prompt scored, nothing more)."""
         self.check_tokens(prompt, "prompt")
         self.check_sampling(sampling)
         if not 0 <= generated <= len(prompt):
@@ -427,9 +488,13 @@ class Engine:
             raise ContextLengthExceeded(
                 f"the prompt has {len(prompt)} tokens but the context holds {self.n_ctx}"
             )
-        if max_tokens < 1:
-            raise BadRequest("max_tokens must be >= 1")
-        job = _GenerateJob(list(prompt), sampling, max_tokens, on_event, ignore_eos, logprobs, generated)
+        if score_prompt and logprobs is None:
+            raise BadRequest("scoring the prompt needs `logprobs`", param="logprobs")
+        if max_tokens < (0 if score_prompt else 1):
+            raise BadRequest("max_tokens must be >= 1 (0 only when the prompt is scored)")
+        job = _GenerateJob(
+            list(prompt), sampling, max_tokens, on_event, ignore_eos, logprobs, generated, score_prompt
+        )
         if grammar is not None:
             if ignore_eos:
                 raise BadRequest("`ignore_eos` cannot be used with a grammar", param="ignore_eos")
@@ -448,7 +513,19 @@ class Engine:
             "n_ctx": self.n_ctx,
             "n_batch": self.n_batch,
             "parallel": self.parallel,
+            "parallel_rule": self.capacity_rule(),
+            "queue_limit": self.queue_limit,
+            "queue_timeout": self.queue_timeout,
         }
+
+    def capacity_rule(self) -> str:
+        """How `parallel` was chosen, for the start line and the stats."""
+        if not self.parallel_auto:
+            return "fixed (--parallel)"
+        return (
+            f"auto: {self.n_ctx} KV cells / {self.conversation_cells} per conversation, at most "
+            f"{capacity.sequence_limit(self.max_drafts)} (256 sequences / {self.max_drafts} drafts)"
+        )
 
     # internals: submission and failure ----------------------------------------------------------
     def check_tokens(self, tokens: Sequence[int], what: str) -> None:
@@ -472,13 +549,39 @@ class Engine:
             raise BadRequest(f"`logit_bias` names {bad}, which is not a token id in [0, {n_vocab})")
 
     def _submit(self, job: _Job) -> None:
+        """Queue a job, or refuse it (503 queue_full, with Retry-After) when more are already waiting
+        for a sequence than the queue's bound: a client must hear "later", never wait unbounded."""
         if self.failure is not None:
             raise self.failure
         if self._stopping or not self._thread.is_alive():
             raise EngineStopped("the engine is not running")
         with self._jobs_lock:
+            running = sum(1 for j in self._jobs if j.admitted_at is not None)
+            # Jobs not started yet, less those a free sequence will take at once.
+            waiting = len(self._jobs) - running - max(0, self.parallel - running)
+            if waiting >= self.queue_limit:
+                self.stats.refused_queue_full += 1
+                wait = self._retry_after_locked(waiting)
+                raise QueueFull(
+                    f"the engine is busy: its {self.parallel} conversation sequences are in use and "
+                    f"{max(0, waiting)} request(s) already wait (engine --queue {self.queue_limit}); "
+                    f"retry after {wait} s, or give the engine more KV memory (--ctx) or conversations "
+                    "(--parallel)",
+                    retry_after=wait,
+                )
             self._jobs.add(job)
         self._inbox.put(job)
+
+    def _retry_after_locked(self, ahead: int) -> int:
+        """capacity.retry_after from the recent service times; before any, the time the oldest
+        running request has taken so far. Call with _jobs_lock held."""
+        now = time.monotonic()
+        started = [now - j.admitted_at for j in self._jobs if j.admitted_at is not None]
+        return capacity.retry_after(ahead, self.parallel, list(self._service), max(started, default=1.0))
+
+    def retry_after(self, ahead: int = 0) -> int:
+        with self._jobs_lock:
+            return self._retry_after_locked(ahead)
 
     def _fail_everything(self, error: EngineError) -> None:
         with self._jobs_lock:
@@ -496,6 +599,8 @@ class Engine:
 
     def _done(self, job: _Job) -> None:
         with self._jobs_lock:
+            if job in self._jobs and job.admitted_at is not None:
+                self._service.append(time.monotonic() - job.admitted_at)
             self._jobs.discard(job)
         if job in self._active:
             self._active.remove(job)
@@ -540,9 +645,16 @@ class Engine:
                 return
 
     def _admit(self) -> None:
+        """First come, first served: a sequence that frees goes to the oldest waiting request (one
+        whose conversation is still running waits for it without holding the others back). A
+        request that waited past --queue-timeout is refused with Retry-After, never left to hang."""
+        now = time.monotonic()
         for job in list(self._waiting):
-            if job.over:
+            if job.over or (isinstance(job, _GenerateJob) and job.cancelled.is_set()):
                 self._waiting.remove(job)
+                if not job.over:
+                    job.finish("cancelled")  # its client left while it waited
+                self._done(job)
                 continue
             try:
                 self._admit_one(job)
@@ -551,6 +663,22 @@ class Engine:
                 if job in self._waiting:
                     self._waiting.remove(job)
                 self._abandon(job, EngineError(f"the engine could not start this request: {exc}"))
+                continue
+            waited = now - job.submitted
+            if job in self._waiting and waited > self.queue_timeout:
+                self._waiting.remove(job)
+                self.stats.refused_queue_timeout += 1
+                wait = self.retry_after(len(self._waiting))  # it would join the back of the queue
+                job.fail(
+                    QueueTimeout(
+                        f"this request waited {waited:.0f} s for one of the engine's {self.parallel} "
+                        f"conversation sequences (engine --queue-timeout {self.queue_timeout:g}) and "
+                        f"never started; retry after {wait} s, or give the engine more KV memory "
+                        "(--ctx) or conversations (--parallel)",
+                        retry_after=wait,
+                    )
+                )
+                self._done(job)
 
     def _admit_one(self, job: _Job) -> None:
         slot = self.sessions.find(job.conversation)
@@ -569,7 +697,9 @@ class Engine:
             job.fail(exc)
             self._done(job)
             return
-        plan = self.sessions.acquire(job.conversation, full, min_pending=1)
+        # A scored prompt is evaluated whole: a reused KV prefix would have no logits.
+        scored = isinstance(job, _GenerateJob) and job.score_prompt
+        plan = self.sessions.acquire(job.conversation, full, min_pending=len(full) if scored else 1)
         if plan is None:
             return  # every sequence is busy: wait for one
         # From here on the sequence is this job's: _abandon frees it if anything below fails.
@@ -582,6 +712,9 @@ class Engine:
         job.pending = full[plan.keep :]
         self._waiting.remove(job)
         self._active.append(job)
+        with self._jobs_lock:
+            job.admitted_at = time.monotonic()
+        job.settle_admission()
 
     def _free_cells(self) -> int:
         return self.n_ctx - self.sessions.held_tokens()
@@ -627,8 +760,10 @@ class Engine:
             n_feed = before if with_block else max(0, min(before, room))
             job.n_fed, job.seqs, job.indices = n_feed, [], []
             pos = len(slot.tokens)
-            for j in range(n_feed):
-                batch.add(job.pending[j], pos + j, (slot.seq,), False)
+            scored = isinstance(job, _GenerateJob) and job.score_prompt
+            rows = [batch.add(job.pending[j], pos + j, (slot.seq,), scored) for j in range(n_feed)]
+            if isinstance(job, _GenerateJob):
+                job.fed_rows = rows if scored else []
             budget -= n_feed
             used += n_feed
             if with_block:
@@ -657,7 +792,10 @@ class Engine:
             evicted = self.stats.evictions
             self._evict_idle(self.n_ctx, 0)  # as many idle conversations as there are
             if self.stats.evictions == evicted and fed:  # nothing left to evict: give up one request
-                self._abandon(fed[-1], Overloaded(f"{exc}; too many long conversations at once"))
+                self._abandon(
+                    fed[-1],
+                    Overloaded(f"{exc}; too many long conversations at once", retry_after=self.retry_after()),
+                )
             return
         self.stats.decodes += 1
         self.stats.tokens_evaluated += len(batch)
@@ -666,6 +804,8 @@ class Engine:
             self.stats.shared_decodes += 1
         for job in fed:
             assert job.slot is not None
+            if isinstance(job, _GenerateJob) and job.fed_rows:
+                self._score_prompt(job)
             job.slot.tokens.extend(job.pending[: job.n_fed])
             job.pending = job.pending[job.n_fed :]
             job.n_fed = 0
@@ -686,7 +826,8 @@ class Engine:
             victim,
             Overloaded(
                 f"the KV cache ({self.n_ctx} cells) is full with {len(self._active)} requests "
-                "running: retry later, or raise --ctx"
+                "running: retry later, or raise --ctx",
+                retry_after=self.retry_after(),
             ),
         )
 
@@ -862,10 +1003,27 @@ class Engine:
         if job.claim_end():
             job.future.set_result(result)
 
+    def _score_prompt(self, job: _GenerateJob) -> None:
+        """The logprobs of the prompt tokens after those fed this step, from their rows (logit_bias
+        applied; nothing generated yet, so no penalty), sent before the rows are overwritten."""
+        assert job.logprobs is not None
+        empty: Counter[int] = Counter()
+        entries = [
+            token_logprob(shape_logits(self.ctx.logits_view(row), job.sampling, empty), nxt, job.logprobs)
+            for row, nxt in zip(job.fed_rows, job.pending[1 : job.n_fed + 1], strict=True)
+        ]
+        job.fed_rows = []
+        job.emit(PromptLogprobsEvent(entries))
+
     def _finish_generate_step(self, job: _GenerateJob) -> None:
         slot = job.slot
         assert slot is not None
         slot.tokens.append(job.pending[0])
+        if job.max_tokens == 0:  # a scored prompt was all that was asked for (`echo`, max_tokens 0)
+            self._release(job, tail=[])
+            self._done(job)
+            job.finish("length")
+            return
         logits = shape_logits(self.ctx.logits_view(job.indices[0][0]), job.sampling, job.counts)
         if job.ignore_eos and self.eog_tokens.size:
             logits = logits.copy()

@@ -10,7 +10,8 @@ The count is how many alternatives each token lists beside its own logprob.
 The numbers are the target's, at each emitted token: log-softmax of its logits after `logit_bias`
 and the penalties, at temperature 1, before top-k/top-p (so greedy replies get useful numbers too);
 see tightwad/verify_api.py. End-of-generation tokens produce no text and get no entry, as OpenAI.
-`echo` with logprobs would need the prompt's logprobs: refused by name; `echo` alone is served.
+`echo` with logprobs also scores the prompt: its tokens come first, the first with a null logprob
+(the engine's, engine/api.py; the proxy passes such requests through).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def _int(body: dict[str, Any], key: str) -> int | None:
 
 def requested(body: dict[str, Any], chat: bool) -> int | None:
     """How many alternatives per token the request asks for; None: no logprobs. InvalidRequest
-    names the field that is wrong (and refuses `echo` with logprobs)."""
+    names the field that is wrong."""
     if chat:
         wanted = body.get("logprobs")
         if wanted is not None and not isinstance(wanted, bool):
@@ -46,14 +47,7 @@ def requested(body: dict[str, Any], chat: bool) -> int | None:
                 raise InvalidRequest("`top_logprobs` needs `logprobs: true`", param="top_logprobs")
             return None
         return top or 0
-    count = _int(body, "logprobs")
-    if count is not None and body.get("echo") is True:
-        raise InvalidRequest(
-            "`echo` with `logprobs` is not supported (it needs the prompt's logprobs): send one or the other",
-            param="echo",
-            code="unsupported_parameter",
-        )
-    return count
+    return _int(body, "logprobs")
 
 
 def _text(piece: bytes) -> str:

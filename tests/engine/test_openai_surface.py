@@ -152,3 +152,88 @@ def test_harmless_parameters_are_accepted(client: openai.OpenAI, served: str) ->
         metadata={"a": "b"},
     )
     assert reply.choices[0].finish_reason in ("stop", "length")
+
+
+# echo + logprobs: the prompt scored, as eval harnesses ask ------------------------------------
+STORY = [{"role": "user", "content": "Write a short story about a cat who likes boxes."}]
+
+
+def _legacy(logprobs: object) -> tuple[list[str], list[float | None], list[object], list[int]]:
+    lp = logprobs  # the SDK's Logprobs: tokens, token_logprobs, top_logprobs, text_offset
+    return list(lp.tokens), list(lp.token_logprobs), list(lp.top_logprobs), list(lp.text_offset)  # type: ignore[attr-defined]
+
+
+def test_echo_with_logprobs_scores_the_prompt_then_the_reply(
+    client: openai.OpenAI, served: str, local_engine: EngineProcess
+) -> None:
+    prompt = local_engine.post("/tokenize", {"messages": STORY}).json()["tokens"]
+    text = local_engine.post("/detokenize", {"tokens": prompt}).json()["content"]
+    chat = client.chat.completions.create(
+        model=served, messages=STORY, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2
+    )
+    assert chat.choices[0].logprobs is not None and chat.choices[0].logprobs.content is not None
+    said = chat.choices[0].logprobs.content
+    echoed = client.completions.create(
+        model=served,
+        prompt=prompt,
+        echo=True,
+        logprobs=2,
+        max_tokens=8,
+        temperature=0,
+        extra_body={"return_tokens": True},
+    ).choices[0]
+    reply = echoed.model_extra["tokens"]  # type: ignore[index]
+    assert echoed.text.startswith(text) and echoed.text[len(text) :] == chat.choices[0].message.content
+    tokens, values, tops, offsets = _legacy(echoed.logprobs)
+    assert len(tokens) == len(prompt) + len(said)
+    assert "".join(tokens) == echoed.text
+    assert values[0] is None and tops[0] is None  # nothing comes before the first token
+    assert all(isinstance(v, float) and v <= 0 for v in values[1:])
+    assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    # the reply's part: the chat's own logprobs, token for token (to float noise: this engine runs
+    # stock kernels, and the two prompts were prefilled into different KV cells)
+    assert tokens[len(prompt) :] == [e.token for e in said]
+    for value, top, entry in zip(values[len(prompt) :], tops[len(prompt) :], said, strict=True):
+        assert value == pytest.approx(entry.logprob, abs=1e-4)
+        assert list(top) == [t.token for t in entry.top_logprobs]  # type: ignore[arg-type]
+    # max_tokens 0: the text scored alone. Its tail is the reply, scored in prompt batches rather
+    # than one token per decode: the same numbers (this engine's kernels are batch-invariant).
+    scored = client.completions.create(
+        model=served, prompt=prompt + reply, echo=True, logprobs=2, max_tokens=0
+    )
+    only = scored.choices[0]
+    assert only.text == echoed.text and only.finish_reason == "length"
+    assert scored.usage is not None and scored.usage.completion_tokens == 0
+    s_tokens, s_values, s_tops, s_offsets = _legacy(only.logprobs)
+    assert (s_tokens, s_offsets) == (tokens, offsets) and s_values[0] is None
+    for a, b in zip(s_values[1:], values[1:], strict=True):
+        assert a == pytest.approx(b, abs=1e-4)
+    assert [list(t) for t in s_tops[1:]] == [list(t) for t in tops[1:]]  # type: ignore[arg-type]
+
+
+def test_echo_with_logprobs_streams_the_prompt_first(client: openai.OpenAI, served: str) -> None:
+    kw = {
+        "model": served,
+        "prompt": "The capital of France is",
+        "echo": True,
+        "logprobs": 1,
+        "temperature": 0,
+    }
+    whole = client.completions.create(max_tokens=4, **kw).choices[0]  # type: ignore[call-overload]
+    text, tokens, values = "", [], []
+    for chunk in client.completions.create(max_tokens=4, stream=True, **kw):  # type: ignore[call-overload]
+        for choice in chunk.choices:
+            text += choice.text
+            if choice.logprobs is not None:
+                tokens += choice.logprobs.tokens
+                values += choice.logprobs.token_logprobs
+    assert text == whole.text and text.startswith("The capital of France is")
+    assert tokens == whole.logprobs.tokens and values == whole.logprobs.token_logprobs
+
+
+def test_max_tokens_zero_needs_echo(client: openai.OpenAI, served: str) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=served, prompt="Hi there", max_tokens=0)
+    assert caught.value.param == "max_tokens" and "echo" in caught.value.message
+    alone = client.completions.create(model=served, prompt="Hi there", max_tokens=0, echo=True)
+    assert alone.choices[0].text == "Hi there" and alone.choices[0].logprobs is None
