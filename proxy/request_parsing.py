@@ -100,15 +100,19 @@ TOKEN_COUNT_FIELDS = ("max_tokens", "max_completion_tokens")  # OpenAI's old nam
 
 
 def token_counts(body: dict[str, Any], limit: int | None) -> dict[str, int]:
-    """The token counts a request asks for, by field name, each a whole number from 1 to `limit`.
-    Both names are checked: a limit that only knew one would be bypassed by the other."""
+    """The token counts a request asks for, by field name, each a whole number from 1 to `limit`
+    (0 too with `echo`: the prompt alone, scored). Both names are checked: a limit that only knew
+    one would be bypassed by the other."""
     counts: dict[str, int] = {}
+    least = 0 if body.get("echo") is True else 1
     for key in TOKEN_COUNT_FIELDS:
         value = _integer(body, key)
         if value is None:
             continue
-        if value < 1:
-            raise InvalidRequest(f"`{key}` must be at least 1, got {value}", param=key)
+        if value < least:
+            raise InvalidRequest(
+                f"`{key}` must be at least 1 (0 only with `echo: true`), got {value}", param=key
+            )
         if limit is not None and value > limit:
             raise InvalidRequest(
                 f"`{key}` is {value} but this proxy allows at most {limit} (spec.proxy.limits.maxTokens)",

@@ -13,6 +13,8 @@ from support.procs import Processes
 from support.proxies import TOKEN, ProxyProcess, start_proxy
 
 from tightwad import models
+from tightwad.openai import InvalidRequest
+from tightwad.proxy.request_parsing import token_counts
 from tightwad.toolchain import Toolchain
 
 pytestmark = pytest.mark.integration
@@ -143,3 +145,31 @@ def test_refused_parameters_are_named(client: openai.OpenAI) -> None:
         model="smol", messages=HELLO, max_tokens=2, tool_choice="none", response_format={"type": "text"}
     )
     assert ok.choices[0].message.content is not None
+
+
+def test_echo_with_logprobs_is_the_engines_scoring(
+    client: openai.OpenAI, direct: openai.OpenAI, proxy: ProxyProcess
+) -> None:
+    """Passed through to the engine (the prompt is scored there, nothing to speculate), max_tokens 0
+    included: the reply is the engine's own, the prompt's tokens first."""
+    prompt = "The capital of France is"
+    before = proxy.stats()["requests"].get("passthrough", 0)
+    for max_tokens in (0, 6):
+        kw = {"model": "smol", "prompt": prompt, "echo": True, "logprobs": 2, "temperature": 0}
+        got = client.completions.create(max_tokens=max_tokens, **kw).choices[0]  # type: ignore[call-overload]
+        alone = direct.completions.create(max_tokens=max_tokens, **kw).choices[0]  # type: ignore[call-overload]
+        assert got.text == alone.text and got.text.startswith(prompt)
+        assert got.logprobs.tokens == alone.logprobs.tokens and "".join(got.logprobs.tokens) == got.text
+        assert got.logprobs.token_logprobs[0] is None and got.logprobs.top_logprobs[0] is None
+        assert got.logprobs.token_logprobs[1:] == pytest.approx(alone.logprobs.token_logprobs[1:], abs=1e-4)
+        assert got.logprobs.text_offset == alone.logprobs.text_offset
+        assert (max_tokens == 0) == (got.text == prompt)
+    assert proxy.stats()["requests"]["passthrough"] == before + 2
+
+
+def test_max_tokens_zero_is_counted_only_with_echo() -> None:
+    """Under limits.maxTokens the proxy checks the counts of what it passes through too."""
+    assert token_counts({"prompt": "Hi", "echo": True, "max_tokens": 0}, 64) == {"max_tokens": 0}
+    with pytest.raises(InvalidRequest) as caught:
+        token_counts({"prompt": "Hi", "max_tokens": 0}, 64)
+    assert caught.value.param == "max_tokens" and "echo" in str(caught.value)
