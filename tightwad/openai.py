@@ -264,14 +264,16 @@ PARAMS: dict[str, Param] = {
     ),
     "logit_bias": _honoured("{token id: -100..100} added to the logits", speculated=True),
     "logprobs": _honoured(
-        "chat: true for choices[].logprobs.content; completions: 0..20 alternatives (not with echo)",
+        "chat: true for choices[].logprobs.content; completions: 0..20 alternatives (with echo, the "
+        "prompt's tokens too)",
         speculated=True,
     ),
     "top_logprobs": _honoured(
         "chat: 0..20 alternatives per token, with logprobs: true", routes=(CHAT,), speculated=True
     ),
     "echo": _honoured(
-        "the prompt's text before the reply's (not with logprobs)",
+        "the prompt's text before the reply's; with logprobs the prompt is scored (its first token "
+        "null); max_tokens 0 with it: the prompt alone",
         neutral=(False,),
         speculated=False,
         routes=(COMPLETIONS,),
