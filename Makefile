@@ -8,10 +8,10 @@ PY := $(VENV)/bin/python
 TIGHTWAD := $(VENV)/bin/tightwad
 MANIFEST ?= examples/local.yaml
 
-.PHONY: help up test unit lint bench soak toolchain models venv kube browser clean
+.PHONY: help up test unit lint bench soak toolchain models venv kube browser clean gpu-compile-check gpu-check
 
 help: ## list these targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-z]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-17s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 up: venv toolchain models ## bring the local appliance up on examples/local.yaml (foreground; Ctrl-C stops it)
 	$(TIGHTWAD) up $(MANIFEST)
@@ -58,6 +58,13 @@ kube: ## the CRD API server, a full Kubernetes control plane and helm that the K
 browser: ## playwright-core for the dashboard's headless-browser test (cached)
 	scripts/install-system-deps.sh test
 	scripts/install-browser.sh
+
+gpu-compile-check: ## no GPU needed: build the pinned llama.cpp with CUDA (sm_86) and, where ROCm allows, HIP (long; cached)
+	scripts/install-system-deps.sh build
+	scripts/gpu-compile-check.sh cuda hip
+
+gpu-check: venv models ## on an NVIDIA GPU machine: CUDA build, golden tests, invariance, speculation; one table
+	scripts/gpu-check.sh
 
 clean: ## remove the virtual environment and tool caches in the repo (not TIGHTWAD_CACHE)
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
