@@ -1,13 +1,15 @@
 """`tightwad engine`: load a model across the pool's rpc workers and serve it.
 
-    tightwad engine --model PATH [--rpc host:port,...] [--tensor-split auto|a,b,c] [--ctx N]
-                    [--port P] [--host 127.0.0.1] [--threads N] [--parallel N] [--token T]
+    tightwad engine --model PATH [--rpc host:port,...] [--tensor-split auto|a,b,c] [--ctx N|auto]
+                    [--port P] [--host 127.0.0.1] [--threads N] [--parallel N|auto] [--token T]
+                    [--conversation-ctx N] [--queue N|auto] [--queue-timeout S]
                     [--alias NAME ...] [--exact on|off]
 
 It refuses to start, with one clear line, when a worker is unreachable or runs another llama.cpp
 build (libllama.rpc_devices probes each first), and when asked to listen beyond loopback without a
 token (`--token` or TIGHTWAD_TOKEN). Once the model is loaded it prints one line:
-`tightwad engine ready: http://HOST:PORT ...`.
+`tightwad engine ready: http://HOST:PORT ...`, after a `tightwad engine capacity: ...` line that
+says how many conversations it keeps and why (engine/capacity.py has the rules).
 
 Exit codes: 0 after a clean shutdown, 1 when it could not start, 3 when it stopped after losing an
 rpc worker (it keeps serving 503s until told to stop; restart it once the worker is back), 4 when
@@ -28,7 +30,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tightwad import http
-from tightwad.engine import libllama
+from tightwad.engine import capacity, libllama
 from tightwad.engine.api import DEFAULT_MAX_BODY, create_app
 from tightwad.engine.chat import ChatFormatter
 from tightwad.engine.core import Engine
@@ -52,11 +54,46 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="'auto' (proportional to each device's free memory) or one weight per device, a,b,c",
     )
-    p.add_argument("--ctx", type=int, default=4096, help="KV cache cells shared by all conversations")
+    p.add_argument(
+        "--ctx",
+        type=count_or_auto("--ctx", 1),
+        default=4096,
+        help="KV cache cells shared by all conversations, or 'auto': half the memory the devices (or "
+        "this host, on CPU) have free beside the weights, at most every conversation at the model's "
+        "trained context (default 4096)",
+    )
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--host", default="127.0.0.1", help="listen address (beyond loopback needs a token)")
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2))
-    p.add_argument("--parallel", type=int, default=4, help="conversations kept in the KV cache at once")
+    p.add_argument(
+        "--parallel",
+        type=count_or_auto("--parallel", 1),
+        default=None,
+        help="conversations kept in the KV cache at once, or 'auto' (default): --ctx divided by "
+        f"--conversation-ctx, at least 1, at most 256 / --max-drafts (llama.cpp's {capacity.MAX_SEQUENCES} "
+        "sequences, shared with the scratch ones of multi-draft verify calls)",
+    )
+    p.add_argument(
+        "--conversation-ctx",
+        type=count_or_auto("--conversation-ctx", 1, auto=False),
+        default=capacity.DEFAULT_CONVERSATION_CELLS,
+        help="KV cells one conversation is expected to use (prompt and reply), for --parallel auto "
+        f"(default {capacity.DEFAULT_CONVERSATION_CELLS})",
+    )
+    p.add_argument(
+        "--queue",
+        type=count_or_auto("--queue", 0),
+        default=None,
+        help="requests that may wait for a conversation sequence; beyond it a request gets 503 "
+        f"queue_full with Retry-After. 'auto' (default): {capacity.QUEUE_PER_SEQUENCE} x --parallel",
+    )
+    p.add_argument(
+        "--queue-timeout",
+        type=positive_seconds,
+        default=30.0,
+        help="seconds a request may wait for a sequence before it gets 503 queue_timeout with "
+        "Retry-After (default 30)",
+    )
     p.add_argument("--batch", type=int, default=512, help="tokens per decode (n_batch)")
     p.add_argument("--max-drafts", type=int, default=4, help="candidate drafts per verify call")
     p.add_argument(
@@ -96,6 +133,72 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's info log")
     return p
+
+
+def count_or_auto(flag: str, minimum: int, auto: bool = True) -> Callable[[str], int | None]:
+    """An argparse type: an integer >= minimum, or 'auto' (None) where the flag takes it."""
+
+    def parse(value: str) -> int | None:
+        if auto and value == "auto":
+            return None
+        try:
+            number = int(value)
+        except ValueError:
+            number = minimum - 1
+        if number < minimum:
+            allowed = f"an integer >= {minimum}" + (" or 'auto'" if auto else "")
+            raise argparse.ArgumentTypeError(f"{flag} must be {allowed}, not {value!r}")
+        return number
+
+    return parse
+
+
+def positive_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"--queue-timeout must be a number of seconds > 0, not {value!r}")
+    return seconds
+
+
+def free_memory(devices: Sequence[libllama.Device]) -> int:
+    """Bytes free where the weights and the KV cache go: the devices', else this host's RAM."""
+    if devices:
+        return sum(d.free_bytes for d in devices)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    raise TightwadError("--ctx auto cannot read this host's free memory here: pass --ctx N")
+
+
+def kv_cell_bytes(model: libllama.Model, kv_type: str) -> float:
+    """What one KV cell costs for this model, from its GGUF metadata."""
+    arch = model.metadata("general.architecture") or ""
+
+    def number(key: str) -> int | None:
+        value = model.metadata(f"{arch}.{key}")
+        try:
+            return int(value) if value is not None else None
+        except ValueError:
+            return None  # a per-layer array: not a single number
+
+    layers, heads = number("block_count"), number("attention.head_count")
+    heads_kv = number("attention.head_count_kv") or heads
+    width = number("embedding_length")
+    head = width // heads if width and heads else None
+    keys, values = number("attention.key_length") or head, number("attention.value_length") or head
+    if not (layers and heads_kv and keys and values):
+        raise TightwadError(
+            f"--ctx auto cannot tell the KV size of a {arch or 'unknown'} model from its metadata: "
+            "pass --ctx N"
+        )
+    return capacity.kv_bytes_per_cell(layers, heads_kv, keys, values, kv_type)
 
 
 def start_watchdog(grace: float, lost: Callable[[], bool]) -> threading.Timer:
@@ -169,14 +272,26 @@ def main(argv: list[str] | None = None) -> int:
         if endpoints:
             devices += libllama.rpc_devices(endpoints)
         split = tensor_split(args.tensor_split, devices)
+        free = free_memory(devices) if args.ctx is None else 0  # before the weights take their share
         model = libllama.Model(args.model, devices, split)
+        n_ctx = args.ctx
+        if n_ctx is None:
+            per_cell = kv_cell_bytes(model, args.cache_type)
+            n_ctx = capacity.kv_cells_for(
+                free, model.size_bytes, per_cell, model.n_ctx_train, args.max_drafts
+            )
+            print(
+                f"tightwad engine: --ctx auto: {n_ctx} KV cells ({n_ctx * per_cell / 2**20:.0f} MiB at "
+                f"{per_cell / 1024:.1f} KiB a cell) of {free / 2**30:.1f} GiB free",
+                flush=True,
+            )
         monitor = None
         if endpoints:
             monitor = PoolMonitor(endpoints)
             monitor.attach()
         engine = Engine(
             model,
-            n_ctx=args.ctx,
+            n_ctx=n_ctx,
             parallel=args.parallel,
             n_batch=args.batch,
             threads=args.threads,
@@ -184,6 +299,14 @@ def main(argv: list[str] | None = None) -> int:
             pool=monitor,
             flash_attn=args.flash_attn,
             kv_type=args.cache_type,
+            conversation_cells=args.conversation_ctx,
+            queue_limit=args.queue,
+            queue_timeout=args.queue_timeout,
+        )
+        print(
+            f"tightwad engine capacity: parallel={engine.parallel} ({engine.capacity_rule()}), "
+            f"queue={engine.queue_limit} waiting at most {engine.queue_timeout:g} s",
+            flush=True,
         )
         # From here on a fatal libggml error (a worker lost mid-decode) parks the failing thread
         # and turns into 503s instead of killing the process.
@@ -208,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     def announce(url: str) -> None:
         print(
             f"tightwad engine ready: {url} model={name} ctx={engine.n_ctx} "
-            f"parallel={args.parallel} on {where}",
+            f"parallel={engine.parallel} queue={engine.queue_limit} on {where}",
             flush=True,
         )
 

@@ -33,3 +33,16 @@ class PoolFailure(EngineError, Unavailable):
 
 class EngineStopped(EngineError, Unavailable):
     code = "engine_stopped"
+
+
+class QueueFull(EngineError, Unavailable):
+    """Every conversation sequence is busy and the waiting queue is full: come back after
+    Retry-After seconds (the openai SDK does so by itself)."""
+
+    code = "queue_full"
+
+
+class QueueTimeout(EngineError, Unavailable):
+    """A request waited longer than --queue-timeout for a conversation sequence and never started."""
+
+    code = "queue_timeout"

@@ -8,7 +8,8 @@
 - `BearerAuth`: the one bearer-token check (constant time), with the paths a server leaves open.
 - `app`: a Starlette app with that check and the shared exception handlers, so every error a
   server answers has the one OpenAI shape of tightwad.openai (`{"error": {message, type, param,
-  code}}`), 404s and crashes included.
+  code}}`), 404s and crashes included; an error that says when to come back (a busy engine's 503)
+  carries a Retry-After header too.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ class ServeError(TightwadError):
 
 # errors ----------------------------------------------------------------------------------------
 def error_response(exc: OpenAIError, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(exc.to_json(), status_code=exc.status, headers=headers)
+    """The error's body and status, with its own headers (Retry-After) and any given."""
+    return JSONResponse(exc.to_json(), status_code=exc.status, headers={**exc.headers(), **(headers or {})})
 
 
 async def _on_openai_error(request: Request, exc: Exception) -> Response:

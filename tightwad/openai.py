@@ -41,6 +41,7 @@ class OpenAIError(TightwadError):
     type = "server_error"
     code = "internal_error"
     param: str | None = None
+    retry_after: int | None = None  # seconds; sent as the Retry-After header (503/429)
 
     def __init__(
         self,
@@ -50,8 +51,11 @@ class OpenAIError(TightwadError):
         code: str | None = None,
         type_: str | None = None,
         param: str | None = None,
+        retry_after: int | None = None,
     ) -> None:
         super().__init__(message)
+        if retry_after is not None:
+            self.retry_after = max(1, int(retry_after))
         if status is not None:
             self.status = status
             if type_ is None and type(self) is OpenAIError:
@@ -66,6 +70,11 @@ class OpenAIError(TightwadError):
 
     def to_json(self) -> dict[str, Any]:
         return error_body(str(self), self.type, self.code, self.param)
+
+    def headers(self) -> dict[str, str]:
+        """HTTP headers that go with it: Retry-After when the server says when to come back (the
+        openai SDK and most HTTP clients wait that long before retrying a 503 or 429)."""
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
 
 
 class InvalidRequest(OpenAIError):
@@ -98,6 +107,14 @@ class Unavailable(OpenAIError):
     status = 503
     type = "server_error"
     code = "service_unavailable"
+
+
+def parse_retry_after(value: str | None) -> int | None:
+    """A Retry-After header in seconds (the HTTP-date form is not used by Tightwad's servers)."""
+    try:
+        return max(1, int(float(value))) if value else None
+    except ValueError:
+        return None
 
 
 class UpstreamError(OpenAIError):
