@@ -1,7 +1,8 @@
 """What every benchmark in bench/ needs: processes started with their logs and always reaped, the
-command lines of our own servers, the delay proxy, streamed (SSE) replies with arrival times, and
-result tables. Imported by the benchmarks as `_common` (they run as scripts, so bench/ is first on
-sys.path); `make bench` skips files whose names start with `_`.
+command lines of our own servers, the delay proxy, streamed (SSE) replies with arrival times,
+result tables, and this thread's requests sent from inside a network namespace (`inside`).
+Imported by the benchmarks as `_common` (they run as scripts, so bench/ is first on sys.path);
+`make bench` skips files whose names start with `_`.
 
 Importing this module also puts the checkout's tests/ folder on sys.path: the test tools the
 benchmarks share with the tests (synthetic GGUF edits, hosts as network namespaces, the delay
@@ -11,6 +12,7 @@ proxy) live once, in tests/support/, and not in the shipped package.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -134,9 +136,9 @@ def proxy_command(port: int, engine: str, *extra: str) -> list[str]:
     ]
 
 
-def netdelay_command(listen_port: int, to: str, delay_ms: float) -> list[str]:
+def netdelay_command(listen_port: int, to: str, delay_ms: float, jitter_ms: float = 0.0) -> list[str]:
     """The delay proxy (tests/support/netdelay.py): 127.0.0.1:`listen_port` -> `to` (host:port),
-    `delay_ms` added each way: a LAN between processes on this machine."""
+    `delay_ms` ± `jitter_ms` added each way: a LAN (or a Wi-Fi link) between processes."""
     return [
         sys.executable,
         str(NETDELAY),
@@ -146,16 +148,50 @@ def netdelay_command(listen_port: int, to: str, delay_ms: float) -> list[str]:
         to,
         "--delay-ms",
         str(delay_ms),
+        "--jitter-ms",
+        str(jitter_ms),
     ]
 
 
+CLONE_NEWNET = 0x40000000  # setns(2): the fd is a network namespace
+
+
+@contextlib.contextmanager
+def inside(namespace: str | None) -> Iterator[None]:
+    """This thread in network namespace `namespace` (an `ip netns` name) for the block, then back
+    home; None: stay. The benchmark's own requests, port checks and the processes it starts meanwhile
+    then see what a process on that host sees (its loopback, its routes). Needs root."""
+    if namespace is None:
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)  # os.setns is Python 3.12+
+
+    def enter(fd: int, what: str) -> None:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into {what} failed (needs root)")
+
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        there = os.open(f"/run/netns/{namespace}", os.O_RDONLY)
+        try:
+            enter(there, f"network namespace {namespace}")
+        finally:
+            os.close(there)
+        try:
+            yield
+        finally:
+            enter(home, "this thread's own network namespace")
+    finally:
+        os.close(home)
+
+
 def sse_chunks(
-    url: str, body: Mapping[str, Any], timeout: float = 600
+    url: str, body: Mapping[str, Any], timeout: float = 600, headers: Mapping[str, str] | None = None
 ) -> Iterator[tuple[float, dict[str, Any]]]:
     """POST `body` and yield each server-sent JSON chunk with its arrival time (seconds since the
     request started), up to `data: [DONE]` or the end of the stream."""
     start = time.perf_counter()
-    with httpx.stream("POST", url, json=dict(body), timeout=timeout) as response:
+    with httpx.stream("POST", url, json=dict(body), timeout=timeout, headers=headers) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             if not line.startswith("data:"):
