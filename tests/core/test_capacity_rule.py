@@ -1,0 +1,74 @@
+"""The engine's capacity rules (engine/capacity.py): conversations from the KV cache, the KV cache
+from memory, the queue's bound, and the Retry-After estimate."""
+
+from __future__ import annotations
+
+import pytest
+
+from tightwad.engine import capacity
+
+
+def test_conversations_follow_the_kv_cells() -> None:
+    assert capacity.conversations_for(4096, 1024, max_drafts=4) == 4  # the old fixed default
+    assert capacity.conversations_for(32768, 1024, max_drafts=4) == 32
+    assert capacity.conversations_for(2048, 256, max_drafts=1) == 8
+
+
+def test_at_least_one_conversation_even_in_a_small_cache() -> None:
+    assert capacity.conversations_for(512, 1024, max_drafts=4) == 1
+
+
+def test_llama_cpp_sequence_limit_is_shared_with_the_scratch_sequences() -> None:
+    # 1M cells would be 1024 conversations; 256 sequences / 4 drafts each leaves 64.
+    assert capacity.conversations_for(1 << 20, 1024, max_drafts=4) == 64
+    assert capacity.conversations_for(1 << 20, 1024, max_drafts=1) == 256
+    for drafts in (1, 2, 3, 4, 7, 16):
+        assert capacity.conversations_for(1 << 22, 64, drafts) * drafts <= capacity.MAX_SEQUENCES
+
+
+def test_nonsense_sizes_are_refused() -> None:
+    with pytest.raises(ValueError):
+        capacity.conversations_for(0, 1024, 4)
+    with pytest.raises(ValueError):
+        capacity.conversations_for(4096, 0, 4)
+
+
+def test_the_queue_is_a_few_requests_per_sequence() -> None:
+    assert capacity.queue_bound(1) == 4 and capacity.queue_bound(8) == 32
+
+
+def test_kv_cell_bytes() -> None:
+    # SmolLM2-135M: 30 layers, 3 KV heads of 64: 30 * 3 * 128 values of 2 bytes (f16).
+    assert capacity.kv_bytes_per_cell(30, 3, 64, 64, "f16") == 23040
+    assert capacity.kv_bytes_per_cell(30, 3, 64, 64, "f32") == 46080
+    with pytest.raises(ValueError, match="q4_0"):
+        capacity.kv_bytes_per_cell(30, 3, 64, 64, "q4_0")
+
+
+def test_kv_cells_from_memory() -> None:
+    gib = 1 << 30
+    # 8 GiB free, a 1 GiB model: half of 7 GiB at 64 KiB a cell = 57344 cells (a multiple of 256).
+    assert capacity.kv_cells_for(8 * gib, gib, 65536, n_ctx_train=32768, max_drafts=4) == 57344
+    # Never more than every allowed conversation at the trained context: 64 * 512.
+    assert capacity.kv_cells_for(8 * gib, gib, 1024, n_ctx_train=512, max_drafts=4) == 64 * 512
+    # Rounded down to llama.cpp's 256-cell padding.
+    assert capacity.kv_cells_for(gib + 2 * 1000 * 300, gib, 1000, 32768, 4) == 256
+
+
+def test_too_little_memory_says_what_to_pass() -> None:
+    with pytest.raises(ValueError, match="pass --ctx N"):
+        capacity.kv_cells_for(1 << 30, 1 << 30, 65536, 32768, 4)
+
+
+def test_retry_after_follows_the_recent_finish_rate() -> None:
+    # 2 s per request, 4 at a time: the 1st..4th in line are served within one round, the 5th in two.
+    assert capacity.retry_after(0, 4, [2.0, 2.0], fallback=99) == 2
+    assert capacity.retry_after(3, 4, [2.0, 2.0], fallback=99) == 2
+    assert capacity.retry_after(4, 4, [1.0, 3.0], fallback=99) == 4
+    # Nothing finished yet: the fallback (how long the oldest running request has taken so far).
+    assert capacity.retry_after(0, 1, [], fallback=7.2) == 8
+
+
+def test_retry_after_is_at_least_a_second_and_bounded() -> None:
+    assert capacity.retry_after(0, 8, [0.01], fallback=0) == 1
+    assert capacity.retry_after(10_000, 1, [60.0], fallback=0) == capacity.MAX_RETRY_AFTER
