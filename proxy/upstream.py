@@ -6,7 +6,8 @@ encoded and decoded here, is tightwad.verify_api), /v1/completions with token id
 decoding alone, when speculation is off), /tightwad/v1/stats (how many conversations it keeps), and
 plain forwarding of whatever speculation cannot serve. Every failure becomes an OpenAIError: an
 engine that cannot be reached is a 503 that names its URL; one that evicted our conversation is
-verify_api.ConversationEvicted.
+verify_api.ConversationEvicted; a busy engine's 503 or 429 keeps its status, body and Retry-After,
+so the client hears when to come back exactly as the engine said it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from tightwad.openai import OpenAIError, Unavailable, UpstreamError, from_upstream
+from tightwad.openai import OpenAIError, Unavailable, UpstreamError, from_upstream, parse_retry_after
 from tightwad.proxy.detok import Vocabulary
 from tightwad.proxy.drafters.base import Proposal
 from tightwad.verify_api import (
@@ -39,6 +40,7 @@ from tightwad.verify_api import (
 
 HEALTH_DETAILS_PATH = "/tightwad/v1/health"  # the engine's /health, with details, behind its token
 VOCAB_CHUNK = 8192  # token ids per /detokenize call while fetching the vocabulary
+BUSY = (429, 503)  # statuses a client retries after the engine's Retry-After
 
 
 @dataclass(frozen=True)
@@ -95,10 +97,17 @@ class EngineClient:
         except ValueError:
             body = None
         if response.status_code != 200:
-            raise decode_error(response.status_code, body, f"the engine's {path} failed")
+            raise self._error(response, body, path)
         if body is None:
             raise UpstreamError(f"the engine's {path} answered something that is not JSON")
         return body
+
+    def _error(self, response: httpx.Response, body: Any, path: str) -> OpenAIError:
+        error = decode_error(response.status_code, body, f"the engine's {path} failed")
+        retry_after = parse_retry_after(response.headers.get("retry-after"))
+        if retry_after is not None:
+            error.retry_after = retry_after
+        return error
 
     # the API ----------------------------------------------------------------------------------
     async def info(self) -> EngineInfo:
@@ -258,6 +267,11 @@ class EngineClient:
         request = self.client.build_request(method, path, content=body, headers=headers)
         try:
             response = await self.client.send(request, stream=True)
+            if response.status_code in BUSY and "retry-after" in response.headers:
+                # Raised, not relayed: the proxy's error handler answers it with its Retry-After.
+                await response.aread()
+                await response.aclose()
+                self._json(response, path)
         except httpx.HTTPError as exc:
             raise self._unreachable(exc) from exc
 
