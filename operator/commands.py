@@ -66,6 +66,8 @@ def command(
             if spec["rpc"]:
                 cmd += ["--rpc", ",".join(spec["rpc"]), "--tensor-split", spec["tensorSplit"]]
             cmd += ["--ctx", str(spec["ctx"]), "--parallel", str(spec["parallel"])]
+            if spec.get("conversationCtx"):  # maxConversations auto: the KV cache from memory
+                cmd += ["--conversation-ctx", str(spec["conversationCtx"])]
             cmd += ["--exact", "on" if spec.get("exact") == "strict" else "off"]
             return [*cmd, "--host", spec["bind"], "--port", str(spec["port"])]
         case Kind.DRAFTER:

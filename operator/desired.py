@@ -243,12 +243,13 @@ def desired_state(
             if target.exact != "off":  # only when set: a default manifest keeps its workers' hashes
                 spec["exact"] = target.exact
             workers.append(unit(f"worker-{host.name}-{i}{suffix}", Kind.WORKER, host.name, spec))
-        # One KV sequence per conversation: the engine's `--parallel`, each with a whole context.
+        # One KV sequence per conversation: the engine's `--parallel`, each with a whole context;
+        # `auto`: the engine sizes its KV cache from memory and keeps what that holds.
         conversations = target.max_conversations
         engine_spec = {
             "model": target.model,
             "alias": target.model,
-            "ctx": manifest.context_size * conversations,
+            "ctx": "auto" if conversations == "auto" else manifest.context_size * conversations,
             "parallel": conversations,
             "rpc": [w.endpoint for w in workers],
             "tensorSplit": split if isinstance(split, str) else ",".join(str(x) for x in split),
@@ -257,6 +258,8 @@ def desired_state(
             "token": fingerprint,
             "slot": slot,
         }
+        if conversations == "auto":  # only then: an unchanged manifest keeps its engine's hash
+            engine_spec["conversationCtx"] = manifest.context_size
         if target.aliases:  # only when set: an unchanged manifest keeps its engine's hash
             engine_spec["aliases"] = list(target.aliases)
         if target.exact != "off":  # likewise; a changed value is a new engine and new workers

@@ -130,7 +130,7 @@ class Target:
     port: int = 8080
     context_size: int | None = None  # None: the model's own
     tensor_split: Literal["auto"] | tuple[float, ...] = "auto"
-    max_conversations: int = 8  # KV sequences the engine keeps, one per conversation
+    max_conversations: Literal["auto"] | int = 8  # KV sequences the engine keeps, one per conversation
     aliases: tuple[str, ...] = ()  # other names a request's `model` may use
     exact: ExactMode = "off"  # strict: batch-invariant CPU kernels in the engine and its workers
 

@@ -3,6 +3,8 @@ from memory, the queue's bound, and the Retry-After estimate."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from tightwad.engine import capacity
@@ -72,3 +74,37 @@ def test_retry_after_follows_the_recent_finish_rate() -> None:
 def test_retry_after_is_at_least_a_second_and_bounded() -> None:
     assert capacity.retry_after(0, 8, [0.01], fallback=0) == 1
     assert capacity.retry_after(10_000, 1, [60.0], fallback=0) == capacity.MAX_RETRY_AFTER
+
+
+def test_a_manifest_with_max_conversations_auto_lets_the_engine_size_itself() -> None:
+    from support.plans import desired, manifest_data
+
+    from tightwad.operator.commands import Binaries, command
+
+    data = manifest_data()
+    data["spec"]["target"]["maxConversations"] = "auto"
+    engine = desired(data).engine
+    argv = command(engine, Binaries(python=("python", "-m")), {"big": "/m/big.gguf"})
+    flags = dict(itertools.pairwise(argv))
+    # The KV cache from memory, as many conversations as it holds at the model's context each.
+    assert (
+        flags["--ctx"] == "auto" and flags["--parallel"] == "auto" and flags["--conversation-ctx"] == "1024"
+    )
+    # A number stays what it was: a whole context per conversation, nothing else on the line.
+    fixed = command(desired().engine, Binaries(python=("python", "-m")), {"big": "/m/big.gguf"})
+    assert "--conversation-ctx" not in fixed
+    assert fixed[fixed.index("--ctx") + 1] == "2048" and fixed[fixed.index("--parallel") + 1] == "2"
+
+
+def test_max_conversations_takes_auto_or_a_count_and_names_the_field_otherwise() -> None:
+    from support.plans import manifest_data
+
+    from tightwad.errors import TightwadError
+    from tightwad.manifest import manifest_from_dict
+
+    data = manifest_data()
+    data["spec"]["target"]["maxConversations"] = "auto"
+    assert manifest_from_dict(data).spec.target.max_conversations == "auto"
+    data["spec"]["target"]["maxConversations"] = "many"
+    with pytest.raises(TightwadError, match="maxConversations"):
+        manifest_from_dict(data)
