@@ -163,3 +163,15 @@ def test_bad_capacity_flags_are_one_clear_line(toolchain: Toolchain, flag: str, 
     cmd = [sys.executable, "-m", "tightwad.engine.cli", "--model", "x.gguf", flag, value]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and flag in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_ctx_auto_reads_the_kv_size_from_the_gguf(toolchain: Toolchain) -> None:
+    from tightwad.engine import cli, libllama
+
+    model = libllama.Model(models.resolve(MODEL))
+    try:
+        # SmolLM2-135M: 30 layers, 3 KV heads of 576 / 9 = 64 values, a key and a value each.
+        assert cli.kv_cell_bytes(model, "f16") == 30 * 3 * (64 + 64) * 2
+        assert cli.kv_cell_bytes(model, "q8_0") == 30 * 3 * (64 + 64) * 34 / 32
+    finally:
+        model.close()
