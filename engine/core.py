@@ -14,6 +14,11 @@ Layout of the KV cache (one unified pool of n_ctx cells, `kv_unified`):
                                         evaluated in its own sequence, the winner's accepted cells
                                         are shared back and the scratch sequences emptied.
 
+Admission: jobs wait in `_waiting` first come, first served for a conversation sequence. The queue is
+bounded (`queue_limit`, checked when a job is submitted: 503 queue_full) and so is the wait in it
+(`queue_timeout`: 503 queue_timeout); both carry a Retry-After estimated from recent service times
+(capacity.py). `Generation.admitted` lets a streamed reply wait for its start before its first byte.
+
 A verify block for a conversation whose KV holds positions [0, P) is the conversation's next
 unevaluated token at P (the "head": the token returned last time, or the last new prompt token)
 followed by the K draft tokens at P+1..P+K. Row i of the block is the target's distribution of draft
