@@ -18,6 +18,7 @@ from collections.abc import Sequence
 MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ: conversation and scratch sequences together
 DEFAULT_CONVERSATION_CELLS = 1024  # a chat turn with room to answer
 QUEUE_PER_SEQUENCE = 4  # `--queue auto`: this many waiting requests per conversation sequence
+MIN_QUEUE = 16  # ... and at least this many: one request's choices (n, prompt lists) always fit
 CELL_ALIGN = 256  # llama.cpp pads the KV cache to this anyway
 KV_SHARE = 0.5  # of the memory left after the weights: the rest is compute buffers and headroom
 MAX_RETRY_AFTER = 600  # seconds: past this a client should rather hear "try another server"
@@ -39,8 +40,9 @@ def conversations_for(n_ctx: int, conversation_cells: int, max_drafts: int) -> i
 
 
 def queue_bound(parallel: int) -> int:
-    """`--queue auto`: requests allowed to wait for a sequence before new ones get 503."""
-    return QUEUE_PER_SEQUENCE * parallel
+    """`--queue auto`: requests allowed to wait for a sequence before new ones get 503. At least
+    MIN_QUEUE, so the 16 choices one request may ask for (each a generation) fit an idle engine."""
+    return max(MIN_QUEUE, QUEUE_PER_SEQUENCE * parallel)
 
 
 def kv_bytes_per_cell(

@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=count_or_auto("--queue", 0),
         default=None,
         help="requests that may wait for a conversation sequence; beyond it a request gets 503 "
-        f"queue_full with Retry-After. 'auto' (default): {capacity.QUEUE_PER_SEQUENCE} x --parallel",
+        f"queue_full with Retry-After. 'auto' (default): {capacity.QUEUE_PER_SEQUENCE} x --parallel, "
+        f"at least {capacity.MIN_QUEUE}",
     )
     p.add_argument(
         "--queue-timeout",
