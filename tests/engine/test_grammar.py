@@ -18,6 +18,7 @@ import pytest
 from openai import BadRequestError, OpenAI
 from pydantic import BaseModel
 from support.engines import EngineProcess, chat_prompt, tokenize, verify
+from support.openai_bodies import BAD_SCHEMA_PARAM, BAD_SCHEMAS, JSON_OBJECT, complete, grammar, schema_format
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +32,7 @@ PERSON = {
     "required": ["name", "age", "likes_boxes"],
     "additionalProperties": False,
 }
-SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+SCHEMA_FORMAT = schema_format(PERSON, strict=True)
 PROMPT = chat_prompt("Describe a cat called Tom, aged 3, who likes boxes, as JSON.")
 
 
@@ -52,9 +53,7 @@ def _model(client: OpenAI) -> str:
 
 
 def _complete(engine: EngineProcess, **body: Any) -> dict[str, Any]:
-    response = engine.post("/v1/completions", {"prompt": PROMPT, "return_tokens": True, **body})
-    assert response.status_code == 200, response.text
-    return dict(response.json()["choices"][0])
+    return complete(engine, body.pop("prompt", PROMPT), **body)
 
 
 def test_json_object_gives_a_json_object(client: OpenAI) -> None:
@@ -69,7 +68,7 @@ def test_json_object_gives_a_json_object(client: OpenAI) -> None:
         messages=messages,  # type: ignore[arg-type]
         max_tokens=200,
         temperature=0,
-        response_format={"type": "json_object"},
+        response_format=JSON_OBJECT,  # type: ignore[arg-type]
     )
     assert reply.choices[0].finish_reason == "stop", reply.choices[0].message.content
     assert isinstance(json.loads(reply.choices[0].message.content or ""), dict)
@@ -99,18 +98,13 @@ def test_a_schema_is_followed_when_streamed_and_sampled(local_engine: EngineProc
 
 
 def test_bad_schemas_are_a_400_naming_the_schema(local_engine: EngineProcess) -> None:
-    bad = [
-        {"type": "bogus"},  # not a JSON Schema type
-        {"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}},  # cannot be resolved
-        {"type": "object", "required": "name"},  # `required` must be a list
-    ]
-    for schema in bad:
-        body = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    for schema in BAD_SCHEMAS:
+        body = schema_format(schema, name="x")
         response = local_engine.post("/v1/completions", {"prompt": PROMPT, "response_format": body})
         assert response.status_code == 400, response.text
         error = response.json()["error"]
-        assert error["param"] == "response_format.json_schema.schema", error
-        assert "response_format.json_schema.schema" in error["message"]
+        assert error["param"] == BAD_SCHEMA_PARAM, error
+        assert BAD_SCHEMA_PARAM in error["message"]
     response = local_engine.post("/v1/completions", {"prompt": PROMPT, "response_format": {"type": "bogus"}})
     assert response.status_code == 400 and response.json()["error"]["param"] == "response_format"
 
@@ -120,9 +114,9 @@ def test_sdk_sees_a_bad_schema_as_bad_request(client: OpenAI) -> None:
         client.chat.completions.create(
             model=_model(client),
             messages=[{"role": "user", "content": "hi"}],
-            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 3}}},  # type: ignore[typeddict-item]
+            response_format=schema_format({"type": 3}, name="x"),  # type: ignore[arg-type]
         )
-    assert info.value.body["param"] == "response_format.json_schema.schema"  # type: ignore[index]
+    assert info.value.body["param"] == BAD_SCHEMA_PARAM  # type: ignore[index]
 
 
 def _verify_loop(
@@ -145,7 +139,7 @@ def _verify_loop(
             "drafts": [{"tokens": draft}] if draft else [],
             "sampling": sampling,
             "generation_start": len(prompt),
-            "grammar": {"response_format": SCHEMA_FORMAT},
+            "grammar": grammar(SCHEMA_FORMAT),
         }
         reply = verify(engine, body)
         out += reply["tokens"]

@@ -9,11 +9,10 @@ exactly as the whole reply did.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import pytest
 from support.engines import EngineProcess, chat_prompt, tokenize, verify
+from support.openai_bodies import complete
 
 pytestmark = pytest.mark.integration
 
@@ -21,22 +20,16 @@ PROMPT = chat_prompt("Write a short story about a cat who likes boxes.")
 SAMPLED = {"temperature": 0.9, "top_p": 0.95, "frequency_penalty": 0.4, "presence_penalty": 0.2}
 
 
-def _complete(engine: EngineProcess, prompt: Any, **body: Any) -> dict[str, Any]:
-    response = engine.post("/v1/completions", {"prompt": prompt, "return_tokens": True, **body})
-    assert response.status_code == 200, response.text
-    return dict(response.json()["choices"][0])
-
-
 def test_a_seeded_reply_is_reproducible_and_depends_on_the_seed(local_engine: EngineProcess) -> None:
-    first = _complete(local_engine, PROMPT, max_tokens=32, seed=11, **SAMPLED)["tokens"]
-    assert _complete(local_engine, PROMPT, max_tokens=32, seed=11, **SAMPLED)["tokens"] == first
-    assert _complete(local_engine, PROMPT, max_tokens=32, seed=12, **SAMPLED)["tokens"] != first
+    first = complete(local_engine, PROMPT, max_tokens=32, seed=11, **SAMPLED)["tokens"]
+    assert complete(local_engine, PROMPT, max_tokens=32, seed=11, **SAMPLED)["tokens"] == first
+    assert complete(local_engine, PROMPT, max_tokens=32, seed=12, **SAMPLED)["tokens"] != first
 
 
 def test_seeded_verify_of_any_drafts_gives_the_engines_own_reply(local_engine: EngineProcess) -> None:
     """Random drafts, some right for a while: every verdict continues the engine-alone reply."""
     seed, n = 99, 32
-    alone = _complete(local_engine, PROMPT, max_tokens=n, seed=seed, **SAMPLED)["tokens"]
+    alone = complete(local_engine, PROMPT, max_tokens=n, seed=seed, **SAMPLED)["tokens"]
     prompt = tokenize(local_engine, PROMPT)
     rng = np.random.default_rng(5)
     sampling = {**SAMPLED, "seed": seed}
@@ -67,9 +60,9 @@ def test_a_reply_continued_from_its_middle_goes_on_the_same(local_engine: Engine
     """`generated_tokens`: the prompt's tail is the reply so far (penalties count it; the seed keys
     the next position), as the proxy sends when the target decodes alone for a while."""
     prompt = tokenize(local_engine, PROMPT)
-    whole = _complete(local_engine, prompt, max_tokens=40, seed=3, logprobs=1, ignore_eos=True, **SAMPLED)
+    whole = complete(local_engine, prompt, max_tokens=40, seed=3, logprobs=1, ignore_eos=True, **SAMPLED)
     head = whole["tokens"][:15]
-    tail = _complete(
+    tail = complete(
         local_engine,
         prompt + head,
         max_tokens=25,
@@ -89,7 +82,7 @@ def test_a_reply_continued_from_its_middle_goes_on_the_same(local_engine: Engine
 
 def test_verify_logprobs_are_the_engines_own(local_engine: EngineProcess) -> None:
     prompt = tokenize(local_engine, PROMPT)
-    alone = _complete(local_engine, prompt, max_tokens=8, temperature=0, logprobs=2)
+    alone = complete(local_engine, prompt, max_tokens=8, temperature=0, logprobs=2)
     tokens = alone["tokens"]
     body = {
         "conversation": "verify-logprobs",

@@ -22,6 +22,7 @@ import pytest
 from openai import BadRequestError, OpenAI
 from pydantic import BaseModel, Field
 from support.engines import EngineProcess
+from support.openai_bodies import BAD_SCHEMA_PARAM, BAD_SCHEMAS, JSON_OBJECT, grammar, schema_format
 from support.procs import Processes
 from support.proxies import TOKEN, ProxyProcess, start_drafter, start_proxy
 
@@ -42,7 +43,7 @@ PERSON = {
     "required": ["name", "age", "hobbies"],
     "additionalProperties": False,
 }
-SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+SCHEMA_FORMAT = schema_format(PERSON, strict=True)
 ASK = [{"role": "user", "content": "Describe a person called Ann, aged 31, and her three hobbies."}]
 
 
@@ -118,7 +119,7 @@ def test_json_object_streamed_through_the_proxy(clients: tuple[OpenAI, OpenAI, s
         max_tokens=150,
         temperature=0,
         stream=True,
-        response_format={"type": "json_object"},
+        response_format=JSON_OBJECT,  # type: ignore[arg-type]
     )
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert isinstance(json.loads(text), dict), text
@@ -130,12 +131,9 @@ def test_a_bad_schema_is_a_400_naming_it_through_the_proxy(clients: tuple[OpenAI
         front.chat.completions.create(
             model=model,
             messages=ASK,  # type: ignore[arg-type]
-            response_format={
-                "type": "json_schema",
-                "json_schema": {"name": "x", "schema": {"type": "object", "required": "name"}},
-            },
+            response_format=schema_format(BAD_SCHEMAS[-1], name="x"),  # type: ignore[arg-type]
         )
-    assert info.value.body["param"] == "response_format.json_schema.schema"  # type: ignore[index]
+    assert info.value.body["param"] == BAD_SCHEMA_PARAM  # type: ignore[index]
 
 
 def test_the_llama_server_drafter_drafts_under_the_schema_from_where_the_reply_is(
@@ -149,7 +147,7 @@ def test_the_llama_server_drafter_drafts_under_the_schema_from_where_the_reply_i
         "required": ["code", "n"],
         "additionalProperties": False,
     }
-    grammar = {"response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}}
+    constraint = grammar(schema_format(schema, name="c"))
 
     async def draft(so_far: str, constrained: bool) -> str:
         engine = EngineClient(local_engine.url)
@@ -163,7 +161,7 @@ def test_the_llama_server_drafter_drafts_under_the_schema_from_where_the_reply_i
             (*prompt, *generated),
             12,
             vocabulary=vocabulary,
-            grammar=grammar if constrained else None,
+            grammar=constraint if constrained else None,
             generation_start=len(prompt),
         )
         proposal = await drafter.propose(request)
