@@ -19,14 +19,16 @@
   GET  /openapi.json           open: this API's OpenAPI document (tightwad.openapi)
 
 Extensions to the OpenAI request bodies: `top_k`, `ignore_eos`, `return_tokens` (the generated token
-ids in each choice). Every parameter is honoured, refused with a 400 naming it, or ignored because it
-cannot change a reply: the one table is tightwad.openai.PARAMS, and a parameter it does not know is
-refused too. `model` must be the served name or an alias (`--alias`, repeated), else 404
-model_not_found; `GET /v1/models/{id}` answers for each. A list of prompts and `n` give several
-choices, each a generation of its own (their stream chunks carry `index`). Errors have the one
-shape of tightwad.openai, with a real status; a stream that fails after it started ends with one
-`data: {"error": ...}` event. With a token configured every route but /health and /ready needs it
-(tightwad.http.BearerAuth).
+ids in each choice). Legacy `echo` with `logprobs` scores the prompt as well (Engine.generate's
+`score_prompt`): its tokens' entries come first, the first one null, as OpenAI's; `max_tokens: 0`
+(only with `echo`) gives the prompt alone. Every parameter is honoured, refused with a 400 naming
+it, or ignored because it cannot change a reply: the one table is tightwad.openai.PARAMS, and a
+parameter it does not know is refused too. `model` must be the served name or an alias (`--alias`,
+repeated), else 404 model_not_found; `GET /v1/models/{id}` answers for each. A list of prompts and
+`n` give several choices, each a generation of its own (their stream chunks carry `index`). Errors
+have the one shape of tightwad.openai, with a real status; a stream that fails after it started ends
+with one `data: {"error": ...}` event. With a token configured every route but /health and /ready
+needs it (tightwad.http.BearerAuth).
 
 Nothing a request carries may hurt another request: bodies are limited (413 over --max-body-bytes),
 stop lists are bounded (tightwad.stops), a prompt that cannot fit the context is refused before it
