@@ -237,3 +237,28 @@ def test_max_tokens_zero_needs_echo(client: openai.OpenAI, served: str) -> None:
     assert caught.value.param == "max_tokens" and "echo" in caught.value.message
     alone = client.completions.create(model=served, prompt="Hi there", max_tokens=0, echo=True)
     assert alone.choices[0].text == "Hi there" and alone.choices[0].logprobs is None
+
+
+def test_a_text_longer_than_a_batch_is_scored_in_several_decodes(
+    client: openai.OpenAI, served: str, local_engine: EngineProcess
+) -> None:
+    """The engine here decodes 128 rows at a time: a 240-token reply, scored after its prompt,
+    spans three decodes; each position's logprob is the one the reply was generated with."""
+    prompt = local_engine.post("/tokenize", {"messages": STORY}).json()["tokens"]
+    reply = client.completions.create(
+        model=served,
+        prompt=prompt,
+        max_tokens=240,
+        temperature=0,
+        logprobs=1,
+        extra_body={"return_tokens": True},  # not ignore_eos: it renormalizes without the end
+    ).choices[0]
+    tokens = reply.model_extra["tokens"]  # type: ignore[index]
+    said = reply.logprobs.token_logprobs  # type: ignore[union-attr]
+    assert len(tokens) == len(said) == 240 and len(prompt) + 240 > 2 * 128
+    scored = client.completions.create(
+        model=served, prompt=prompt + tokens, echo=True, logprobs=1, max_tokens=0
+    ).choices[0]
+    values = scored.logprobs.token_logprobs  # type: ignore[union-attr]
+    assert len(values) == len(prompt) + 240 and values[0] is None
+    assert values[len(prompt) :] == pytest.approx(said, abs=1e-4)
