@@ -3,6 +3,7 @@
     tightwad proxy start --target URL --draft URL [--draft-kind llama-server|openai|ollama|ngram]
                          [--manifest FILE] [--port 8088] [--host 127.0.0.1] [--token T]
                          [--max-draft-tokens auto|N] [--no-pipeline] [--mode speculate|passthrough]
+                         [--queue auto|N] [--queue-timeout SECONDS]
     tightwad proxy status [--url http://127.0.0.1:8088] [--token T] [--watch SECONDS] [--json]
 
 With --manifest the engine, drafter and proxy settings come from its target/drafters/proxy
@@ -39,6 +40,7 @@ from tightwad.proxy.config import (
     ProxyConfig,
     from_manifest,
     parse_max_draft,
+    parse_queue,
     with_overrides,
 )
 
@@ -107,6 +109,21 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve agents' answers unreviewed when the reviewer fails (default: fail closed)",
     )
+    s.add_argument(
+        "--queue",
+        default=None,
+        metavar="auto|N",
+        help="requests that may wait for a conversation before new ones get 503 queue_full with "
+        "Retry-After ('auto', default: the engine's own --queue)",
+    )
+    s.add_argument(
+        "--queue-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="a request waiting longer for a conversation gets 503 queue_timeout with Retry-After "
+        "(default: the engine's own --queue-timeout)",
+    )
     s.add_argument("--max-body-bytes", type=int, default=None)
     s.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens a request may ask for")
     st = sub.add_parser("status", help="print a running proxy's live numbers")
@@ -153,6 +170,8 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         max_tokens=args.max_tokens,
         draft_timeout=args.draft_timeout,
         consensus_policy=args.consensus_policy,
+        queue_limit=parse_queue(args.queue),
+        queue_timeout=args.queue_timeout,
     )
     if args.gate_agent:
         config = replace(config, gate=gate_from_args(args, config))
@@ -265,6 +284,15 @@ def _drafter_state(drafter: dict[str, Any]) -> str:
     return f"{drafter.get('kind', '-')} ({state})"
 
 
+def _queue(admission: dict[str, Any]) -> str:
+    if "conversations" not in admission:
+        return "-"
+    return (
+        f"{admission['busy']}/{admission['conversations']} busy, {admission['waiting']} waiting "
+        f"(at most {admission['queue_limit']}, {admission['queue_timeout_s']:g} s)"
+    )
+
+
 def render(stats: dict[str, Any]) -> Group:
     table = Table(
         title=f"tightwad proxy — {stats.get('mode')} — {stats.get('model') or 'engine not reached'}"
@@ -287,6 +315,8 @@ def render(stats: dict[str, Any]) -> Group:
         ("time to first token", _fmt(stats.get("ttft_ms"), " ms")),
         ("fallbacks", _fmt(stats.get("fallbacks"))),
         ("errors", _fmt(stats.get("errors"))),
+        ("conversations busy / waiting", _queue(stats.get("admission") or {})),
+        ("refused (503, Retry-After)", _fmt((stats.get("admission") or {}).get("refused"))),
         (
             "drafter",
             f"{drafter.get('kind', '-')} ({'up' if drafter.get('available', True) else 'backing off'})",

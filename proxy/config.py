@@ -62,6 +62,9 @@ class ProxyConfig:
     max_tokens: int | None = None  # the largest max_tokens a request may ask for
     pipeline: bool = True
     draft_timeout: float = 2.0  # a draft call slower than this (in a running reply) is a failure
+    # Requests waiting for a conversation (conversations.py); None: as the engine's own queue.
+    queue_limit: int | None = None
+    queue_timeout: float | None = None  # seconds
     notes: list[str] = field(default_factory=list)  # things the user should know (printed at start)
     gate: GateConfig | None = None  # serves POST /tightwad/v1/gate/chat/completions when set
 
@@ -94,6 +97,10 @@ class ProxyConfig:
                 raise TightwadError(f"a {d.kind} drafter needs a URL (--draft URL)")
         if self.max_draft_tokens is not None and not 1 <= self.max_draft_tokens <= 64:
             raise TightwadError("--max-draft-tokens must be 'auto' or a number from 1 to 64")
+        if self.queue_limit is not None and self.queue_limit < 0:
+            raise TightwadError(f"--queue must be 'auto' or a number >= 0, got {self.queue_limit}")
+        if self.queue_timeout is not None and not self.queue_timeout > 0:
+            raise TightwadError(f"--queue-timeout must be a number of seconds > 0, got {self.queue_timeout}")
         check_bind(self.host, self.token)  # the loopback rule, before anything starts
         return self
 
@@ -105,6 +112,16 @@ def parse_max_draft(value: str | int | None) -> int | None:
         return int(value)
     except ValueError:
         raise TightwadError(f"--max-draft-tokens must be 'auto' or a number, got {value!r}") from None
+
+
+def parse_queue(value: str | int | None) -> int | None:
+    """--queue: 'auto' (None: the engine's own queue_limit) or how many requests may wait."""
+    if value is None or value == "auto":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise TightwadError(f"--queue must be 'auto' or a number, got {value!r}") from None
 
 
 def _url(address: str, port: int) -> str:

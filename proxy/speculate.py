@@ -33,13 +33,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from tightwad.openai import OpenAIError, UpstreamError
 from tightwad.proxy.consensus import agreed
-from tightwad.proxy.conversations import ConversationPool, Lease
+from tightwad.proxy.conversations import ConversationPool, Lease, Ticket
 from tightwad.proxy.detok import Vocabulary
 from tightwad.proxy.drafters.base import DraftRequest, Proposal
 from tightwad.proxy.drafters.guard import GuardedDrafter
@@ -55,6 +55,7 @@ WARMUP_DRAFT_K = (2, 8)  # draft calls timed
 WARMUP_VERIFY_K = (0, 8, 2, 12)  # verify blocks timed: spread out, so the fit sees the slope
 WARMUP_ALONE_TOKENS = 8  # the target decoding alone
 WARMUP_LIMIT_S = 30.0  # a warm-up never holds the proxy's readiness longer than this
+GONE_POLL_S = 0.25  # how often a waiting request checks that its client is still there
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,14 @@ class Job:
     vocabulary: Vocabulary
     logprobs: int | None = None  # None: none; n: each token's logprob and its n best alternatives
     grammar: dict[str, Any] | None = None  # a decoding constraint the engine enforces (verify API)
+    client_gone: Callable[[], Awaitable[bool]] | None = None  # asked while it waits for a conversation
+
+
+class ClientLeft(OpenAIError):
+    """The client disconnected while its request waited for a conversation (nobody reads this)."""
+
+    status = 499
+    code = "client_closed_request"
 
 
 @dataclass(frozen=True)
@@ -112,6 +121,73 @@ class Speculator:
         self.settings = settings or SpeculationSettings()
         self.skipped_rounds = 0  # consensus (approximate): rounds and tokens the target never saw
         self.skipped_tokens = 0
+        self._wakeups: dict[Ticket, asyncio.Event] = {}
+
+    # admission: one conversation per running reply, first come first served ---------------------
+    async def admit(
+        self, prompt: list[int], client_gone: Callable[[], Awaitable[bool]] | None = None
+    ) -> Lease:
+        """A conversation for `prompt`, waiting for one when all are busy (conversations.py says
+        the rules). Unavailable (503 queue_full / queue_timeout with Retry-After) when the wait is
+        refused or too long; ClientLeft when `client_gone` says the client went away meanwhile."""
+        pool, telemetry = self.conversations, self.telemetry
+        try:
+            got = pool.join(prompt, time.monotonic())
+        except OpenAIError as exc:
+            telemetry.refused(exc.code)
+            raise
+        if isinstance(got, Lease):
+            self._report()
+            return got
+        ticket, woken = got, asyncio.Event()
+        self._wakeups[ticket] = woken
+        self._report()
+        try:
+            while ticket.lease is None:
+                now = time.monotonic()
+                late = pool.expired(ticket, now)
+                if late is not None:
+                    telemetry.refused(late.code)
+                    raise late
+                left = ticket.since + pool.queue_timeout - now
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.001, min(left, GONE_POLL_S))):
+                        await woken.wait()
+                if ticket.lease is None and client_gone is not None and await client_gone():
+                    telemetry.left_queue()
+                    raise ClientLeft("the client left while its request waited for a conversation")
+        except BaseException:
+            pool.leave(ticket)
+            if ticket.lease is not None:  # handed an id just as it gave up: the next waiter's
+                self._wake(pool.release(ticket.lease, None, time.monotonic()))
+            raise
+        finally:
+            self._wakeups.pop(ticket, None)
+            self._report()
+        telemetry.waited(time.monotonic() - ticket.since)
+        return ticket.lease
+
+    def release(self, lease: Lease, history: Sequence[int] | None) -> None:
+        """The reply is over: its conversation holds `history` ([]: unknown) and goes to the next waiter."""
+        self._wake(self.conversations.release(lease, history, time.monotonic()))
+        self._report()
+
+    def resize(self, size: int, queue_limit: int | None, queue_timeout: float | None) -> None:
+        """The engine's figures changed (learnt at start, again after it came back)."""
+        self.conversations.resize(size, queue_limit, queue_timeout)
+        self._wake(self.conversations.grant(time.monotonic()))
+        self._report()
+
+    def _wake(self, granted: list[Ticket]) -> None:
+        for ticket in granted:
+            woken = self._wakeups.get(ticket)
+            if woken is not None:
+                woken.set()
+
+    def _report(self) -> None:
+        pool = self.conversations
+        waiting = len(pool.waiting)
+        self.telemetry.admission(pool.size, pool.busy(), waiting, pool.queue_limit, pool.queue_timeout)
 
     async def warm_up(self, vocabulary: Vocabulary, chat: bool) -> None:
         """Measure before the first request, so that it is speculated on measurements, not priors.
@@ -145,7 +221,7 @@ class Speculator:
                 controller.record_draft(k, time.perf_counter() - t)
                 guess = proposal.candidates()[0] if isinstance(proposal, Candidates) else proposal
         history = list(prompt)
-        lease = self.conversations.acquire(history)
+        lease = await self.admit(history)
         try:
             # Reading the prompt is not a block's cost; the verdict on the guess is a first acceptance.
             verdict = await engine.verify(lease.conversation, history, [guess], greedy, True)
@@ -158,7 +234,7 @@ class Speculator:
                 controller.record_verify(k, time.perf_counter() - t)
                 history += verdict.tokens
         finally:
-            self.conversations.release(lease, history)
+            self.release(lease, history)
         stamps: list[float] = []
         async for tokens, _, _ in engine.generate(history, greedy, WARMUP_ALONE_TOKENS):
             stamps += [time.perf_counter()] * len(tokens)
@@ -168,7 +244,8 @@ class Speculator:
     async def run(self, job: Job) -> AsyncIterator[Step]:
         """Target tokens for `job` until end of generation, max_tokens or the context is full.
         Closing the iterator early (a stop sequence, a client gone) is clean."""
-        reply = _Reply(self, job, self.conversations.acquire(job.prompt))
+        # Waits here, before the reply's first byte, so a refusal is a real 503.
+        reply = _Reply(self, job, await self.admit(job.prompt, job.client_gone))
         try:
             async with contextlib.aclosing(reply.steps()) as steps:
                 async for step in steps:
@@ -222,10 +299,8 @@ class _Reply:
 
     async def close(self) -> None:
         self._drop_pending()
-        if self.ok or self.synced:
-            self.speculator.conversations.release(self.lease, self.history)
-        else:
-            self.speculator.conversations.forget(self.lease)
+        # Unless the engine holds this history (or a prefix of it), nothing there is worth reusing.
+        self.speculator.release(self.lease, self.history if self.ok or self.synced else [])
 
     # the loop -----------------------------------------------------------------------------------
     async def steps(self) -> AsyncIterator[Step]:

@@ -19,7 +19,6 @@ from typing import Any
 
 from tightwad.openai import OpenAIError
 from tightwad.proxy.config import ProxyConfig
-from tightwad.proxy.conversations import ConversationPool
 from tightwad.proxy.detok import Vocabulary
 from tightwad.proxy.drafters.guard import GuardedDrafter
 from tightwad.proxy.drafters.race import RaceDrafter
@@ -114,13 +113,23 @@ class Proxy:
                 vocabulary = await self.engine.vocabulary(info.n_vocab)
                 chat = await self.engine.chat_tokens([{"role": "user", "content": "hi"}]) is not None
                 if self.speculator is not None:
-                    parallel = (await self.engine.stats()).get("parallel")
-                    if isinstance(parallel, int) and parallel > 0:
-                        self.speculator.conversations = ConversationPool(parallel)
+                    self._size_admission(await self.engine.stats())
                     # Before anyone is served: the first request is then speculated on measurements.
                     await self.speculator.warm_up(vocabulary, chat)
                 self.profile = EngineProfile(info, vocabulary, chat, set())
         return self.profile
+
+    def _size_admission(self, stats: dict[str, Any]) -> None:
+        """As many conversations as the engine keeps; the wait for one bounded as the engine bounds
+        its own queue (its queue_limit and queue_timeout), unless the proxy's flags say otherwise."""
+        assert self.speculator is not None
+        pool = self.speculator.conversations
+        parallel, limit, timeout = stats.get("parallel"), stats.get("queue_limit"), stats.get("queue_timeout")
+        self.speculator.resize(
+            parallel if isinstance(parallel, int) and parallel > 0 else pool.size,
+            self.config.queue_limit if self.config.queue_limit is not None else _count(limit),
+            self.config.queue_timeout if self.config.queue_timeout is not None else _seconds(timeout),
+        )
 
     async def engine_profile(self) -> EngineProfile:
         """`learn_engine` for a request: a failure also forgets the engine (see `engine_failed`)."""
@@ -150,3 +159,12 @@ class Proxy:
                 "max_tokens": max_tokens,
             }
         )
+
+
+def _count(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _seconds(value: object) -> float | None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+    return float(value) if ok else None  # type: ignore[arg-type]

@@ -68,6 +68,25 @@ class Telemetry:
         self.m_errors = Counter(
             "tightwad_proxy_errors", "Requests that failed, by error code", ["code"], registry=r
         )
+        # Admission (conversations.py): who holds a conversation, who waits, who was refused.
+        self.m_busy = Gauge(
+            "tightwad_proxy_conversations_busy", "Engine conversations held by running replies", registry=r
+        )
+        self.m_waiting = Gauge(
+            "tightwad_proxy_waiting_requests", "Requests waiting for a conversation", registry=r
+        )
+        self.m_refused = Counter(
+            "tightwad_proxy_refused",
+            "Requests refused with 503 and Retry-After (queue_full, queue_timeout)",
+            ["code"],
+            registry=r,
+        )
+        self.m_queue_wait = Histogram(
+            "tightwad_proxy_queue_wait_seconds",
+            "How long requests that waited for a conversation waited",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         # The same facts as plain numbers, for /tightwad/v1/stats.
         self.started = time.time()
         self.requests: Tally[str] = Tally()
@@ -77,6 +96,10 @@ class Telemetry:
         self.generated: Tally[str] = Tally()
         self.decode_rate = Average(0.0, half_life=8)  # tokens/s of recent replies, after the first token
         self.ttft = Average(0.0, half_life=8)
+        self.queue: dict[str, Any] = {}  # the pool's size, busy, waiting and bounds, as last reported
+        self.refusals: Tally[str] = Tally()
+        self.waited_requests = self.left_requests = 0
+        self.queue_wait = Average(0.0, half_life=8)
 
     def request(self, route: str, served: str) -> None:
         self.m_requests.labels(route, served).inc()
@@ -104,6 +127,29 @@ class Telemetry:
     def error(self, code: str) -> None:
         self.errors[code] += 1
         self.m_errors.labels(code).inc()
+
+    def admission(self, size: int, busy: int, waiting: int, limit: int, timeout: float) -> None:
+        self.queue = {
+            "conversations": size,
+            "busy": busy,
+            "waiting": waiting,
+            "queue_limit": limit,
+            "queue_timeout_s": timeout,
+        }
+        self.m_busy.set(busy)
+        self.m_waiting.set(waiting)
+
+    def refused(self, code: str) -> None:
+        self.refusals[code] += 1
+        self.m_refused.labels(code).inc()
+
+    def waited(self, seconds: float) -> None:
+        self.waited_requests += 1
+        self.queue_wait.add(seconds)
+        self.m_queue_wait.observe(seconds)
+
+    def left_queue(self) -> None:
+        self.left_requests += 1
 
     def policy(self, k: int, acceptance: float) -> None:
         self.m_k.set(k)
@@ -135,4 +181,11 @@ class Telemetry:
             "errors": dict(self.errors),
             "tok_s": round(self.decode_rate.value, 2) if self.decode_rate.measured else None,
             "ttft_ms": round(self.ttft.value * 1e3, 1) if self.ttft.measured else None,
+            "admission": {
+                **self.queue,
+                "refused": dict(self.refusals),
+                "waited": self.waited_requests,
+                "left_while_waiting": self.left_requests,
+                "wait_ms": round(self.queue_wait.value * 1e3, 1) if self.queue_wait.measured else None,
+            },
         }

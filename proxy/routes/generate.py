@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 
 from sse_starlette.sse import EventSourceResponse
@@ -74,7 +74,7 @@ class GenerateRoutes:
             tokens = await proxy.engine.tokenize(prompt, add_special=True, parse_special=True)
         else:
             tokens = prompt
-        return await self._generate(tokens, params, profile, chat=False)
+        return await self._generate(tokens, params, profile, chat=False, gone=request.is_disconnected)
 
     async def chat_completions(self, request: Request) -> Response:
         proxy = self.proxy
@@ -112,7 +112,9 @@ class GenerateRoutes:
         tokens = await proxy.engine.chat_tokens(parse_messages(body), plan.tools if plan else None)
         if tokens is None:
             return await pass_through(proxy, request, raw, body, "chat")  # the engine will say what is wrong
-        return await self._generate(tokens, params, profile, chat=True, plan=plan)
+        return await self._generate(
+            tokens, params, profile, chat=True, plan=plan, gone=request.is_disconnected
+        )
 
     async def _generate(
         self,
@@ -121,6 +123,7 @@ class GenerateRoutes:
         profile: EngineProfile,
         chat: bool,
         plan: tools.ToolPlan | None = None,
+        gone: Callable[[], Awaitable[bool]] | None = None,  # a request waiting for a conversation asks
     ) -> Response:
         proxy = self.proxy
         assert proxy.speculator is not None
@@ -137,7 +140,7 @@ class GenerateRoutes:
         room = info.n_ctx - len(prompt)
         max_tokens = min(params.max_tokens or room, room)
         sampling, vocabulary = params.sampling, profile.vocabulary
-        job = Job(prompt, sampling, max_tokens, info.n_ctx, vocabulary, params.logprobs, params.grammar)
+        job = Job(prompt, sampling, max_tokens, info.n_ctx, vocabulary, params.logprobs, params.grammar, gone)
         route = "chat" if chat else "completions"
         proxy.telemetry.request(route, "speculate")
         proxy.remember(route, proxy.config.mode, len(prompt), max_tokens)
