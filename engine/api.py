@@ -390,9 +390,8 @@ class Api:
             max_tokens = get_field(body, "max_completion_tokens", int, default_max)
         # 0 with echo: the prompt alone, scored with logprobs (how eval harnesses score a text).
         if max_tokens < (0 if echo else 1):
-            raise BadRequest(
-                f"`max_tokens` must be >= 1 (0 only with `echo: true`), got {max_tokens}", param="max_tokens"
-            )
+            hint = "" if chat else " (0 only with `echo: true`)"
+            raise BadRequest(f"`max_tokens` must be >= 1{hint}, got {max_tokens}", param="max_tokens")
         return GenerationOptions(
             prompt=prompt,
             sampling=Sampling.from_json(body, default_temperature=1.0),
