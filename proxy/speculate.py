@@ -312,7 +312,7 @@ class _Reply:
             remaining = job.max_tokens - self.produced
             if not spec.drafter.available():
                 spec.telemetry.fallback("drafter_backoff")
-                async for step in self._target_alone(min(spec.settings.fallback_chunk, remaining, room)):
+                async for step in self._alone(min(spec.settings.fallback_chunk, remaining, room)):
                     yield step
                     if step.eog:
                         return
@@ -321,7 +321,7 @@ class _Reply:
             spec.telemetry.policy(k, spec.controller.acceptance.alpha)
             if k == 0:
                 spec.telemetry.fallback("speculation_off")
-                async for step in self._target_alone(min(spec.controller.off_chunk(), remaining, room)):
+                async for step in self._alone(min(spec.controller.off_chunk(), remaining, room)):
                     yield step
                     if step.eog:
                         return
@@ -470,12 +470,34 @@ class _Reply:
                 return verdict
             except ConversationEvicted:
                 self.synced = False  # evicted by other traffic: send it whole again
+                self.speculator.telemetry.conversation_evicted()
         verdict = await engine.verify(
             lease.conversation, self.history, proposals, job.sampling, True, start, logprobs, grammar
         )
         self.synced = True
         self.unsent = []
         return verdict
+
+    def _alone(self, n: int) -> AsyncIterator[Step]:
+        """The target decoding n tokens alone. The engine's plain decoding streams them (no round
+        trip per token) but takes a KV sequence of its own, the least recently used: while other
+        replies run or wait that is one of their conversations (evicted: that reply re-evaluates
+        its whole text), so then it decodes on its own conversation instead."""
+        pool = self.speculator.conversations
+        crowded = pool.busy() > 1 or bool(pool.waiting)
+        return self._decode_here(n) if crowded else self._target_alone(n)
+
+    async def _decode_here(self, n: int) -> AsyncIterator[Step]:
+        """The target alone on this reply's own conversation: verify calls with no draft, one token
+        each (a round trip per token, but no other conversation loses its KV)."""
+        self._drop_pending()
+        for _ in range(n):
+            verdict = await self._verify([Proposal(())])
+            self.speculator.telemetry.engine_tokens(len(verdict.tokens))
+            step = self._advance(verdict.tokens, verdict.eog, verdict.logprobs)
+            yield step
+            if step.eog or not step.tokens:
+                return
 
     async def _target_alone(self, n: int) -> AsyncIterator[Step]:
         """The engine decodes n tokens on its own (no draft, no per-token round trip)."""

@@ -81,6 +81,11 @@ class Telemetry:
             ["code"],
             registry=r,
         )
+        self.m_evicted = Counter(
+            "tightwad_proxy_conversation_evicted",
+            "Verify calls the engine answered conversation_evicted (the reply resent its whole text)",
+            registry=r,
+        )
         self.m_queue_wait = Histogram(
             "tightwad_proxy_queue_wait_seconds",
             "How long requests that waited for a conversation waited",
@@ -98,7 +103,7 @@ class Telemetry:
         self.ttft = Average(0.0, half_life=8)
         self.queue: dict[str, Any] = {}  # the pool's size, busy, waiting and bounds, as last reported
         self.refusals: Tally[str] = Tally()
-        self.waited_requests = self.left_requests = 0
+        self.waited_requests = self.left_requests = self.evicted = 0
         self.queue_wait = Average(0.0, half_life=8)
 
     def request(self, route: str, served: str) -> None:
@@ -151,6 +156,10 @@ class Telemetry:
     def left_queue(self) -> None:
         self.left_requests += 1
 
+    def conversation_evicted(self) -> None:
+        self.evicted += 1
+        self.m_evicted.inc()
+
     def policy(self, k: int, acceptance: float) -> None:
         self.m_k.set(k)
         self.m_acceptance.set(acceptance)
@@ -187,5 +196,6 @@ class Telemetry:
                 "waited": self.waited_requests,
                 "left_while_waiting": self.left_requests,
                 "wait_ms": round(self.queue_wait.value * 1e3, 1) if self.queue_wait.measured else None,
+                "conversation_evicted": self.evicted,
             },
         }
