@@ -491,13 +491,19 @@ class _Reply:
         """The target alone on this reply's own conversation: verify calls with no draft, one token
         each (a round trip per token, but no other conversation loses its KV)."""
         self._drop_pending()
-        for _ in range(n):
-            verdict = await self._verify([Proposal(())])
-            self.speculator.telemetry.engine_tokens(len(verdict.tokens))
-            step = self._advance(verdict.tokens, verdict.eog, verdict.logprobs)
-            yield step
-            if step.eog or not step.tokens:
-                return
+        count = 0
+        try:
+            for _ in range(n):
+                verdict = await self._verify([Proposal(())])
+                self.speculator.telemetry.engine_tokens(len(verdict.tokens))
+                step = self._advance(verdict.tokens, verdict.eog, verdict.logprobs)
+                count += len(step.tokens)
+                yield step
+                if step.eog or not step.tokens:
+                    return
+        finally:
+            # Counts toward the controller's next probe; not a plain-decoding rate (no sample).
+            self.speculator.controller.record_engine(count, 0, 0.0)
 
     async def _target_alone(self, n: int) -> AsyncIterator[Step]:
         """The engine decodes n tokens on its own (no draft, no per-token round trip)."""

@@ -21,7 +21,7 @@ import pytest
 from support.engines import INVARIANT_ENGINE, EngineProcess, engine_greedy, start_engine, tokenize
 from support.procs import Processes
 from support.proxies import AUTH, ProxyProcess, cli_config, sse, start_proxy
-from support.proxy_fakes import FakeDrafter, FakeEngine, make_speculator
+from support.proxy_fakes import FakeDrafter, FakeEngine, job, make_speculator, target_alone
 
 from tightwad import models
 from tightwad.errors import TightwadError
@@ -175,6 +175,30 @@ def test_a_waiter_cancelled_as_it_is_handed_an_id_passes_it_on() -> None:
         assert lease.conversation == held.conversation and first.cancelled()
 
     asyncio.run(go())
+
+
+def test_replies_beyond_the_conversations_queue_and_decode_alone_on_their_own() -> None:
+    """Three replies on two conversations with the drafter down (the target decodes alone): each is
+    the target's, the third waited, and while two ran none used the engine's plain decoding (whose
+    sequence would be another reply's), so no conversation was ever evicted."""
+    engine = FakeEngine()
+    spec = make_speculator(engine, FakeDrafter(behaviour="down"))
+    prompts = [[5, 9, 13], [7, 7], [11, 3, 2, 1]]
+
+    async def reply(prompt: list[int]) -> list[int]:
+        out: list[int] = []
+        async for step in spec.run(job(24, prompt)):
+            out += step.tokens
+        return out
+
+    async def go() -> list[list[int]]:
+        return list(await asyncio.gather(*(reply(p) for p in prompts)))
+
+    assert asyncio.run(go()) == [target_alone(p, 24) for p in prompts]
+    admission = spec.telemetry.snapshot()["admission"]
+    assert admission["waited"] == 1 and admission["conversation_evicted"] == 0
+    assert admission["busy"] == 0 and admission["conversations"] == 2
+    assert engine.generated <= 24  # only the last reply, once it ran alone, decoded plainly
 
 
 def test_queue_flags() -> None:
