@@ -225,6 +225,8 @@ _TYPES: dict[str, Schema] = {
 _ROUTE_TYPES: dict[tuple[str, str], Schema] = {
     ("logprobs", CHAT): _BOOL,
     ("logprobs", COMPLETIONS): _TOP_LOGPROBS,
+    # 0 scores the prompt alone, with `echo` (refused without it, saying so)
+    ("max_tokens", COMPLETIONS): {"type": "integer", "minimum": 0},
 }
 
 
