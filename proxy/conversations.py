@@ -120,13 +120,11 @@ class ConversationPool:
         if lease is not None:
             return lease
         if len(self.waiting) >= self.queue_limit:
-            wait = self.retry_after(len(self.waiting), now)
-            raise Unavailable(
+            raise self._refusal(
+                "queue_full",
                 f"the proxy is busy: its {self.size} conversation(s) are in use and "
-                f"{len(self.waiting)} request(s) already wait (proxy --queue {self.queue_limit}); "
-                f"retry after {wait} s, or give the engine more conversations (--parallel, --ctx)",
-                code="queue_full",
-                retry_after=wait,
+                f"{len(self.waiting)} request(s) already wait (proxy --queue {self.queue_limit})",
+                now,
             )
         ticket = Ticket(list(prompt), now)
         self.waiting.append(ticket)
@@ -157,12 +155,19 @@ class ConversationPool:
         if ticket.lease is not None or now - ticket.since < self.queue_timeout:
             return None
         self.leave(ticket)
+        return self._refusal(
+            "queue_timeout",
+            f"this request waited {now - ticket.since:.0f} s for one of the proxy's {self.size} "
+            f"conversation(s) (proxy --queue-timeout {self.queue_timeout:g}) and never started",
+            now,
+        )
+
+    def _refusal(self, code: str, why: str, now: float) -> Unavailable:
+        """A 503 that says why, when to come back (Retry-After) and what would make room."""
         wait = self.retry_after(len(self.waiting), now)
         return Unavailable(
-            f"this request waited {now - ticket.since:.0f} s for one of the proxy's {self.size} "
-            f"conversation(s) (proxy --queue-timeout {self.queue_timeout:g}) and never started; "
-            f"retry after {wait} s, or give the engine more conversations (--parallel, --ctx)",
-            code="queue_timeout",
+            f"{why}; retry after {wait} s, or give the engine more conversations (--parallel, --ctx)",
+            code=code,
             retry_after=wait,
         )
 
