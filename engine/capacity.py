@@ -7,7 +7,8 @@ follows from that pool: `n_ctx // conversation_cells`, where `conversation_cells
 size one conversation is expected to need (its prompt and reply), capped by llama.cpp's sequence
 limit, which the scratch sequences of multi-draft verification share (parallel * max_drafts <= 256).
 The pool itself can be sized from memory (`kv_cells_for`): what the devices have free once the
-weights are in, halved, divided by the bytes one cell costs in every layer.
+weights are in (on a CPU host, what its memory cgroups still allow: `host_free_bytes`), halved,
+divided by the bytes one cell costs in every layer.
 """
 
 from __future__ import annotations
@@ -72,6 +73,36 @@ def kv_cells_for(
             f"too little for a KV cache of {CELL_ALIGN} cells: pass --ctx N"
         )
     return cells
+
+
+def host_free_bytes(mem_available: int, cgroup_limits: Sequence[tuple[int, int]] = ()) -> int:
+    """RAM this process may still use: the host's MemAvailable, but in a memory cgroup (a container)
+    no more than each enclosing group's (limit, usage) leaves. A container sees the host's meminfo
+    whole, and a KV cache sized from that would get the engine killed at its first long chat."""
+    return max(0, min([mem_available, *(limit - usage for limit, usage in cgroup_limits)]))
+
+
+def cgroup_memory_dirs(proc_self_cgroup: str, root: str = "/sys/fs/cgroup") -> list[tuple[str, str, str]]:
+    """From /proc/self/cgroup's text: (directory, limit file, usage file) of this process's memory
+    cgroup and each of its ancestors, innermost first; v1's memory controller, else v2's."""
+    v1 = v2 = None
+    for line in proc_self_cgroup.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if "memory" in parts[1].split(","):
+            v1 = parts[2]
+        elif parts[0] == "0" and parts[1] == "":
+            v2 = parts[2]
+    if v1 is not None:
+        base, files = f"{root}/memory", ("memory.limit_in_bytes", "memory.usage_in_bytes")
+    elif v2 is not None:
+        base, files = root, ("memory.max", "memory.current")
+    else:
+        return []
+    parts = [p for p in (v1 if v1 is not None else v2 or "").split("/") if p]
+    dirs = ["/".join([base, *parts[:n]]) for n in range(len(parts), -1, -1)]
+    return [(d, f"{d}/{files[0]}", f"{d}/{files[1]}") for d in dirs]
 
 
 def retry_after(ahead: int, parallel: int, recent_service: Sequence[float], fallback: float) -> int:

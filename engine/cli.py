@@ -164,15 +164,40 @@ def positive_seconds(value: str) -> float:
     return seconds
 
 
+def _read_bytes(path: str) -> int | None:
+    """A cgroup memory file's number; None when absent, unreadable or unlimited ('max')."""
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def cgroup_limits() -> list[tuple[int, int]]:
+    """(limit, usage) in bytes of every memory cgroup around this process that has a limit."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            dirs = capacity.cgroup_memory_dirs(f.read())
+    except OSError:
+        return []
+    found = []
+    for _, limit_file, usage_file in dirs:
+        limit, usage = _read_bytes(limit_file), _read_bytes(usage_file)
+        if limit is not None and usage is not None:
+            found.append((limit, usage))
+    return found
+
+
 def free_memory(devices: Sequence[libllama.Device]) -> int:
-    """Bytes free where the weights and the KV cache go: the devices', else this host's RAM."""
+    """Bytes free where the weights and the KV cache go: the devices', else this host's RAM as far
+    as this process's memory cgroup (a container's limit) allows."""
     if devices:
         return sum(d.free_bytes for d in devices)
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    return capacity.host_free_bytes(int(line.split()[1]) * 1024, cgroup_limits())
     except OSError:
         pass
     raise TightwadError("--ctx auto cannot read this host's free memory here: pass --ctx N")

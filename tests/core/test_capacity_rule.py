@@ -110,3 +110,43 @@ def test_max_conversations_takes_auto_or_a_count_and_names_the_field_otherwise()
     data["spec"]["target"]["maxConversations"] = "many"
     with pytest.raises(TightwadError, match="maxConversations"):
         manifest_from_dict(data)
+
+
+def test_a_containers_memory_limit_bounds_what_is_free() -> None:
+    gib = 1 << 30
+    # No cgroup limit: the host's MemAvailable.
+    assert capacity.host_free_bytes(20 * gib) == 20 * gib
+    # A 4 GiB container already using 1 GiB has 3 GiB left, whatever the host has free.
+    assert capacity.host_free_bytes(20 * gib, [(4 * gib, 1 * gib)]) == 3 * gib
+    # The tightest of nested groups counts; a generous limit on a busy host leaves the host's bound.
+    assert capacity.host_free_bytes(20 * gib, [(64 * gib, gib), (6 * gib, 4 * gib)]) == 2 * gib
+    assert capacity.host_free_bytes(2 * gib, [(64 * gib, gib)]) == 2 * gib
+    # Over its limit already: nothing, which --ctx auto turns into "pass --ctx N".
+    assert capacity.host_free_bytes(20 * gib, [(gib, 2 * gib)]) == 0
+
+
+def test_the_cgroup_files_are_found_from_proc_self_cgroup() -> None:
+    v1 = "4:memory:/docker/abc\n3:cpuset:/\n0::/"
+    assert capacity.cgroup_memory_dirs(v1, root="/cg") == [
+        (
+            "/cg/memory/docker/abc",
+            "/cg/memory/docker/abc/memory.limit_in_bytes",
+            "/cg/memory/docker/abc/memory.usage_in_bytes",
+        ),
+        (
+            "/cg/memory/docker",
+            "/cg/memory/docker/memory.limit_in_bytes",
+            "/cg/memory/docker/memory.usage_in_bytes",
+        ),
+        ("/cg/memory", "/cg/memory/memory.limit_in_bytes", "/cg/memory/memory.usage_in_bytes"),
+    ]
+    # v2 (one unified hierarchy); a container's own namespace shows its group as "/".
+    assert capacity.cgroup_memory_dirs("0::/", root="/cg") == [
+        ("/cg", "/cg/memory.max", "/cg/memory.current")
+    ]
+    assert [d for d, _, _ in capacity.cgroup_memory_dirs("0::/a/b", root="/cg")] == [
+        "/cg/a/b",
+        "/cg/a",
+        "/cg",
+    ]
+    assert capacity.cgroup_memory_dirs("", root="/cg") == []
