@@ -68,6 +68,8 @@ def command(
             cmd += ["--ctx", str(spec["ctx"]), "--parallel", str(spec["parallel"])]
             if spec.get("conversationCtx"):  # maxConversations auto: the KV cache from memory
                 cmd += ["--conversation-ctx", str(spec["conversationCtx"])]
+            if "queue" in spec:  # spec.target.queue: how many may wait for one, and how long
+                cmd += ["--queue", str(spec["queue"]), "--queue-timeout", str(spec["queueTimeout"])]
             cmd += ["--exact", "on" if spec.get("exact") == "strict" else "off"]
             return [*cmd, "--host", spec["bind"], "--port", str(spec["port"])]
         case Kind.DRAFTER:

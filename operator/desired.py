@@ -24,7 +24,7 @@ from typing import Any
 
 from tightwad.errors import TightwadError
 from tightwad.manifest import Manifest
-from tightwad.manifest_views import Gpu, Host
+from tightwad.manifest_views import Gpu, Host, QueueSettings
 from tightwad.netaddr import loopback_bind
 from tightwad.operator.units import ENGINE_ROUTER, PROXY, Kind, ModelRef, Unit, digest, url_for
 
@@ -260,6 +260,9 @@ def desired_state(
         }
         if conversations == "auto":  # only then: an unchanged manifest keeps its engine's hash
             engine_spec["conversationCtx"] = manifest.context_size
+        if target.queue != QueueSettings():  # only when set: an unchanged manifest keeps its hash
+            engine_spec["queue"] = target.queue.limit
+            engine_spec["queueTimeout"] = target.queue.timeout_seconds
         if target.aliases:  # only when set: an unchanged manifest keeps its engine's hash
             engine_spec["aliases"] = list(target.aliases)
         if target.exact != "off":  # likewise; a changed value is a new engine and new workers

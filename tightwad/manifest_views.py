@@ -122,6 +122,14 @@ class Host:
 
 
 @dataclass(frozen=True)
+class QueueSettings:
+    """`spec.target.queue`: how many requests may wait for a conversation, and for how long."""
+
+    limit: Literal["auto"] | int = "auto"  # the engine's --queue
+    timeout_seconds: int = 30  # the engine's --queue-timeout
+
+
+@dataclass(frozen=True)
 class Target:
     """`spec.target`: the big model, run by the engine across the pool."""
 
@@ -131,6 +139,7 @@ class Target:
     context_size: int | None = None  # None: the model's own
     tensor_split: Literal["auto"] | tuple[float, ...] = "auto"
     max_conversations: Literal["auto"] | int = 8  # KV sequences the engine keeps, one per conversation
+    queue: QueueSettings = QueueSettings()  # requests beyond the conversations wait here, bounded
     aliases: tuple[str, ...] = ()  # other names a request's `model` may use
     exact: ExactMode = "off"  # strict: batch-invariant CPU kernels in the engine and its workers
 

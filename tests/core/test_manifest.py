@@ -28,7 +28,7 @@ from tightwad.manifest import (
     parse_manifest,
     parse_size,
 )
-from tightwad.manifest_views import GateReviewer, ProxyLimits, ProxySpec, SwarmSpec
+from tightwad.manifest_views import GateReviewer, ProxyLimits, ProxySpec, QueueSettings, SwarmSpec
 
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 BROKEN = sorted((REPO / "tests" / "manifests" / "broken").glob("*.yaml"))
@@ -174,7 +174,7 @@ def test_unknown_key_suggests_the_closest_key() -> None:
 
 def test_unknown_key_without_a_close_match_only_lists_the_keys() -> None:
     problem = only_problem(MINIMAL.replace("  target:\n", "  target:\n    flavour: spicy\n"))
-    allowed = "model, host, port, contextSize, tensorSplit, maxConversations, aliases, exact"
+    allowed = "model, host, port, contextSize, tensorSplit, maxConversations, queue, aliases, exact"
     assert problem.message == f"unknown key; allowed keys are {allowed}"
 
 
@@ -322,6 +322,57 @@ def test_defaults_are_filled_in() -> None:
     assert manifest.proxy.limits == ProxyLimits(max_body_bytes=8388608, max_tokens=None)
     assert manifest.swarm == SwarmSpec(enabled=True, port=8089, piece_size="64MiB", peers=())
     assert manifest.gate.enabled is False and manifest.gate.reviewer == GateReviewer(url="engine")
+
+
+def test_the_queue_defaults_to_the_engines_own_bounds() -> None:
+    manifest = parse_manifest(MINIMAL)
+    assert manifest.data["spec"]["target"]["queue"] == {"limit": "auto", "timeoutSeconds": 30}
+    assert manifest.target.queue == QueueSettings(limit="auto", timeout_seconds=30)
+
+
+def test_the_queue_takes_a_count_or_auto_and_whole_seconds() -> None:
+    queue = parse_manifest(MINIMAL + "    queue: {limit: 0, timeoutSeconds: 5}\n").target.queue
+    assert queue.limit == 0 and queue.timeout_seconds == 5  # 0: nobody waits, a busy engine says 503
+    assert parse_manifest(MINIMAL + "    queue: {limit: 64}\n").target.queue == QueueSettings(64, 30)
+
+
+@pytest.mark.parametrize(
+    ("queue", "path", "message"),
+    [
+        ("{limit: lots}", "limit", "expected 'auto' or an integer of at least 0, got 'lots'"),
+        ("{limit: -1}", "limit", "expected at least 0, got -1"),
+        ("{timeoutSeconds: 0}", "timeoutSeconds", "expected at least 1, got 0"),
+        ("{timeoutSeconds: 2.5}", "timeoutSeconds", "expected an integer, got 2.5"),
+        ("{timeout: 10}", "timeout", "did you mean 'timeoutSeconds'?"),
+    ],
+)
+def test_a_bad_queue_setting_names_the_field_and_what_it_takes(queue: str, path: str, message: str) -> None:
+    text = MINIMAL + f"    queue: {queue}\n"
+    problem = only_problem(text)
+    assert problem.path == f"spec.target.queue.{path}"
+    assert message in problem.message
+    assert problem.line == len(text.splitlines())
+
+
+def test_the_queue_is_rendered_into_the_engines_command_line() -> None:
+    from support.plans import desired, manifest_data
+
+    from tightwad.operator.commands import Binaries, command
+
+    def engine_argv(data: dict[str, Any]) -> list[str]:
+        return command(desired(data).engine, Binaries(python=("python", "-m")), {"big": "/m/big.gguf"})
+
+    argv = engine_argv(manifest_data(target__queue={"limit": 3, "timeoutSeconds": 7}))
+    assert argv[argv.index("--queue") + 1] == "3" and argv[argv.index("--queue-timeout") + 1] == "7"
+    argv = engine_argv(manifest_data(target__queue={"timeoutSeconds": 90}))
+    assert argv[argv.index("--queue") + 1] == "auto" and argv[argv.index("--queue-timeout") + 1] == "90"
+    # Unset (or set to the defaults): the engine's own defaults, and the same engine as before, so
+    # upgrading Tightwad does not replace a running engine.
+    assert "--queue" not in engine_argv(manifest_data())
+    defaults = manifest_data(target__queue={"limit": "auto", "timeoutSeconds": 30})
+    assert desired(defaults).engine.name == desired(manifest_data()).engine.name
+    # A changed queue is a new engine (the planner swaps to it like any other target change).
+    assert desired(manifest_data(target__queue={"limit": 3})).engine.name != desired(defaults).engine.name
 
 
 def test_proxy_speculating_without_drafters_is_a_problem() -> None:
