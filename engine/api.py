@@ -182,6 +182,7 @@ class GenerationOptions:
     generated: int = 0  # extension `generated_tokens`: the prompt's tail that is generated text
     echo: bool = False  # completions: the prompt's text before the reply's
     grammar: dict[str, Any] | None = None  # a decoding constraint (tightwad.openai.constraint_of)
+    conversation: str | None = None  # extension: decode on this conversation's sequence (the proxy)
 
     @property
     def scores_prompt(self) -> bool:
@@ -404,6 +405,7 @@ class Api:
             generated=generated,
             echo=echo,
             grammar=constraint_of(body),
+            conversation=get_field(body, "conversation", str, None),
         )
 
     def _start(self, options: GenerationOptions) -> tuple[Generation, asyncio.Queue[GenerationEvent]]:
@@ -424,6 +426,7 @@ class Api:
             generated=options.generated,
             grammar=options.grammar,
             score_prompt=score,
+            conversation=options.conversation,
         )
         return handle, events
 
@@ -530,6 +533,13 @@ class Api:
                 param="n",
             )
         first = self._options(body, prompts[0], default_max)
+        if first.conversation is not None and len(prompts) * n > 1:
+            # One sequence holds one text: several choices would each undo the others' KV.
+            raise BadRequest(
+                f"`conversation` names one sequence but this request asks for {len(prompts) * n} "
+                "choices: send one prompt with n 1, or leave `conversation` out",
+                param="conversation",
+            )
         seed = first.sampling.seed
         return [
             replace(first, prompt=prompt, sampling=replace(first.sampling, seed=choice_seed(seed, j)))

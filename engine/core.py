@@ -252,8 +252,11 @@ class _GenerateJob(_Job):
         logprobs: int | None = None,
         generated: int = 0,
         score_prompt: bool = False,
+        conversation: str | None = None,
     ) -> None:
-        super().__init__(f"{ANONYMOUS_PREFIX}{uuid.uuid4().hex}", sampling, logprobs)
+        # A named conversation decodes on its own sequence and keeps what it evaluated there (a
+        # later verify with `reset` evaluates only what is new); otherwise it is anonymous.
+        super().__init__(conversation or f"{ANONYMOUS_PREFIX}{uuid.uuid4().hex}", sampling, logprobs)
         self.prompt = prompt
         # Prompt scoring: every prompt position is evaluated (no KV prefix reuse) with its logits on,
         # a decode's worth at a time, so the rows held at once are bounded by n_batch.
@@ -441,11 +444,8 @@ class Engine:
     def verify(self, request: VerifyRequest) -> Future[VerifyReply]:
         """Evaluate the conversation's new tokens and score every draft in ONE decode. Refusals
         (InvalidRequest) raise here, in the caller's thread."""
-        conversation, tokens, drafts = request.conversation, request.tokens, request.drafts
-        if not conversation:
-            raise BadRequest("`conversation` must be a non-empty string")
-        if conversation.startswith(ANONYMOUS_PREFIX):
-            raise BadRequest(f"conversation ids may not start with {ANONYMOUS_PREFIX!r}")
+        tokens, drafts = request.tokens, request.drafts
+        self.check_conversation(request.conversation)
         self.check_tokens(tokens, "tokens")
         if len(drafts) > self.max_drafts:
             raise BadRequest(f"at most {self.max_drafts} drafts per call (engine --max-drafts)")
@@ -477,12 +477,18 @@ class Engine:
         generated: int = 0,
         grammar: dict[str, object] | None = None,
         score_prompt: bool = False,
+        conversation: str | None = None,
     ) -> Generation:
         """The engine's own decoding, one token per step; events arrive on the worker thread.
         `generated`: how many of the prompt's last tokens are text generated earlier (a reply the
         caller continues): penalties count them, and `grammar` (a constraint, engine/grammar.py)
         constrains them with what follows. `score_prompt` (needs `logprobs`): PromptLogprobsEvents
-        for the prompt's tokens first; then `max_tokens` may be 0 (the prompt scored, nothing more)."""
+        for the prompt's tokens first; then `max_tokens` may be 0 (the prompt scored, nothing more).
+        `conversation`: run on that conversation's sequence as a verify with `reset` would (its
+        common prefix kept, waiting while it is busy) and leave it holding what was evaluated;
+        None: an anonymous sequence (a free one, else the least recently used idle one)."""
+        if conversation is not None:
+            self.check_conversation(conversation)
         self.check_tokens(prompt, "prompt")
         self.check_sampling(sampling)
         if not 0 <= generated <= len(prompt):
@@ -498,7 +504,15 @@ class Engine:
         if max_tokens < (0 if score_prompt else 1):
             raise BadRequest("max_tokens must be >= 1 (0 only when the prompt is scored)")
         job = _GenerateJob(
-            list(prompt), sampling, max_tokens, on_event, ignore_eos, logprobs, generated, score_prompt
+            list(prompt),
+            sampling,
+            max_tokens,
+            on_event,
+            ignore_eos,
+            logprobs,
+            generated,
+            score_prompt,
+            conversation,
         )
         if grammar is not None:
             if ignore_eos:
@@ -533,6 +547,17 @@ class Engine:
         )
 
     # internals: submission and failure ----------------------------------------------------------
+    def check_conversation(self, conversation: object) -> None:
+        """A conversation id a client may name: the anonymous prefix is the engine's own."""
+        if not isinstance(conversation, str) or not conversation:
+            raise BadRequest("`conversation` must be a non-empty string", param="conversation")
+        if conversation.startswith(ANONYMOUS_PREFIX):
+            raise BadRequest(
+                f"`conversation` ids may not start with {ANONYMOUS_PREFIX!r} (the engine's own): "
+                "choose another id",
+                param="conversation",
+            )
+
     def check_tokens(self, tokens: Sequence[int], what: str) -> None:
         n_vocab = self.model.n_vocab
         for t in tokens:

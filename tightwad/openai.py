@@ -272,6 +272,12 @@ PARAMS: dict[str, Param] = {
         "extension: how many of the prompt's last tokens were generated (penalties count them)",
         speculated=False,
     ),
+    "conversation": _honoured(
+        "extension: decode on this named conversation's KV sequence (its common prefix reused, kept "
+        "afterwards for the verify API) instead of an anonymous one; the proxy's target-alone decoding",
+        routes=(COMPLETIONS,),
+        speculated=False,
+    ),
     # shaping and logprobs: the target's, identical with and without speculation (engine/verify.py)
     "frequency_penalty": _honoured(
         "OpenAI's: minus the penalty per occurrence in the generated text", speculated=True

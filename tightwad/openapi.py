@@ -195,6 +195,7 @@ _TYPES: dict[str, Schema] = {
     "ignore_eos": _BOOL,
     "return_tokens": _BOOL,
     "generated_tokens": {"type": "integer", "minimum": 0},
+    "conversation": {"type": "string", "minLength": 1},
     "frequency_penalty": _PENALTY,
     "presence_penalty": _PENALTY,
     "logit_bias": _LOGIT_BIAS,
