@@ -11,7 +11,8 @@ Around that loop:
 - a drafter that fails (down, past its deadline, nonsense): it backs off, and meanwhile the target
   decodes alone in chunks;
 - speculation the cost model says cannot win: the target decodes alone (the engine's own
-  /v1/completions, token ids in and out) until the controller probes again;
+  /v1/completions, token ids in and out, on the reply's own conversation) until the controller
+  probes again;
 - pipelining: while round n is verified, the drafter already drafts round n+1 assuming all of
   round n is accepted (it drafts one token more, its guess of the target's bonus token); when the
   verdict proves the guess right the next round starts with its draft ready, otherwise it is dropped.
@@ -478,37 +479,15 @@ class _Reply:
         self.unsent = []
         return verdict
 
-    def _alone(self, n: int) -> AsyncIterator[Step]:
-        """The target decoding n tokens alone. The engine's plain decoding streams them (no round
-        trip per token) but takes a KV sequence of its own, the least recently used: while other
-        replies run or wait that is one of their conversations (evicted: that reply re-evaluates
-        its whole text), so then it decodes on its own conversation instead."""
-        pool = self.speculator.conversations
-        crowded = pool.busy() > 1 or bool(pool.waiting)
-        return self._decode_here(n) if crowded else self._target_alone(n)
-
-    async def _decode_here(self, n: int) -> AsyncIterator[Step]:
-        """The target alone on this reply's own conversation: verify calls with no draft, one token
-        each (a round trip per token, but no other conversation loses its KV)."""
+    async def _alone(self, n: int) -> AsyncIterator[Step]:
+        """The target decodes n tokens alone: the engine's plain decoding streams them (no draft, no
+        round trip per token) on this reply's own conversation, so no other reply's sequence is
+        taken (an anonymous one would be the least recently used: another reply's, evicted)."""
         self._drop_pending()
-        count = 0
-        try:
-            for _ in range(n):
-                verdict = await self._verify([Proposal(())])
-                self.speculator.telemetry.engine_tokens(len(verdict.tokens))
-                step = self._advance(verdict.tokens, verdict.eog, verdict.logprobs)
-                count += len(step.tokens)
-                yield step
-                if step.eog or not step.tokens:
-                    return
-        finally:
-            # Counts toward the controller's next probe; not a plain-decoding rate (no sample).
-            self.speculator.controller.record_engine(count, 0, 0.0)
-
-    async def _target_alone(self, n: int) -> AsyncIterator[Step]:
-        """The engine decodes n tokens on its own (no draft, no per-token round trip)."""
-        self._drop_pending()
-        self.synced = False  # the conversation's KV does not see these tokens
+        # The engine's sequence keeps what it decoded, but a stream cut short may have gone past
+        # what this reply took: the next verify resends the history whole (reset) and the engine
+        # keeps the common prefix, so it evaluates only what is new.
+        self.synced = False
         self.unsent = []
         first: float | None = None
         last = 0.0
@@ -516,34 +495,38 @@ class _Reply:
         job = self.job
         generated = len(self.history) - len(job.prompt)
         chunks = self.speculator.engine.generate(
-            self.history, job.sampling, n, generated, job.logprobs, job.grammar
+            self.history, job.sampling, n, generated, job.logprobs, job.grammar, self.lease.conversation
         )
         # A token that renders as nothing may be the end of generation, which the stream only says
         # with its next event: it is held until then, so it reaches the reply marked (no text, no
         # logprobs entry), as in a verify verdict.
         held: tuple[list[int], list[TokenLogprob] | None] | None = None
-        async with contextlib.aclosing(chunks):
-            async for tokens, finish, logprobs in chunks:
-                if held is not None:
-                    ends = finish == "stop" and not tokens
-                    yield self._advance(held[0], ends, held[1])
-                    held = None
-                    if ends:
+        try:
+            async with contextlib.aclosing(chunks):
+                async for tokens, finish, logprobs in chunks:
+                    if held is not None:
+                        ends = finish == "stop" and not tokens
+                        yield self._advance(held[0], ends, held[1])
+                        held = None
+                        if ends:
+                            break
+                    if tokens:
+                        now = time.perf_counter()
+                        first = now if first is None else first
+                        last = now
+                        count += len(tokens)
+                        self.speculator.telemetry.engine_tokens(len(tokens))
+                        if finish is None and not job.vocabulary.piece(tokens[-1]):
+                            held = (tokens, logprobs)
+                            continue
+                        yield self._advance(tokens, False, logprobs)
+                    if finish == "stop":  # the target's end of generation (no stop strings are sent)
+                        yield Step([], True)
                         break
-                if tokens:
-                    now = time.perf_counter()
-                    first = now if first is None else first
-                    last = now
-                    count += len(tokens)
-                    self.speculator.telemetry.engine_tokens(len(tokens))
-                    if finish is None and not job.vocabulary.piece(tokens[-1]):
-                        held = (tokens, logprobs)
-                        continue
-                    yield self._advance(tokens, False, logprobs)
-                if finish == "stop":  # the target's end of generation (no stop strings are sent)
-                    yield Step([], True)
-                    break
-            if held is not None:
-                yield self._advance(held[0], False, held[1])
-        steady = last - first if first is not None else 0.0
-        self.speculator.controller.record_engine(count, max(count - 1, 0), steady)
+                if held is not None:
+                    yield self._advance(held[0], False, held[1])
+        finally:
+            # Also for a stretch the reply cut short (its end, a stop string): its tokens count
+            # toward the controller's next probe and its steady rate is still a sample.
+            steady = last - first if first is not None else 0.0
+            self.speculator.controller.record_engine(count, max(count - 1, 0), steady)

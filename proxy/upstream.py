@@ -214,10 +214,13 @@ class EngineClient:
         generated: int = 0,
         logprobs: int | None = None,
         grammar: dict[str, Any] | None = None,
+        conversation: str | None = None,
     ) -> AsyncIterator[tuple[list[int], str | None, list[TokenLogprob] | None]]:
         """The target decoding alone: yields (token ids, finish_reason or None, their logprobs when
         asked) as they stream. `generated`: the prompt's last tokens that are the reply so far (the
-        engine's penalties count them); logprobs come in the engine's `token_logprobs` extension."""
+        engine's penalties count them); logprobs come in the engine's `token_logprobs` extension.
+        `conversation`: the engine decodes on that conversation's sequence (the engine's
+        `conversation` extension), not an anonymous one that would evict another reply's."""
         body: dict[str, Any] = {
             "prompt": list(prompt),
             "max_tokens": max_tokens,
@@ -227,6 +230,8 @@ class EngineClient:
         }
         if generated:
             body["generated_tokens"] = generated
+        if conversation is not None:
+            body["conversation"] = conversation
         if logprobs is not None:
             body["logprobs"] = logprobs
         if grammar is not None and "response_format" in grammar:

@@ -179,8 +179,9 @@ def test_a_waiter_cancelled_as_it_is_handed_an_id_passes_it_on() -> None:
 
 def test_replies_beyond_the_conversations_queue_and_decode_alone_on_their_own() -> None:
     """Three replies on two conversations with the drafter down (the target decodes alone): each is
-    the target's, the third waited, and while two ran none used the engine's plain decoding (whose
-    sequence would be another reply's), so no conversation was ever evicted."""
+    the target's, the third waited, and every stretch of plain decoding ran on the reply's own
+    conversation (never an anonymous sequence, which would be another reply's), streamed rather than
+    one verify call per token, so no conversation was ever evicted."""
     engine = FakeEngine()
     spec = make_speculator(engine, FakeDrafter(behaviour="down"))
     prompts = [[5, 9, 13], [7, 7], [11, 3, 2, 1]]
@@ -198,7 +199,14 @@ def test_replies_beyond_the_conversations_queue_and_decode_alone_on_their_own() 
     admission = spec.telemetry.snapshot()["admission"]
     assert admission["waited"] == 1 and admission["conversation_evicted"] == 0
     assert admission["busy"] == 0 and admission["conversations"] == 2
-    assert engine.generated <= 24  # only the last reply, once it ran alone, decoded plainly
+    # Each reply's plain decoding stayed on one named conversation; the two that ran together
+    # had different ones.
+    on = {p[0]: {c for c, history in engine.generate_calls if history[: len(p)] == p} for p in prompts}
+    assert all(len(conversations) == 1 and None not in conversations for conversations in on.values())
+    assert on[prompts[0][0]] != on[prompts[1][0]]
+    # Streamed, not a verify per token: at most each reply's first round (before the drafter
+    # failed) was a verify call.
+    assert engine.verify_calls <= len(prompts) and engine.generated == 3 * 24 - engine.verify_calls
 
 
 def test_queue_flags() -> None:

@@ -74,6 +74,9 @@ class FakeEngine(EngineClient):
         self.n_ctx = n_ctx
         self.conversations: dict[str, list[int]] = {}
         self.verify_calls = self.generated = self.resets = 0
+        # Each plain decoding's conversation and prompt (None: an anonymous sequence, which at the
+        # real engine is the least recently used one: another reply's, evicted).
+        self.generate_calls: list[tuple[str | None, list[int]]] = []
         self.seen_tokens: list[list[int]] = []  # `tokens` of every verify (consensus sends skipped ones)
         self.max_drafts = 0
 
@@ -130,13 +133,17 @@ class FakeEngine(EngineClient):
         generated: int = 0,
         logprobs: int | None = None,
         grammar: dict[str, Any] | None = None,
+        conversation: str | None = None,
     ) -> AsyncIterator[tuple[list[int], str | None, None]]:
         history = list(prompt)
+        self.generate_calls.append((conversation, list(prompt)))
         for _ in range(max_tokens):
             await asyncio.sleep(self.decode_s)
             token = target_next(history, self.eog_at)
             history.append(token)
             self.generated += 1
+            if conversation is not None:  # the named conversation keeps what was decoded
+                self.conversations[conversation] = list(history)
             yield [token], None, None
             if token == EOG:
                 yield [], "stop", None
