@@ -73,6 +73,14 @@ DASHBOARD_HTML = """<!doctype html>
     <div class="card"><div class="v" id="speedup">-</div><div class="l">speedup vs target alone</div></div>
     <div class="card"><div class="v" id="generated">-</div><div class="l">tokens generated</div></div>
   </div>
+  <h2>Admission (speculated requests)</h2>
+  <div class="cards">
+    <div class="card"><div class="v" id="busy">-</div><div class="l">conversations busy / size</div></div>
+    <div class="card"><div class="v" id="waiting">-</div><div class="l">requests waiting</div></div>
+    <div class="card"><div class="v" id="bound">-</div><div class="l">queue bound / timeout</div></div>
+    <div class="card"><div class="v" id="refused">-</div><div class="l">503 queue full / timed out</div></div>
+    <div class="card"><div class="v" id="wait">-</div><div class="l">queue wait (recent mean)</div></div>
+  </div>
   <h2>Drafter wins (race)</h2><table id="wins"><tbody></tbody></table>
   <h2>Gate pass rates</h2><table id="gate"><tbody></tbody></table>
   <h2>Pool health</h2><div id="pool">-</div>
@@ -104,6 +112,15 @@ function show(s) {
   $("toks").textContent = fmt(s.tok_s, 1);
   $("speedup").textContent = s.speedup_measured ? fmt(s.speedup_measured) + "x" : "-";
   $("generated").textContent = Object.values(s.generated_tokens || {}).reduce((a, b) => a + b, 0);
+  // Admission is sized once the proxy has learnt the engine (speculate mode); until then "-".
+  const adm = s.admission || {};
+  const sized = adm.conversations !== undefined;
+  const refused = adm.refused || {};
+  $("busy").textContent = sized ? adm.busy + " / " + adm.conversations : "-";
+  $("waiting").textContent = sized ? adm.waiting : "-";
+  $("bound").textContent = sized ? adm.queue_limit + " / " + fmt(adm.queue_timeout_s, 1) + " s" : "-";
+  $("refused").textContent = (refused.queue_full || 0) + " / " + (refused.queue_timeout || 0);
+  $("wait").textContent = typeof adm.wait_ms === "number" ? fmt(adm.wait_ms, 0) + " ms" : "-";
   const race = s.race ? Object.entries(s.race.drafters) : [];
   rows("wins", ["drafter", "offered", "wins", "win rate", "cut off"],
        race.map(([n, l]) => [n, l.offered, l.wins, fmt(l.win_rate), l.cut]));

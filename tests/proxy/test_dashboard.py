@@ -65,6 +65,12 @@ def test_dashboard_logs_in_with_the_token_and_numbers_move(
     assert "token" in seen["wrong"] and seen["hiddenAfterWrong"] is True
     assert seen["statusCode"] == 200 and seen["after"] > seen["before"]
     assert int(seen["generated"]) > 0 and "engine ok" in seen["pool"] and "completions" in seen["recent"]
+    # Admission, sized from the engine's stats once the request was speculated: nobody holds a
+    # conversation after the reply, nobody waits or was refused, and the bounds are the engine's.
+    engine = local_engine.get("/tightwad/v1/stats").json()
+    assert seen["busy"] == f"0 / {engine['parallel']}" and seen["waiting"] == "0"
+    assert seen["bound"] == f"{engine['queue_limit']} / {engine['queue_timeout']:g} s"
+    assert seen["refused"] == "0 / 0"
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")

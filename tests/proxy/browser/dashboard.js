@@ -44,6 +44,13 @@ const { chromium: browserType } = require(pwDir);
     out.generated = await page.textContent("#generated");
     out.pool = await page.textContent("#pool");
     out.recent = await page.textContent("#recent");
+    // Admission: the conversations the proxy learnt from the engine, the queue's bounds, refusals.
+    // (The reply is over, so its conversation is released by the next event at the latest.)
+    await page.waitForFunction(() => document.getElementById("busy").textContent.startsWith("0 /"),
+                               null, { timeout: 5000 });
+    for (const id of ["busy", "waiting", "bound", "refused", "wait"]) {
+      out[id] = await page.textContent("#" + id);
+    }
     await page.screenshot({ path: shot, fullPage: true });
   } finally {
     await browser.close();
