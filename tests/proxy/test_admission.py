@@ -298,14 +298,18 @@ def admission(proxy: ProxyProcess) -> dict[str, Any]:
     return dict(proxy.stats()["admission"])
 
 
+def serving(processes: Processes, parallel: int, *proxy_args: str) -> tuple[EngineProcess, ProxyProcess]:
+    """An exact-mode SmolLM2 engine keeping `parallel` conversations, and an n-gram proxy on it."""
+    engine = start_engine(
+        processes, models.resolve("smollm2-135m-q4_1"), parallel=parallel, ctx=4096, extra=EXACT
+    )
+    return engine, start_proxy(processes, engine.url, "--draft-kind", "ngram", *proxy_args)
+
+
 @pytest.fixture(scope="module")
 def single(toolchain: Toolchain, module_processes: Processes) -> tuple[EngineProcess, ProxyProcess]:
     """An engine with one conversation sequence; a proxy that lets one request wait for it."""
-    engine = start_engine(
-        module_processes, models.resolve("smollm2-135m-q4_1"), parallel=1, ctx=4096, extra=EXACT
-    )
-    proxy = start_proxy(module_processes, engine.url, "--draft-kind", "ngram", "--queue", "1")
-    return engine, proxy
+    return serving(module_processes, 1, "--queue", "1")
 
 
 def test_one_runs_one_waits_one_is_refused(single: tuple[EngineProcess, ProxyProcess]) -> None:
@@ -361,11 +365,7 @@ def test_a_client_that_leaves_while_waiting_leaves_the_queue(
 @pytest.fixture(scope="module")
 def pair(toolchain: Toolchain, module_processes: Processes) -> tuple[EngineProcess, ProxyProcess]:
     """Two conversation sequences; an n-gram drafter with K at most 4."""
-    engine = start_engine(
-        module_processes, models.resolve("smollm2-135m-q4_1"), parallel=2, ctx=4096, extra=EXACT
-    )
-    proxy = start_proxy(module_processes, engine.url, "--draft-kind", "ngram", "--max-draft-tokens", "4")
-    return engine, proxy
+    return serving(module_processes, 2, "--max-draft-tokens", "4")
 
 
 def test_four_clients_on_two_conversations_never_evict_each_other(
