@@ -82,9 +82,9 @@ def host_free_bytes(mem_available: int, cgroup_limits: Sequence[tuple[int, int]]
     return max(0, min([mem_available, *(limit - usage for limit, usage in cgroup_limits)]))
 
 
-def cgroup_memory_dirs(proc_self_cgroup: str, root: str = "/sys/fs/cgroup") -> list[tuple[str, str, str]]:
-    """From /proc/self/cgroup's text: (directory, limit file, usage file) of this process's memory
-    cgroup and each of its ancestors, innermost first; v1's memory controller, else v2's."""
+def cgroup_memory_files(proc_self_cgroup: str, root: str = "/sys/fs/cgroup") -> list[tuple[str, str]]:
+    """From /proc/self/cgroup's text: the (limit file, usage file) of this process's memory cgroup
+    and of each of its ancestors, innermost first; v1's memory controller, else v2's."""
     v1 = v2 = None
     for line in proc_self_cgroup.splitlines():
         parts = line.split(":", 2)
@@ -95,14 +95,14 @@ def cgroup_memory_dirs(proc_self_cgroup: str, root: str = "/sys/fs/cgroup") -> l
         elif parts[0] == "0" and parts[1] == "":
             v2 = parts[2]
     if v1 is not None:
-        base, files = f"{root}/memory", ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        path, base, limit, usage = v1, f"{root}/memory", "memory.limit_in_bytes", "memory.usage_in_bytes"
     elif v2 is not None:
-        base, files = root, ("memory.max", "memory.current")
+        path, base, limit, usage = v2, root, "memory.max", "memory.current"
     else:
         return []
-    parts = [p for p in (v1 if v1 is not None else v2 or "").split("/") if p]
-    dirs = ["/".join([base, *parts[:n]]) for n in range(len(parts), -1, -1)]
-    return [(d, f"{d}/{files[0]}", f"{d}/{files[1]}") for d in dirs]
+    names = [name for name in path.split("/") if name]
+    dirs = ["/".join([base, *names[:n]]) for n in range(len(names), -1, -1)]
+    return [(f"{d}/{limit}", f"{d}/{usage}") for d in dirs]
 
 
 def retry_after(ahead: int, parallel: int, recent_service: Sequence[float], fallback: float) -> int:

@@ -177,11 +177,11 @@ def cgroup_limits() -> list[tuple[int, int]]:
     """(limit, usage) in bytes of every memory cgroup around this process that has a limit."""
     try:
         with open("/proc/self/cgroup") as f:
-            dirs = capacity.cgroup_memory_dirs(f.read())
+            files = capacity.cgroup_memory_files(f.read())
     except OSError:
         return []
     found = []
-    for _, limit_file, usage_file in dirs:
+    for limit_file, usage_file in files:
         limit, usage = _read_bytes(limit_file), _read_bytes(usage_file)
         if limit is not None and usage is not None:
             found.append((limit, usage))

@@ -127,26 +127,16 @@ def test_a_containers_memory_limit_bounds_what_is_free() -> None:
 
 def test_the_cgroup_files_are_found_from_proc_self_cgroup() -> None:
     v1 = "4:memory:/docker/abc\n3:cpuset:/\n0::/"
-    assert capacity.cgroup_memory_dirs(v1, root="/cg") == [
-        (
-            "/cg/memory/docker/abc",
-            "/cg/memory/docker/abc/memory.limit_in_bytes",
-            "/cg/memory/docker/abc/memory.usage_in_bytes",
-        ),
-        (
-            "/cg/memory/docker",
-            "/cg/memory/docker/memory.limit_in_bytes",
-            "/cg/memory/docker/memory.usage_in_bytes",
-        ),
-        ("/cg/memory", "/cg/memory/memory.limit_in_bytes", "/cg/memory/memory.usage_in_bytes"),
+    assert capacity.cgroup_memory_files(v1, root="/cg") == [
+        ("/cg/memory/docker/abc/memory.limit_in_bytes", "/cg/memory/docker/abc/memory.usage_in_bytes"),
+        ("/cg/memory/docker/memory.limit_in_bytes", "/cg/memory/docker/memory.usage_in_bytes"),
+        ("/cg/memory/memory.limit_in_bytes", "/cg/memory/memory.usage_in_bytes"),
     ]
     # v2 (one unified hierarchy); a container's own namespace shows its group as "/".
-    assert capacity.cgroup_memory_dirs("0::/", root="/cg") == [
-        ("/cg", "/cg/memory.max", "/cg/memory.current")
+    assert capacity.cgroup_memory_files("0::/", root="/cg") == [("/cg/memory.max", "/cg/memory.current")]
+    assert [limit for limit, _ in capacity.cgroup_memory_files("0::/a/b", root="/cg")] == [
+        "/cg/a/b/memory.max",
+        "/cg/a/memory.max",
+        "/cg/memory.max",
     ]
-    assert [d for d, _, _ in capacity.cgroup_memory_dirs("0::/a/b", root="/cg")] == [
-        "/cg/a/b",
-        "/cg/a",
-        "/cg",
-    ]
-    assert capacity.cgroup_memory_dirs("", root="/cg") == []
+    assert capacity.cgroup_memory_files("", root="/cg") == []
